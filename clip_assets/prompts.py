@@ -1,0 +1,152 @@
+"""Prompt files: the human-edited descriptions of each category, validated before anything is encoded.
+
+Each `*.toml` file under the prompts folder is one prompt set (TOML, so `#` comments are welcome):
+
+    threshold = 0.02          # global: matched when pos_sim - neg_sim >= threshold ...
+    neutral_margin = 0.0      # ... and pos_sim >= neutral_sim + neutral_margin
+    neutral = ["a photo"]     # global neutral descriptions, shared by every category of the file
+
+    [categories.circle]
+    positive = ["a circle", "a round shape"]    # one or more
+    negative = ["a square"]                     # optional
+    neutral = ["a shape"]                       # optional, added to the global ones
+    threshold = 0.05                            # optional override
+    neutral_margin = 0.01                       # optional override
+
+A broken file is refused with `PromptFileError`, which names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROMPT_GLOB = "*.toml"
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the field."""
+
+    def __init__(self, path: Path, field: str | None, message: str):
+        self.path = path
+        self.field = field
+        where = f"{path}: {field}" if field else str(path)
+        super().__init__(f"Invalid prompt file {where}: {message}")
+
+
+def _clean_descriptions(values: list[str]) -> list[str]:
+    cleaned = [v.strip() for v in values]
+    if any(not v for v in cleaned):
+        raise ValueError("descriptions must be non-empty text")
+    return cleaned
+
+
+class CategoryPrompts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    positive: list[str] = Field(min_length=1, description="What an image of this category shows.")
+    negative: list[str] = Field(default_factory=list, description="Look-alikes that are not this category.")
+    neutral: list[str] = Field(default_factory=list, description="Added to the file's neutral descriptions.")
+    threshold: float | None = None
+    neutral_margin: float | None = None
+
+    _clean = field_validator("positive", "negative", "neutral")(_clean_descriptions)
+
+
+class PromptSetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = 0.0
+    neutral_margin: float = 0.0
+    neutral: list[str] = Field(default_factory=list)
+    categories: dict[str, CategoryPrompts] = Field(min_length=1)
+
+    _clean = field_validator("neutral")(_clean_descriptions)
+
+    @field_validator("categories")
+    @classmethod
+    def _names_are_text(cls, value: dict[str, CategoryPrompts]) -> dict[str, CategoryPrompts]:
+        for name in value:
+            if not name.strip():
+                raise ValueError("category names must be non-empty")
+        return value
+
+
+@dataclass(frozen=True)
+class Category:
+    """One category with every setting resolved: what the centroid and classification steps use."""
+
+    name: str
+    source: str  # prompt file name
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    neutral: tuple[str, ...]  # the file's global neutral descriptions, then the category's own
+    threshold: float
+    neutral_margin: float
+
+
+def prompt_files(prompts_dir: Path) -> list[Path]:
+    return sorted(prompts_dir.glob(PROMPT_GLOB))
+
+
+def prompt_version(prompts_dir: Path) -> str:
+    """Hash of every prompt file's name and bytes: changes whenever a prompt file does."""
+    h = hashlib.sha256()
+    for path in prompt_files(prompts_dir):
+        h.update(path.name.encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def parse_prompt_file(path: Path) -> PromptSetFile:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptFileError(path, None, f"not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(path, None, f"not UTF-8 text ({exc})") from exc
+    try:
+        return PromptSetFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise PromptFileError(path, _field_path(first["loc"]), first["msg"] + more) from exc
+
+
+def load_categories(prompts_dir: Path) -> list[Category]:
+    """Every category of every prompt file, validated; a name used twice is an error."""
+    files = prompt_files(prompts_dir)
+    if not files:
+        raise PromptFileError(prompts_dir, None, f"no prompt files ({PROMPT_GLOB}) found")
+    categories: list[Category] = []
+    seen: dict[str, Path] = {}
+    for path in files:
+        parsed = parse_prompt_file(path)
+        for name, cat in parsed.categories.items():
+            if name in seen:
+                raise PromptFileError(
+                    path, f"categories.{name}", f"category already defined in {seen[name]}"
+                )
+            seen[name] = path
+            categories.append(
+                Category(
+                    name=name,
+                    source=path.name,
+                    positive=tuple(cat.positive),
+                    negative=tuple(cat.negative),
+                    neutral=tuple(parsed.neutral) + tuple(cat.neutral),
+                    threshold=parsed.threshold if cat.threshold is None else cat.threshold,
+                    neutral_margin=parsed.neutral_margin if cat.neutral_margin is None else cat.neutral_margin,
+                )
+            )
+    return categories
