@@ -152,9 +152,10 @@ def load_clip_model(model_name: str, pretrained: str, device: str | None = None)
         raise WeightsUnavailableError(
             f"Could not load weights from {what}: {exc}\n"
             "No model was loaded: this pipeline never falls back to random weights.\n"
-            "If this machine has no access to the model hub, download the checkpoint elsewhere and "
-            "set CLIP_ASSETS_PRETRAINED=/path/to/open_clip_model.safetensors (with CLIP_ASSETS_MODEL "
-            "naming its architecture), or pre-fill the Hugging Face cache (HF_HOME) where this runs."
+            "To use a local checkpoint instead (for a machine without access to the model hub): "
+            "download it where the hub is reachable, copy it here, and set "
+            "CLIP_ASSETS_PRETRAINED=/path/to/open_clip_model.safetensors with CLIP_ASSETS_MODEL naming "
+            "its architecture; or pre-fill the Hugging Face cache (HF_HOME) of this machine."
             + (f"\nKnown pretrained tags for {model_name}: {', '.join(tags)}" if tags else "")
         ) from exc
     model.eval()

@@ -18,5 +18,5 @@ OBSERVE_PROMPTS_JOB = "observe_prompt_files"
 
 # Observing on demand (the UI's "Observe sources", scripts and tests) without waiting for the cron.
 observe_prompt_files_job = dg.define_asset_job(
-    OBSERVE_PROMPTS_JOB, selection=dg.AssetSelection.keys("prompt_files"), description="Observe prompts/ now."
+    OBSERVE_PROMPTS_JOB, selection=dg.AssetSelection.assets("prompt_files"), description="Observe prompts/ now."
 )

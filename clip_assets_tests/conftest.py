@@ -1,0 +1,71 @@
+"""Shared fixtures: a real tiny open_clip checkpoint, a generated image collection, temp settings.
+
+Nothing here is mocked: the model is the project's tiny architecture with weights initialised from a
+fixed seed and saved as a real checkpoint; DuckDB files and Dagster instances live in temp dirs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from clip_assets.clip_model import load_clip_model, register_model_configs
+from clip_assets.demo.shapes import write_collection
+from clip_assets.settings import REPO_ROOT, Settings
+
+TINY = "clip-assets-tiny"
+
+warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
+
+
+def save_random_checkpoint(path: Path, seed: int) -> Path:
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-seed0.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """Same architecture, other weights: a different model identity."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-seed1.pt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def clip(checkpoint):
+    return load_clip_model(TINY, str(checkpoint), "cpu")
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory) -> Path:
+    """Two batches of 10 generated images; batch-002 also holds an empty and a text 'image'."""
+    root = tmp_path_factory.mktemp("images")
+    write_collection(root, batches=2, per_batch=10, seed=7)
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path, collection, checkpoint) -> Settings:
+    prompts = tmp_path / "prompts"
+    shutil.copytree(REPO_ROOT / "prompts", prompts)
+    return Settings(
+        image_root=collection,
+        data_dir=tmp_path / "data",
+        prompts_dir=prompts,
+        model=TINY,
+        pretrained=str(checkpoint),
+        device="cpu",
+        batch_size=8,
+        num_workers=0,
+    )

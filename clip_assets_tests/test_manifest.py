@@ -1,0 +1,58 @@
+import os
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from clip_assets.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, build_manifest, image_id_for, list_batches
+
+
+@pytest.fixture
+def root(tmp_path):
+    batch = tmp_path / "root" / "b1"
+    (batch / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(batch / "a.jpg")
+    Image.new("RGBA", (20, 50)).save(batch / "sub" / "b.png")
+    (batch / "empty.jpg").write_bytes(b"")
+    (batch / "text.png").write_text("<html>not an image</html>")
+    (batch / ".DS_Store").write_bytes(b"junk")
+    outside = tmp_path / "outside.jpg"
+    Image.new("RGB", (8, 8)).save(outside)
+    os.symlink(outside, batch / "link.jpg")
+    (tmp_path / "root" / ".hidden_batch").mkdir()
+    (tmp_path / "root" / "b2").mkdir()
+    return tmp_path / "root"
+
+
+def rows_by_path(table: pa.Table) -> dict:
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+def test_lists_batch_folders_only(root):
+    assert list_batches(root) == ["b1", "b2"]
+
+
+def test_missing_root_says_which_variable(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CLIP_ASSETS_IMAGE_ROOT"):
+        list_batches(tmp_path / "nope")
+
+
+def test_every_file_listed_with_status_and_reason(root):
+    rows = rows_by_path(build_manifest(root, "b1"))
+    assert set(rows) == {"b1/a.jpg", "b1/sub/b.png", "b1/empty.jpg", "b1/text.png", "b1/link.jpg"}
+    a = rows["b1/a.jpg"]
+    assert (a["status"], a["format"], a["width"], a["height"], a["error"]) == (STATUS_OK, "JPEG", 40, 30, None)
+    assert a["size"] == (root / "b1" / "a.jpg").stat().st_size
+    assert rows["b1/sub/b.png"]["format"] == "PNG" and rows["b1/sub/b.png"]["height"] == 50
+    assert rows["b1/empty.jpg"]["status"] == STATUS_ERROR and rows["b1/empty.jpg"]["error"] == "empty file"
+    assert rows["b1/text.png"]["status"] == STATUS_ERROR and "cannot identify" in rows["b1/text.png"]["error"]
+    assert rows["b1/link.jpg"]["status"] == STATUS_SKIPPED and "outside" in rows["b1/link.jpg"]["error"]
+
+
+def test_image_ids_are_stable_and_map_back_to_paths(root):
+    first = build_manifest(root, "b1")
+    (root / "b1" / "new.jpg").write_bytes((root / "b1" / "a.jpg").read_bytes())
+    second = rows_by_path(build_manifest(root, "b1"))
+    for row in first.to_pylist():
+        assert second[row["path"]]["image_id"] == row["image_id"] == image_id_for(row["path"])
+    assert len({r["image_id"] for r in second.values()}) == len(second)
