@@ -43,6 +43,9 @@ class CentroidSet:
     neutral: np.ndarray  # (C, d)
     has_negative: np.ndarray  # (C,) bool
     has_neutral: np.ndarray  # (C,) bool
+    modes: list[str]  # per category: multi_label or single_label
+    top_k: np.ndarray  # (C,) int, single_label only
+    logit_scale: float
     prompt_counts: dict[tuple[str, str], int]
     prompt_hashes: dict[tuple[str, str], str]
     model: str
@@ -82,6 +85,9 @@ def compute_centroids(categories: list[Category], clip: ClipModel, prompt_versio
         neutral=mats["neutral"],
         has_negative=has["negative"],
         has_neutral=has["neutral"],
+        modes=[c.mode for c in categories],
+        top_k=np.array([c.top_k for c in categories], dtype=np.int64),
+        logit_scale=clip.logit_scale,
         prompt_counts=counts,
         prompt_hashes=hashes,
         model=clip.identity,

@@ -35,6 +35,7 @@ class ClipModel:
     identity: str  # stored with every row this model produces
     device: torch.device
     embed_dim: int
+    logit_scale: float  # the learned temperature: softmax(logit_scale * cosine) for zero-shot
 
     def autocast(self):
         """Mixed precision on GPU, plain float32 on CPU."""
@@ -169,4 +170,5 @@ def load_clip_model(model_name: str, pretrained: str, device: str | None = None)
         identity=model_identity(model_name, pretrained),
         device=torch_device,
         embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.detach().exp()) if getattr(model, "logit_scale", None) is not None else 100.0,
     )

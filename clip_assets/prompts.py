@@ -2,30 +2,40 @@
 
 Each `*.toml` file under the prompts folder is one prompt set (TOML, so `#` comments are welcome):
 
-    threshold = 0.02          # global: matched when pos_sim - neg_sim >= threshold ...
+    mode = "multi_label"      # or "single_label" (softmax over this file's categories)
+    threshold = 0.02          # multi_label: matched when pos_sim - neg_sim >= threshold ...
     neutral_margin = 0.0      # ... and pos_sim >= neutral_sim + neutral_margin
     neutral = ["a photo"]     # global neutral descriptions, shared by every category of the file
+    templates = ["a photo of a {}", "a picture of a {}"]   # expand `labels` into descriptions
 
-    [categories.circle]
-    positive = ["a circle", "a round shape"]    # one or more
-    negative = ["a square"]                     # optional
-    neutral = ["a shape"]                       # optional, added to the global ones
+    [categories.cat]
+    labels = ["cat", "kitten"]                  # through the templates: "a photo of a cat", ...
+    positive = ["a cat asleep on a sofa"]       # explicit descriptions, with or without labels
+    negative = ["a dog"]                        # optional (negative_labels go through templates)
+    neutral = ["an animal"]                     # optional, added to the global ones
     threshold = 0.05                            # optional override
     neutral_margin = 0.01                       # optional override
 
-A broken file is refused with `PromptFileError`, which names the file and the field.
+In single_label mode the threshold is the minimum softmax probability and `top_k` says how many of
+the best categories count as matched; negative and neutral descriptions have no meaning there and
+are refused. A broken file is refused with `PromptFileError`, which names the file and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROMPT_GLOB = "*.toml"
+MULTI_LABEL = "multi_label"
+SINGLE_LABEL = "single_label"
 
 
 class PromptFileError(ValueError):
@@ -48,24 +58,43 @@ def _clean_descriptions(values: list[str]) -> list[str]:
 class CategoryPrompts(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    positive: list[str] = Field(min_length=1, description="What an image of this category shows.")
+    positive: list[str] = Field(default_factory=list, description="What an image of this category shows.")
+    labels: list[str] = Field(default_factory=list, description="Short labels, expanded through the templates.")
     negative: list[str] = Field(default_factory=list, description="Look-alikes that are not this category.")
+    negative_labels: list[str] = Field(default_factory=list, description="Look-alike labels, through the templates.")
     neutral: list[str] = Field(default_factory=list, description="Added to the file's neutral descriptions.")
     threshold: float | None = None
     neutral_margin: float | None = None
 
-    _clean = field_validator("positive", "negative", "neutral")(_clean_descriptions)
+    _clean = field_validator("positive", "labels", "negative", "negative_labels", "neutral")(_clean_descriptions)
+
+    @model_validator(mode="after")
+    def _has_positives(self) -> "CategoryPrompts":
+        if not self.positive and not self.labels:
+            raise ValueError("positive: needs at least one positive description (or a label)")
+        return self
 
 
 class PromptSetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    mode: Literal["multi_label", "single_label"] = MULTI_LABEL
+    top_k: int = Field(default=1, ge=1, description="single_label: how many best categories are matched.")
     threshold: float = 0.0
     neutral_margin: float = 0.0
     neutral: list[str] = Field(default_factory=list)
+    templates: list[str] = Field(default_factory=list)
     categories: dict[str, CategoryPrompts] = Field(min_length=1)
 
-    _clean = field_validator("neutral")(_clean_descriptions)
+    _clean = field_validator("neutral", "templates")(_clean_descriptions)
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.count("}") != 1:
+                raise ValueError(f"template {template!r} must contain exactly one {{}} and no other braces")
+        return value
 
     @field_validator("categories")
     @classmethod
@@ -74,6 +103,22 @@ class PromptSetFile(BaseModel):
             if not name.strip():
                 raise ValueError("category names must be non-empty")
         return value
+
+    @model_validator(mode="after")
+    def _single_label_has_no_negatives(self) -> "PromptSetFile":
+        if self.mode == SINGLE_LABEL:
+            if self.neutral:
+                raise ValueError("neutral: single_label mode uses no neutral descriptions")
+            for name, cat in self.categories.items():
+                for key in ("negative", "negative_labels", "neutral", "neutral_margin"):
+                    if getattr(cat, key):
+                        raise ValueError(f"categories.{name}.{key}: not used in single_label mode")
+        return self
+
+    def expand(self, labels: list[str]) -> list[str]:
+        if not self.templates:
+            return list(labels)
+        return [template.replace("{}", label) for label in labels for template in self.templates]
 
 
 @dataclass(frozen=True)
@@ -87,6 +132,8 @@ class Category:
     neutral: tuple[str, ...]  # the file's global neutral descriptions, then the category's own
     threshold: float
     neutral_margin: float
+    mode: str = MULTI_LABEL
+    top_k: int = 1
 
 
 def prompt_files(prompts_dir: Path) -> list[Path]:
@@ -104,6 +151,10 @@ def prompt_version(prompts_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _unique(descriptions: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(descriptions))
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -119,8 +170,14 @@ def parse_prompt_file(path: Path) -> PromptSetFile:
         return PromptSetFile.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
+        field, message = _field_path(first["loc"]), first["msg"]
+        # Whole-object validators name the field at the start of their message: "positive: ...".
+        named = re.match(r"^Value error, ([\w.]+): (.*)$", message, re.S)
+        if named:
+            field = f"{field}.{named[1]}" if field else named[1]
+            message = named[2]
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise PromptFileError(path, _field_path(first["loc"]), first["msg"] + more) from exc
+        raise PromptFileError(path, field, message + more) from exc
 
 
 def load_categories(prompts_dir: Path) -> list[Category]:
@@ -142,11 +199,13 @@ def load_categories(prompts_dir: Path) -> list[Category]:
                 Category(
                     name=name,
                     source=path.name,
-                    positive=tuple(cat.positive),
-                    negative=tuple(cat.negative),
+                    positive=_unique(cat.positive + parsed.expand(cat.labels)),
+                    negative=_unique(cat.negative + parsed.expand(cat.negative_labels)),
                     neutral=tuple(parsed.neutral) + tuple(cat.neutral),
                     threshold=parsed.threshold if cat.threshold is None else cat.threshold,
                     neutral_margin=parsed.neutral_margin if cat.neutral_margin is None else cat.neutral_margin,
+                    mode=parsed.mode,
+                    top_k=parsed.top_k,
                 )
             )
     return categories

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import compute_centroids
-from clip_assets.classification import check_same_model, classify_batch
+from clip_assets.classification import check_same_model, classify_in_chunks
 from clip_assets.clip_model import ClipModel
 from clip_assets.embedding import embed_manifest, embeddings_matrix
 from clip_assets.layout import DataLayout, write_parquet_atomically
@@ -107,13 +107,23 @@ def write_classifications(layout: DataLayout, batch: str) -> ClassificationSumma
     embeddings = pq.read_table(layout.embeddings_path(batch))
     centroids = read_centroids(layout.duckdb_path)
     check_same_model(set(embeddings["model"].unique().to_pylist()), centroids.model)
-    rows = classify_batch(batch, embeddings["image_id"].to_pylist(), embeddings_matrix(embeddings), centroids)
-    replace_batch_classifications(layout.duckdb_path, batch, rows)
     counts = dict.fromkeys(centroids.categories, 0)
-    counts.update(Counter(rows.filter(rows["matched"])["category"].to_pylist()))
+
+    def counted(chunks):
+        for chunk in chunks:
+            counts.update(
+                {k: counts[k] + v for k, v in Counter(chunk.filter(chunk["matched"])["category"].to_pylist()).items()}
+            )
+            yield chunk
+
+    rows = replace_batch_classifications(
+        layout.duckdb_path,
+        batch,
+        counted(classify_in_chunks(batch, embeddings["image_id"].to_pylist(), embeddings_matrix(embeddings), centroids)),
+    )
     return ClassificationSummary(
         images=embeddings.num_rows,
-        rows=rows.num_rows,
+        rows=rows,
         matches=counts,
         model=centroids.model,
         prompt_version=centroids.prompt_version,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import duckdb
 import numpy as np
@@ -32,8 +32,11 @@ CREATE TABLE IF NOT EXISTS prompt_categories (
     category VARCHAR NOT NULL,
     position INTEGER NOT NULL,
     source VARCHAR NOT NULL,          -- prompt file the category comes from
+    mode VARCHAR NOT NULL,            -- multi_label / single_label
     threshold DOUBLE NOT NULL,
     neutral_margin DOUBLE NOT NULL,
+    top_k INTEGER NOT NULL,
+    logit_scale DOUBLE NOT NULL,
     model VARCHAR NOT NULL,
     prompt_version VARCHAR NOT NULL
 );
@@ -41,10 +44,13 @@ CREATE TABLE IF NOT EXISTS image_classifications (
     batch VARCHAR NOT NULL,
     image_id VARCHAR NOT NULL,
     category VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,
     pos_sim FLOAT,
     neg_sim FLOAT,
     neutral_sim FLOAT,
     score FLOAT,
+    probability FLOAT,                -- single_label: softmax probability; NULL for multi_label
+    rank SMALLINT,                    -- single_label: 1 = most probable; NULL for multi_label
     threshold DOUBLE,
     neutral_margin DOUBLE,
     matched BOOLEAN,
@@ -118,8 +124,11 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
             "category": centroids.categories,
             "position": list(range(c)),
             "source": centroids.sources,
+            "mode": centroids.modes,
             "threshold": centroids.thresholds,
             "neutral_margin": centroids.neutral_margins,
+            "top_k": centroids.top_k,
+            "logit_scale": [centroids.logit_scale] * c,
             "model": [centroids.model] * c,
             "prompt_version": [centroids.prompt_version] * c,
         }
@@ -134,8 +143,7 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
             "model, prompt_version FROM new_centroids"
         )
         con.execute(
-            "INSERT INTO prompt_categories SELECT category, position, source, threshold, "
-            "neutral_margin, model, prompt_version FROM new_categories"
+            "INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories"
         )
     return n
 
@@ -144,8 +152,8 @@ def read_centroids(path: Path) -> CentroidSet:
     """The stored centroids as matrices, in the prompt files' category order."""
     with connect(path) as con:
         cats = con.execute(
-            "SELECT category, source, threshold, neutral_margin, model, prompt_version "
-            "FROM prompt_categories ORDER BY position"
+            "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
+            "logit_scale FROM prompt_categories ORDER BY position"
         ).fetchall()
         rows = con.execute(
             "SELECT category, kind, vector, prompt_count, prompt_hash FROM prompt_centroids"
@@ -175,6 +183,9 @@ def read_centroids(path: Path) -> CentroidSet:
         neutral=mats["neutral"],
         has_negative=has["negative"],
         has_neutral=has["neutral"],
+        modes=[r[6] for r in cats],
+        top_k=np.array([r[7] for r in cats], dtype=np.int64),
+        logit_scale=float(cats[0][8]),
         prompt_counts=counts,
         prompt_hashes=hashes,
         model=cats[0][4],
@@ -182,9 +193,18 @@ def read_centroids(path: Path) -> CentroidSet:
     )
 
 
-def replace_batch_classifications(path: Path, batch: str, rows: pa.Table) -> None:
-    """Swap one batch's rows for new ones in a single transaction: no duplicates, no half batch."""
+def replace_batch_classifications(path: Path, batch: str, chunks: Iterable[pa.Table]) -> int:
+    """Swap one batch's rows for new ones in a single transaction: no duplicates, no half batch.
+
+    `chunks` is consumed inside the transaction, so a batch never has to sit in memory whole.
+    Returns the number of rows written.
+    """
+    written = 0
     with connect(path) as con, _transaction(con):
         con.execute("DELETE FROM image_classifications WHERE batch = ?", [batch])
-        con.register("new_rows", rows)
-        con.execute("INSERT INTO image_classifications SELECT * FROM new_rows")
+        for chunk in chunks:
+            con.register("new_rows", chunk)
+            con.execute("INSERT INTO image_classifications BY NAME SELECT * FROM new_rows")
+            con.unregister("new_rows")
+            written += chunk.num_rows
+    return written

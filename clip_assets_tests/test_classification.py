@@ -12,13 +12,13 @@ def unit(rng, *shape):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_centroids(rng, dim=16):
+def make_centroids(rng, dim=16, modes=("multi_label",) * 4, sources=("x.toml",) * 4, top_k=1):
     names = ["a", "b", "c", "d"]
     has_neg = np.array([True, False, True, False])
     has_neu = np.array([True, True, False, False])
     return CentroidSet(
         categories=names,
-        sources=["x.toml"] * 4,
+        sources=list(sources),
         thresholds=np.array([0.0, 0.1, -0.05, 0.2]),
         neutral_margins=np.array([0.01, 0.0, 0.3, 0.0]),
         positive=unit(rng, 4, dim),
@@ -26,6 +26,9 @@ def make_centroids(rng, dim=16):
         neutral=unit(rng, 4, dim) * has_neu[:, None],
         has_negative=has_neg,
         has_neutral=has_neu,
+        modes=list(modes),
+        top_k=np.full(4, top_k),
+        logit_scale=50.0,
         prompt_counts={},
         prompt_hashes={},
         model="m1",
@@ -85,3 +88,51 @@ def test_models_must_agree():
         check_same_model({"m2"}, "m1")
     with pytest.raises(ModelMismatchError, match="dimension"):
         classify_batch("b", ["x"], np.ones((1, 8), np.float32), make_centroids(np.random.default_rng(2)))
+
+
+def test_single_label_is_a_softmax_over_each_files_categories():
+    rng = np.random.default_rng(3)
+    single = "single_label"
+    c = make_centroids(
+        rng, modes=("multi_label", single, single, single), sources=("m.toml", "s.toml", "s.toml", "s.toml"), top_k=2
+    )
+    c.thresholds[:] = [0.0, 0.2, 0.2, 0.2]  # single_label: minimum probability
+    emb = unit(rng, 200, 16)
+    table = classify_batch("b", [f"i{k}" for k in range(200)], emb, c)
+    by = {(r["image_id"], r["category"]): r for r in table.to_pylist()}
+    for k, e in enumerate(emb):
+        logits = 50.0 * np.array([e @ c.positive[j] for j in (1, 2, 3)])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = list(np.argsort(-p))
+        for j, name in zip((1, 2, 3), "bcd"):
+            row = by[(f"i{k}", name)]
+            assert row["mode"] == single and row["neutral_sim"] is None and row["neg_sim"] == 0.0
+            assert row["probability"] == pytest.approx(p[j - 1], abs=1e-5)
+            assert row["rank"] == order.index(j - 1) + 1
+            assert row["matched"] == (row["rank"] <= 2 and p[j - 1] >= 0.2)
+        multi = by[(f"i{k}", "a")]
+        assert multi["mode"] == "multi_label" and multi["probability"] is None and multi["rank"] is None
+    probs = [sum(by[(f"i{k}", n)]["probability"] for n in "bcd") for k in range(200)]
+    np.testing.assert_allclose(probs, 1.0, atol=1e-5)
+    top1 = sum(by[(f"i{k}", n)]["rank"] == 1 and by[(f"i{k}", n)]["matched"] for k in range(200) for n in "bcd")
+    assert 0 < top1 <= 200
+
+
+def test_chunks_give_the_same_rows_as_one_pass():
+    from clip_assets.classification import classify_in_chunks
+    import pyarrow as pa
+
+    rng = np.random.default_rng(4)
+    c = make_centroids(rng)
+    emb = unit(rng, 1001, 16)
+    ids = [f"i{k}" for k in range(1001)]
+    whole = classify_batch("b", ids, emb, c)
+    chunked = pa.concat_tables(classify_in_chunks("b", ids, emb, c, chunk_images=100))
+    for name in whole.column_names:
+        if pa.types.is_floating(whole.schema.field(name).type):  # BLAS may round the last bit differently
+            np.testing.assert_allclose(
+                chunked[name].to_numpy(zero_copy_only=False), whole[name].to_numpy(zero_copy_only=False), atol=1e-6
+            )
+        else:
+            assert chunked[name].to_pylist() == whole[name].to_pylist(), name

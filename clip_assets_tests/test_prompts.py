@@ -42,8 +42,13 @@ def test_repo_prompts_are_valid():
 @pytest.mark.parametrize(
     "text, field, message",
     [
-        ('[categories.cat]\npositive = []\n', "categories.cat.positive", "at least 1"),
-        ('[categories.cat]\nnegative = ["x"]\n', "categories.cat.positive", "required"),
+        ('[categories.cat]\npositive = []\n', "categories.cat.positive", "at least one positive"),
+        ('[categories.cat]\nnegative = ["x"]\n', "categories.cat.positive", "at least one positive"),
+        ('templates = ["a {} of {}"]\n[categories.cat]\nlabels = ["a"]\n', "templates", "exactly one"),
+        ('mode = "single_label"\n[categories.cat]\npositive = ["a"]\nnegative = ["b"]\n', "categories.cat.negative", "single_label"),
+        ('mode = "single_label"\nneutral = ["x"]\n[categories.cat]\npositive = ["a"]\n', "neutral", "single_label"),
+        ('mode = "multi"\n[categories.cat]\npositive = ["a"]\n', "mode", "multi_label"),
+        ('mode = "single_label"\ntop_k = 0\n[categories.cat]\npositive = ["a"]\n', "top_k", "greater than or equal to 1"),
         ('[categories.cat]\npositive = ["a"]\ncolour = "red"\n', "categories.cat.colour", "Extra inputs"),
         ('treshold = 0.1\n[categories.cat]\npositive = ["a"]\n', "treshold", "Extra inputs"),
         ('threshold = "high"\n[categories.cat]\npositive = ["a"]\n', "threshold", "number"),
@@ -85,3 +90,29 @@ def test_version_changes_with_content_only(tmp_path):
     assert prompt_version(tmp_path) == v1
     write(tmp_path, "a.toml", GOOD.replace("a kitten", "a kitty"))
     assert prompt_version(tmp_path) != v1
+
+
+def test_templates_expand_labels_and_keep_explicit_descriptions(tmp_path):
+    write(
+        tmp_path,
+        "t.toml",
+        'templates = ["a photo of a {}", "a drawing of a {}"]\n'
+        '[categories.cat]\nlabels = ["cat", "kitten"]\npositive = ["a cat asleep"]\nnegative_labels = ["dog"]\n',
+    )
+    (cat,) = load_categories(tmp_path)
+    assert cat.positive == (
+        "a cat asleep", "a photo of a cat", "a drawing of a cat", "a photo of a kitten", "a drawing of a kitten",
+    )
+    assert cat.negative == ("a photo of a dog", "a drawing of a dog")
+
+
+def test_single_label_mode_and_non_english_descriptions(tmp_path):
+    write(
+        tmp_path,
+        "s.toml",
+        'mode = "single_label"\ntop_k = 2\nthreshold = 0.2\n'
+        '[categories.chat]\npositive = ["une photo d\'un chat", "猫の写真"]\n[categories.chien]\nlabels = ["Hund"]\n',
+    )
+    cats = {c.name: c for c in load_categories(tmp_path)}
+    assert cats["chat"].mode == "single_label" and cats["chat"].top_k == 2 and cats["chat"].threshold == 0.2
+    assert cats["chat"].positive == ("une photo d'un chat", "猫の写真") and cats["chien"].positive == ("Hund",)
