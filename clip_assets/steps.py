@@ -19,8 +19,8 @@ from clip_assets.clip_model import ClipModel
 from clip_assets.embedding import embed_manifest, embeddings_matrix
 from clip_assets.layout import DataLayout, write_parquet_atomically
 from clip_assets.manifest import STATUS_OK, build_manifest
-from clip_assets.prompts import load_categories, prompt_version
-from clip_assets.warehouse import read_centroids, replace_batch_classifications, replace_centroids
+from clip_assets.prompts import Category, load_categories, prompt_version
+from clip_assets.warehouse import read_centroids, replace_batch_classifications, replace_centroids, top_images
 
 
 @dataclass
@@ -77,7 +77,7 @@ def write_embeddings(
 
 @dataclass
 class CentroidSummary:
-    categories: list[str]
+    categories: list[Category]
     centroid_rows: int
     model: str
     prompt_version: str
@@ -90,7 +90,7 @@ def write_centroids(clip: ClipModel, prompts_dir: Path, layout: DataLayout) -> C
     centroids = compute_centroids(categories, clip, version)
     rows = replace_centroids(layout.duckdb_path, centroids)
     return CentroidSummary(
-        categories=centroids.categories, centroid_rows=rows, model=centroids.model, prompt_version=version
+        categories=categories, centroid_rows=rows, model=centroids.model, prompt_version=version
     )
 
 
@@ -128,3 +128,14 @@ def write_classifications(layout: DataLayout, batch: str) -> ClassificationSumma
         model=centroids.model,
         prompt_version=centroids.prompt_version,
     )
+
+
+def top_images_table(layout: DataLayout, batch: str, per_category: int = 3) -> list[dict]:
+    """The best-scoring images of each category in a batch, with their paths: a preview for people."""
+    paths = dict(
+        zip(*pq.read_table(layout.manifest_path(batch), columns=["image_id", "path"]).to_pydict().values())
+    )
+    return [
+        {"category": category, "path": paths.get(image_id, image_id), "score": round(value, 4), "matched": matched}
+        for category, image_id, value, matched in top_images(layout.duckdb_path, batch, per_category)
+    ]

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets import steps
+from clip_assets import checks, steps
+from clip_assets.plots import png_markdown, score_histograms_png
+from clip_assets.warehouse import score_histograms
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.prompts import prompt_files as list_prompt_files
@@ -13,6 +15,25 @@ from clip_assets.prompts import prompt_version
 OWNER = "team:clip-assets"
 # How often the automation sensor looks at the prompt files for edits.
 PROMPT_OBSERVE_CRON = "* * * * *"
+
+
+def _check_result(name: str, outcome: checks.CheckOutcome, warn: bool = False) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name,
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR,
+        description=outcome.description,
+        metadata=outcome.metadata,
+    )
+
+
+def _markdown_table(rows: list[dict]) -> dg.MarkdownMetadataValue:
+    if not rows:
+        return dg.MetadataValue.md("none")
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]).replace("|", "/") for h in header) + " |" for r in rows]
+    return dg.MetadataValue.md("\n".join(lines))
 
 
 def _reasons_table(reasons: dict[str, str]) -> dg.MarkdownMetadataValue:
@@ -71,6 +92,13 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
     owners=[OWNER],
     code_version="1",
     op_tags={"clip_assets/gpu": "true"},
+    check_specs=[
+        dg.AssetCheckSpec("unit_norm_with_model_dimension", asset="image_embeddings",
+                          description="Every embedding has the model's dimension, no NaN, and norm 1."),
+        dg.AssetCheckSpec("same_model_as_centroids", asset="image_embeddings", blocking=True,
+                          description="Embeddings and stored centroids share one model identity; "
+                          "a mismatch stops the classification of this batch."),
+    ],
 )
 def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
@@ -85,7 +113,13 @@ def image_embeddings(
         batch_size=clip_model.batch_size,
         num_workers=clip_model.num_workers,
     )
+    batch = context.partition_key
     return dg.MaterializeResult(
+        check_results=[
+            _check_result("unit_norm_with_model_dimension",
+                          checks.embeddings_are_unit_norm(collection.layout, batch, clip.embed_dim)),
+            _check_result("same_model_as_centroids", checks.embeddings_match_centroid_model(collection.layout, batch)),
+        ],
         metadata={
             "dagster/row_count": summary.encoded,
             "failed_images": summary.failed,
@@ -105,14 +139,30 @@ def image_embeddings(
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec("every_category_has_centroids", asset="prompt_centroids",
+                          description="Each category has a centroid for each kind it has descriptions of."),
+    ],
 )
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
     summary = steps.write_centroids(clip_model.load(), Path(collection.prompts_dir), collection.layout)
+    layout = collection.layout
     return dg.MaterializeResult(
+        check_results=[
+            _check_result("every_category_has_centroids",
+                          checks.every_category_has_centroids(layout.duckdb_path, summary.categories)),
+        ],
         metadata={
             "dagster/row_count": summary.centroid_rows,
-            "categories": summary.categories,
+            "categories": _markdown_table(
+                [
+                    {"category": c.name, "file": c.source, "mode": c.mode, "positive": len(c.positive),
+                     "negative": len(c.negative), "neutral": len(c.neutral), "threshold": c.threshold,
+                     "neutral_margin": c.neutral_margin}
+                    for c in summary.categories
+                ]
+            ),
             "model": summary.model,
             "prompt_version": summary.prompt_version,
             "duckdb": dg.MetadataValue.path(str(collection.layout.duckdb_path)),
@@ -128,15 +178,29 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec("one_row_per_image_and_category", asset="image_classifications",
+                          description="Exactly usable images x categories rows for the batch, none duplicated."),
+    ],
 )
 def image_classifications(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag."""
-    summary = steps.write_classifications(collection.layout, context.partition_key)
+    batch, layout = context.partition_key, collection.layout
+    summary = steps.write_classifications(layout, batch)
+    plot = score_histograms_png(score_histograms(layout.duckdb_path, batch))
     return dg.MaterializeResult(
+        check_results=[
+            _check_result("one_row_per_image_and_category", checks.one_row_per_image_and_category(layout, batch)),
+        ],
         metadata={
             "dagster/row_count": summary.rows,
             "images": summary.images,
-            "matches_per_category": dg.MetadataValue.json(summary.matches),
+            "matches_per_category": _markdown_table(
+                [{"category": k, "images matched": v, "share": f"{v / max(1, summary.images):.1%}"}
+                 for k, v in summary.matches.items()]
+            ),
+            "top_images": _markdown_table(steps.top_images_table(layout, batch)),
+            "score_distribution": dg.MetadataValue.md(png_markdown(plot, "score distribution per category")),
             "model": summary.model,
             "prompt_version": summary.prompt_version,
         }

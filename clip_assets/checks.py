@@ -1,0 +1,98 @@
+"""Data checks, as plain functions: each returns whether it passed, a sentence, and numbers.
+
+The Dagster assets report them as asset checks next to the asset they check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clip_assets.centroids import KINDS
+from clip_assets.embedding import embeddings_matrix
+from clip_assets.layout import DataLayout
+from clip_assets.prompts import Category
+from clip_assets.warehouse import connect
+
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    description: str
+    metadata: dict = field(default_factory=dict)
+
+
+def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) -> CheckOutcome:
+    """Every embedding has the model's dimension, no NaN, and norm 1."""
+    table = pq.read_table(layout.embeddings_path(batch))
+    dim = table.schema.field("embedding").type.list_size
+    vectors = embeddings_matrix(table)
+    nan_rows = int(np.isnan(vectors).any(axis=1).sum())
+    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0)
+    off_norm = int((~(np.abs(norms - 1) <= NORM_TOLERANCE)).sum())  # NaN norms count as off
+    passed = dim == expected_dim and nan_rows == 0 and off_norm == 0
+    return CheckOutcome(
+        passed,
+        f"{table.num_rows} embeddings of dimension {dim} (model: {expected_dim}); "
+        f"{nan_rows} with NaN; {off_norm} not unit-norm",
+        {"rows": table.num_rows, "dimension": dim, "nan_rows": nan_rows, "off_norm_rows": off_norm},
+    )
+
+
+def embeddings_match_centroid_model(layout: DataLayout, batch: str) -> CheckOutcome:
+    """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist)."""
+    models = set(pq.read_table(layout.embeddings_path(batch), columns=["model"])["model"].unique().to_pylist())
+    if not layout.duckdb_path.exists():
+        return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
+    with connect(layout.duckdb_path, read_only=True) as con:
+        centroid_models = {r[0] for r in con.execute("SELECT DISTINCT model FROM prompt_centroids").fetchall()}
+    if not centroid_models:
+        return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
+    passed = models <= centroid_models and len(centroid_models) == 1
+    return CheckOutcome(
+        passed,
+        "embeddings and centroids share one model" if passed
+        else f"embeddings by {sorted(models)}, centroids by {sorted(centroid_models)}: re-materialize one side",
+        {"embedding_models": sorted(models), "centroid_models": sorted(centroid_models)},
+    )
+
+
+def every_category_has_centroids(db_path: Path, categories: list[Category]) -> CheckOutcome:
+    """Each category has a centroid for each kind it has descriptions of, with the right count."""
+    with connect(db_path, read_only=True) as con:
+        stored = {
+            (c, k): n for c, k, n in con.execute("SELECT category, kind, prompt_count FROM prompt_centroids").fetchall()
+        }
+    expected = {(c.name, k): len(getattr(c, k)) for c in categories for k in KINDS if getattr(c, k)}
+    missing = sorted(f"{c}/{k}" for (c, k) in expected.keys() - stored.keys())
+    extra = sorted(f"{c}/{k}" for (c, k) in stored.keys() - expected.keys())
+    wrong = sorted(f"{c}/{k}" for (c, k), n in expected.items() if (c, k) in stored and stored[(c, k)] != n)
+    passed = not (missing or extra or wrong)
+    return CheckOutcome(
+        passed,
+        f"{len(expected)} centroids expected for {len(categories)} categories"
+        + ("" if passed else f"; missing {missing}, unexpected {extra}, wrong count {wrong}"),
+        {"expected": len(expected), "stored": len(stored), "missing": missing, "unexpected": extra},
+    )
+
+
+def one_row_per_image_and_category(layout: DataLayout, batch: str) -> CheckOutcome:
+    """The batch has exactly usable images x categories classification rows, none duplicated."""
+    images = pq.read_metadata(layout.embeddings_path(batch)).num_rows
+    with connect(layout.duckdb_path, read_only=True) as con:
+        categories = con.execute("SELECT count(*) FROM prompt_categories").fetchone()[0]
+        rows, distinct = con.execute(
+            "SELECT count(*), count(DISTINCT (image_id, category)) FROM image_classifications WHERE batch = ?", [batch]
+        ).fetchone()
+    expected = images * categories
+    passed = rows == distinct == expected
+    return CheckOutcome(
+        passed,
+        f"{rows} rows ({distinct} distinct) for {images} images x {categories} categories = {expected}",
+        {"rows": rows, "distinct_rows": distinct, "expected_rows": expected},
+    )

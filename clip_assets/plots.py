@@ -1,0 +1,48 @@
+"""Small pictures for the Dagster UI, drawn with Pillow (no plotting library needed).
+
+Dagster renders markdown metadata, including images given as data URIs, so a materialization can
+show a person a plot rather than a column of numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image, ImageDraw, ImageFont
+
+PANEL_W, PANEL_H, COLUMNS = 260, 140, 3
+
+
+def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], float, str]]) -> bytes:
+    """One panel per category: the distribution of its match score, the threshold as a red line."""
+    names = list(histograms)
+    rows = max(1, -(-len(names) // COLUMNS))
+    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, name in enumerate(names):
+        lo, hi, counts, threshold, mode = histograms[name]
+        x0, y0 = (i % COLUMNS) * PANEL_W, (i // COLUMNS) * PANEL_H
+        left, right, top, bottom = x0 + 10, x0 + PANEL_W - 10, y0 + 22, y0 + PANEL_H - 22
+        label = "probability" if mode == "single_label" else "score"
+        draw.text((left, y0 + 4), f"{name} ({label})", fill="black", font=font)
+        peak = max(counts) or 1
+        width = (right - left) / len(counts)
+        for b, n in enumerate(counts):
+            h = (bottom - top) * n / peak
+            draw.rectangle([left + b * width, bottom - h, left + (b + 1) * width - 1, bottom], fill=(70, 110, 190))
+        draw.line([left, bottom, right, bottom], fill="gray")
+        draw.text((left, bottom + 4), f"{lo:.3f}", fill="gray", font=font)
+        draw.text((right - 40, bottom + 4), f"{hi:.3f}", fill="gray", font=font)
+        if hi > lo and lo <= threshold <= hi:
+            tx = left + (threshold - lo) / (hi - lo) * (right - left)
+            draw.line([tx, top, tx, bottom], fill=(210, 30, 30), width=2)
+        draw.text((left + (right - left) // 2 - 30, bottom + 4), f"thr {threshold:.3f}", fill=(210, 30, 30), font=font)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

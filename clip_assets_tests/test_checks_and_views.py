@@ -1,0 +1,132 @@
+"""The data checks catch what they claim to; the DuckDB views agree with the rows; the UI metadata is there."""
+
+import base64
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_assets import checks, steps
+from clip_assets.clip_model import load_clip_model
+from clip_assets.defs.execution import BATCH_ASSETS, materialize, materialize_everything
+from clip_assets.definitions import build_definitions
+from clip_assets.layout import DataLayout
+from clip_assets.prompts import load_categories
+from clip_assets_tests.conftest import TINY
+
+
+@pytest.fixture
+def done(settings, clip):
+    """Batch-001 through all four steps, without Dagster."""
+    layout = DataLayout(settings.data_dir)
+    steps.write_manifest(settings.image_root, layout, "batch-001")
+    steps.write_embeddings(clip, settings.image_root, layout, "batch-001", batch_size=8, num_workers=0)
+    steps.write_centroids(clip, settings.prompts_dir, layout)
+    steps.write_classifications(layout, "batch-001")
+    return layout
+
+
+def sql(layout, query, params=()):
+    with duckdb.connect(str(layout.duckdb_path)) as con:
+        return con.execute(query, params).fetchall()
+
+
+def test_checks_pass_on_a_good_run(settings, clip, done):
+    assert checks.embeddings_are_unit_norm(done, "batch-001", clip.embed_dim).passed
+    assert checks.embeddings_match_centroid_model(done, "batch-001").passed
+    assert checks.every_category_has_centroids(done.duckdb_path, load_categories(settings.prompts_dir)).passed
+    assert checks.one_row_per_image_and_category(done, "batch-001").passed
+
+
+def test_unit_norm_check_catches_bad_vectors_and_wrong_dimension(clip, done):
+    table = pq.read_table(done.embeddings_path("batch-001"))
+    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    vectors[0] *= 2
+    vectors[1, 0] = np.nan
+    bad = table.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), clip.embed_dim))
+    pq.write_table(bad, done.embeddings_path("batch-001"))
+    outcome = checks.embeddings_are_unit_norm(done, "batch-001", clip.embed_dim)
+    assert not outcome.passed and outcome.metadata["nan_rows"] == 1 and outcome.metadata["off_norm_rows"] == 2
+    assert not checks.embeddings_are_unit_norm(done, "batch-001", clip.embed_dim + 1).passed
+
+
+def test_centroid_check_catches_a_missing_centroid(settings, done):
+    sql(done, "DELETE FROM prompt_centroids WHERE category = 'star' AND kind = 'negative'")
+    outcome = checks.every_category_has_centroids(done.duckdb_path, load_categories(settings.prompts_dir))
+    assert not outcome.passed and outcome.metadata["missing"] == ["star/negative"]
+
+
+def test_row_check_catches_duplicates_and_gaps(done):
+    sql(done, "INSERT INTO image_classifications SELECT * FROM image_classifications LIMIT 1")
+    assert not checks.one_row_per_image_and_category(done, "batch-001").passed
+    sql(done, "DELETE FROM image_classifications WHERE rowid IN (SELECT rowid FROM image_classifications LIMIT 2)")
+    assert not checks.one_row_per_image_and_category(done, "batch-001").passed
+
+
+def test_model_check_catches_centroids_of_another_model(settings, done, other_checkpoint):
+    steps.write_centroids(load_clip_model(TINY, str(other_checkpoint), "cpu"), settings.prompts_dir, done)
+    outcome = checks.embeddings_match_centroid_model(done, "batch-001")
+    assert not outcome.passed and "re-materialize" in outcome.description
+
+
+def test_views_agree_with_the_rows(settings, done):
+    labels = sql(done, "SELECT image_id, categories, best_category, best_score FROM image_labels")
+    assert len(labels) == 10
+    for image_id, categories, best, best_score in labels:
+        rows = sql(done, "SELECT category, score, matched FROM image_classifications WHERE image_id = ?", [image_id])
+        matched = sorted((r for r in rows if r[2]), key=lambda r: -r[1])
+        assert categories == [r[0] for r in matched]
+        top = max(rows, key=lambda r: r[1])
+        assert best == top[0] and best_score == pytest.approx(top[1])
+    counts = dict(sql(done, "SELECT category, images_matched FROM category_counts"))
+    assert list(counts) == [c.name for c in load_categories(settings.prompts_dir)]
+    expected = dict(sql(done, "SELECT category, count(*) FILTER (WHERE matched) FROM image_classifications GROUP BY 1"))
+    assert counts == expected
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        yield instance
+
+
+def latest_check(instance, key, name):
+    return instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey(key), name)]
+    )[dg.AssetCheckKey(dg.AssetKey(key), name)]
+
+
+def test_dagster_records_checks_and_shows_plot_and_preview(settings, instance):
+    materialize_everything(build_definitions(settings), instance, ["batch-001"])
+    for key, name in [
+        ("image_embeddings", "unit_norm_with_model_dimension"),
+        ("image_embeddings", "same_model_as_centroids"),
+        ("prompt_centroids", "every_category_has_centroids"),
+        ("image_classifications", "one_row_per_image_and_category"),
+    ]:
+        execution = latest_check(instance, key, name)
+        assert execution.event.dagster_event.event_specific_data.passed, (key, name)
+    record = instance.fetch_materializations(dg.AssetKey("image_classifications"), limit=1).records[0]
+    meta = record.asset_materialization.metadata
+    png = base64.b64decode(meta["score_distribution"].value.split("base64,")[1].rstrip(")"))
+    assert png.startswith(b"\x89PNG")
+    preview = meta["top_images"].value
+    assert "batch-001/img-" in preview and "| circle |" in preview
+
+
+def test_blocking_model_check_stops_the_classification(settings, instance, other_checkpoint):
+    defs = build_definitions(settings)
+    materialize_everything(defs, instance, ["batch-001"])
+    before = sql(DataLayout(settings.data_dir), "SELECT count(*), any_value(model) FROM image_classifications")
+    other = build_definitions(settings.model_copy(update={"pretrained": str(other_checkpoint)}))
+    result = materialize(other, instance, BATCH_ASSETS, partition_key="batch-001", raise_on_error=False)
+    assert not result.success
+    assert not latest_check(instance, "image_embeddings", "same_model_as_centroids").event.dagster_event.event_specific_data.passed
+    succeeded = {e.step_key for e in result.all_events if e.is_step_success}
+    assert "image_classifications" not in succeeded
+    assert result.asset_materializations_for_node("image_classifications") == []
+    assert sql(DataLayout(settings.data_dir), "SELECT count(*), any_value(model) FROM image_classifications") == before
