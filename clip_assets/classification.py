@@ -21,7 +21,7 @@ import pyarrow as pa
 from clip_assets.centroids import CentroidSet
 from clip_assets.prompts import SINGLE_LABEL
 
-DEFAULT_CHUNK_IMAGES = 32_768
+DEFAULT_CHUNK_IMAGES = 8_192  # (n, C) matrices of a chunk stay in cache
 
 
 class ModelMismatchError(ValueError):
@@ -33,7 +33,7 @@ _LABEL = pa.dictionary(pa.int32(), pa.string())  # repeated strings stay small i
 CLASSIFICATION_SCHEMA = pa.schema(
     [
         pa.field("batch", _LABEL, nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_id", _LABEL, nullable=False),
         pa.field("category", _LABEL, nullable=False),
         pa.field("mode", _LABEL, nullable=False),
         pa.field("pos_sim", pa.float32()),
@@ -70,23 +70,51 @@ def single_label_groups(centroids: CentroidSet) -> list[np.ndarray]:
     return [np.array(g) for g in groups.values()]
 
 
-def score_matrices(embeddings: np.ndarray, c: CentroidSet) -> dict[str, np.ndarray]:
-    """Every per-(image, category) number of both rules, as (n, C) arrays."""
+def centroid_columns(c: CentroidSet) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The distinct centroid vectors, and for each kind the column of each category among them."""
+    stacked = np.concatenate([c.positive, c.negative, c.neutral]).astype(np.float32, copy=False)
+    vectors, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    k = len(c.categories)
+    return vectors, {"positive": inverse[:k], "negative": inverse[k : 2 * k], "neutral": inverse[2 * k :]}
+
+
+def score_matrices(
+    embeddings: np.ndarray, c: CentroidSet, columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+) -> dict[str, np.ndarray | None]:
+    """Every per-(image, category) number of both rules, as (n, C) arrays.
+
+    `probability` and `rank` are None when no prompt file is single_label.
+    """
     if embeddings.shape[1:] != (c.dim,):
         raise ModelMismatchError(
             f"Embedding dimension {embeddings.shape[1:]} does not match centroid dimension {c.dim}."
         )
     n = embeddings.shape[0]
     multi = np.array([mode != SINGLE_LABEL for mode in c.modes])
-    pos = embeddings @ c.positive.T
+    # One matrix product against the distinct centroid vectors: a neutral set shared by every
+    # category of a file is multiplied once, not once per category.
+    vectors, cols = columns or centroid_columns(c)
+    sims = embeddings @ vectors.T
+    pos = sims[:, cols["positive"]]
     # 0 where a category has no negatives; single_label categories never use them.
-    neg = (embeddings @ c.negative.T) * (c.has_negative & multi)
-    neutral = embeddings @ c.neutral.T
+    uses_negative = c.has_negative & multi
+    neg = sims[:, cols["negative"]] if uses_negative.any() else np.zeros_like(pos)
+    if not uses_negative.all():
+        neg[:, ~uses_negative] = 0
+    neutral = sims[:, cols["neutral"]]
     score = pos - neg
-    matched = (score >= c.thresholds) & (~c.has_neutral | (pos >= neutral + c.neutral_margins))
-    probability = np.full(pos.shape, np.nan, dtype=np.float32)
-    rank = np.zeros(pos.shape, dtype=np.int16)
-    for group in single_label_groups(c):
+    matched = score >= c.thresholds.astype(np.float32)
+    if c.has_neutral.any():
+        neutral_ok = pos >= neutral + c.neutral_margins.astype(np.float32)
+        neutral_ok[:, ~c.has_neutral] = True
+        matched &= neutral_ok
+    groups = single_label_groups(c)
+    probability = rank = None
+    if groups:
+        probability = np.full(pos.shape, np.nan, dtype=np.float32)
+        rank = np.zeros(pos.shape, dtype=np.int16)
+    for group in groups:
         logits = c.logit_scale * pos[:, group]
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
@@ -105,33 +133,51 @@ def _repeated(value: str, count: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(count, dtype=np.int32)), pa.array([value]))
 
 
+def _per_category(values: np.ndarray, n: int) -> np.ndarray:
+    return np.tile(values, n)
+
+
 def classify_batch(
-    batch: str, image_ids: list[str], embeddings: np.ndarray, centroids: CentroidSet
+    batch: str,
+    image_ids: list[str],
+    embeddings: np.ndarray,
+    centroids: CentroidSet,
+    columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
 ) -> pa.Table:
     """One row per (image, category), images in input order, categories in centroid order."""
-    m = score_matrices(embeddings, centroids)
+    m = score_matrices(embeddings, centroids, columns)
     n, c = m["pos"].shape
     is_single = np.array([mode == SINGLE_LABEL for mode in centroids.modes])
-    no_neutral = np.broadcast_to(~centroids.has_neutral | is_single, (n, c)).reshape(-1)
-    multi = np.broadcast_to(~is_single, (n, c)).reshape(-1)
-    mode_codes = np.tile(is_single.astype(np.int32), n)
+    if m["probability"] is None:
+        probability, rank = pa.nulls(n * c, pa.float32()), pa.nulls(n * c, pa.int16())
+    else:
+        multi = _per_category(~is_single, n)
+        probability = pa.array(m["probability"].reshape(-1), pa.float32(), mask=multi)
+        rank = pa.array(m["rank"].reshape(-1), pa.int16(), mask=multi)
+    category_codes = _per_category(np.arange(c, dtype=np.int32), n)
     return pa.table(
         {
             "batch": _repeated(batch, n * c),
-            "image_id": pa.array(np.repeat(np.asarray(image_ids, dtype=object), c), pa.string()),
-            "category": pa.DictionaryArray.from_arrays(
-                pa.array(np.tile(np.arange(c, dtype=np.int32), n)), pa.array(centroids.categories)
+            "image_id": pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat(np.arange(n, dtype=np.int32), c)), pa.array(image_ids, pa.string())
             ),
-            "mode": pa.DictionaryArray.from_arrays(pa.array(mode_codes), pa.array(["multi_label", SINGLE_LABEL])),
-            "pos_sim": pa.array(m["pos"].reshape(-1), pa.float32()),
-            "neg_sim": pa.array(m["neg"].reshape(-1), pa.float32()),
-            "neutral_sim": pa.array(m["neutral"].reshape(-1), pa.float32(), mask=no_neutral),
-            "score": pa.array(m["score"].reshape(-1), pa.float32()),
-            "probability": pa.array(m["probability"].reshape(-1), pa.float32(), mask=multi),
-            "rank": pa.array(m["rank"].reshape(-1), pa.int16(), mask=multi),
-            "threshold": pa.array(np.tile(centroids.thresholds, n), pa.float64()),
-            "neutral_margin": pa.array(np.tile(centroids.neutral_margins, n), pa.float64()),
-            "matched": pa.array(m["matched"].reshape(-1), pa.bool_()),
+            "category": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.categories)),
+            "mode": pa.DictionaryArray.from_arrays(
+                _per_category(is_single.astype(np.int32), n), pa.array(["multi_label", SINGLE_LABEL])
+            ),
+            "pos_sim": pa.array(m["pos"].reshape(-1)),
+            "neg_sim": pa.array(m["neg"].reshape(-1)),
+            "neutral_sim": pa.array(
+                m["neutral"].reshape(-1), mask=_per_category(~centroids.has_neutral | is_single, n)
+            ),
+            "score": pa.array(m["score"].reshape(-1)),
+            "probability": probability,
+            "rank": rank,
+            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.thresholds)).cast(pa.float64()),
+            "neutral_margin": pa.DictionaryArray.from_arrays(
+                category_codes, pa.array(centroids.neutral_margins)
+            ).cast(pa.float64()),
+            "matched": pa.array(m["matched"].reshape(-1)),
             "model": _repeated(centroids.model, n * c),
             "prompt_version": _repeated(centroids.prompt_version, n * c),
         },
@@ -147,6 +193,7 @@ def classify_in_chunks(
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
 ) -> Iterator[pa.Table]:
     """The rows of `classify_batch`, a bounded number of images at a time."""
+    columns = centroid_columns(centroids)
     for start in range(0, len(image_ids), chunk_images):
         stop = start + chunk_images
-        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids)
+        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns)

@@ -116,11 +116,12 @@ def caption_variants(sample: Sample, rng: random.Random) -> str:
     mode = rng.random()
     parts = []
     for s in sample.shapes:
-        if mode < 0.5:
+        # Mostly shape-only captions: colour is learnt almost for free, shape needs the signal.
+        if mode < 0.30:
             parts.append(f"a {s.colour} {s.shape}")
-        elif mode < 0.7:
+        elif mode < 0.82:
             parts.append(f"a {s.shape}")
-        elif mode < 0.9:
+        elif mode < 0.95:
             parts.append(f"something {s.colour}")
         else:
             parts.append(f"a {s.colour} shape")
