@@ -262,8 +262,9 @@ def score_histograms(path: Path, batch: str, bins: int = 30) -> dict[str, tuple[
                 SELECT category, least(?::INTEGER - 1, floor((x - lo) / greatest(hi - lo, 1e-9) * ?)::INTEGER) AS b,
                        count(*) AS n, any_value(mode) AS mode, any_value(threshold) AS threshold
                 FROM v JOIN r USING (category) GROUP BY category, b
-            ) v JOIN r USING (category)
-            GROUP BY v.category, r.lo, r.hi
+            ) v JOIN r USING (category) JOIN prompt_categories p USING (category)
+            GROUP BY v.category, r.lo, r.hi, p.position
+            ORDER BY p.position
             """,
             [batch, bins, bins],
         ).fetchall()

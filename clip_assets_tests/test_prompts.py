@@ -116,3 +116,11 @@ def test_single_label_mode_and_non_english_descriptions(tmp_path):
     cats = {c.name: c for c in load_categories(tmp_path)}
     assert cats["chat"].mode == "single_label" and cats["chat"].top_k == 2 and cats["chat"].threshold == 0.2
     assert cats["chat"].positive == ("une photo d'un chat", "猫の写真") and cats["chien"].positive == ("Hund",)
+
+
+def test_the_single_label_example_file_is_valid(tmp_path):
+    example = REPO_ROOT / "prompts" / "examples" / "pets_single_label.toml.example"
+    (tmp_path / "pets.toml").write_text(example.read_text())
+    cats = {c.name: c for c in load_categories(tmp_path)}
+    assert set(cats) == {"cat", "dog", "bird"} and all(c.mode == "single_label" for c in cats.values())
+    assert "a close-up photo of a kitten" in cats["cat"].positive and cats["dog"].threshold == 0.40
