@@ -96,3 +96,15 @@ def one_row_per_image_and_category(layout: DataLayout, batch: str) -> CheckOutco
         f"{rows} rows ({distinct} distinct) for {images} images x {categories} categories = {expected}",
         {"rows": rows, "distinct_rows": distinct, "expected_rows": expected},
     )
+
+
+def failure_share_within_limit(usable: int, failed: int, unusable_in_manifest: int, max_share: float) -> CheckOutcome:
+    """Share of a batch's files that could not be embedded: listed as unusable, or failing to decode."""
+    files = usable + unusable_in_manifest
+    bad = failed + unusable_in_manifest
+    share = bad / files if files else 0.0
+    return CheckOutcome(
+        share <= max_share,
+        f"{bad} of {files} files could not be embedded ({share:.1%}; warns above {max_share:.1%})",
+        {"failed_files": bad, "files": files, "failure_share": share, "max_share": max_share},
+    )

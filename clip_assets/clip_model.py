@@ -36,6 +36,7 @@ class ClipModel:
     device: torch.device
     embed_dim: int
     logit_scale: float  # the learned temperature: softmax(logit_scale * cosine) for zero-shot
+    input_size: tuple[int, int] | None = None  # (width, height) the model's preprocessing produces
 
     def autocast(self):
         """Mixed precision on GPU, plain float32 on CPU."""
@@ -109,6 +110,15 @@ def model_identity(model_name: str, pretrained: str) -> str:
     return f"{model_name}/{pretrained}"
 
 
+def _input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    size = getattr(getattr(model, "visual", None), "preprocess_cfg", {}).get("size")
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[1]), int(size[0]))  # preprocess sizes are (height, width)
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
@@ -170,5 +180,6 @@ def load_clip_model(model_name: str, pretrained: str, device: str | None = None)
         identity=model_identity(model_name, pretrained),
         device=torch_device,
         embed_dim=embed_dim,
+        input_size=_input_size(model),
         logit_scale=float(model.logit_scale.detach().exp()) if getattr(model, "logit_scale", None) is not None else 100.0,
     )

@@ -22,6 +22,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 image_root=str(settings.image_root),
                 prompts_dir=str(settings.prompts_dir),
                 data_dir=str(settings.data_dir),
+                max_failure_share=settings.max_failure_share,
             ),
             "clip_model": ClipModelResource(
                 model=settings.model,
@@ -29,6 +30,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 device=settings.device,
                 batch_size=settings.batch_size,
                 num_workers=settings.num_workers,
+                file_timeout_s=settings.file_timeout_s,
             ),
         },
     )

@@ -24,6 +24,10 @@ class DataLayout:
     def embeddings_path(self, batch: str) -> Path:
         return self.data_dir / "embeddings" / f"{batch}.parquet"
 
+    def embedding_parts_dir(self, batch: str) -> Path:
+        """Chunks of an unfinished embedding run, removed once the batch file is written."""
+        return self.data_dir / "embeddings" / f"{batch}.parts"
+
     def embedding_failures_path(self, batch: str) -> Path:
         return self.data_dir / "embedding_failures" / f"{batch}.parquet"
 

@@ -83,6 +83,8 @@ def build_manifest(image_root: Path, batch: str) -> pa.Table:
         status = STATUS_OK
         if path.is_symlink() and not path.resolve().is_relative_to(root):
             status, error = STATUS_SKIPPED, "symlink leads outside the image root"
+        elif path.exists() and not path.is_file():
+            status, error = STATUS_SKIPPED, "not a regular file (FIFO, socket or device)"
         else:
             try:
                 st = path.stat()

@@ -30,6 +30,10 @@ class Settings(BaseModel):
     device: str | None = Field(default=None, description="torch device override (cuda, mps, cpu).")
     batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
     num_workers: int = Field(default=-1, description="Decode workers; -1 picks from the core count.")
+    file_timeout_s: float = Field(default=60.0, gt=0, description="Longest a single file may take to read and decode.")
+    max_failure_share: float = Field(
+        default=0.05, ge=0, le=1, description="Share of unreadable images above which the batch check warns."
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -43,4 +47,6 @@ class Settings(BaseModel):
             device=env.get("CLIP_ASSETS_DEVICE") or None,
             batch_size=int(env.get("CLIP_ASSETS_BATCH_SIZE", "64")),
             num_workers=int(env.get("CLIP_ASSETS_NUM_WORKERS", "-1")),
+            file_timeout_s=float(env.get("CLIP_ASSETS_FILE_TIMEOUT_S", "60")),
+            max_failure_share=float(env.get("CLIP_ASSETS_MAX_FAILURE_SHARE", "0.05")),
         )

@@ -6,17 +6,28 @@ call them directly.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import compute_centroids
 from clip_assets.classification import check_same_model, classify_in_chunks
 from clip_assets.clip_model import ClipModel
-from clip_assets.embedding import embed_manifest, embeddings_matrix
+from clip_assets.embedding import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_FILE_TIMEOUT_S,
+    FAILURES_SCHEMA,
+    embeddings_matrix,
+    embeddings_schema,
+    encode_images,
+)
+from clip_assets.embedding_store import PartFiles, plan_encoding, write_final
 from clip_assets.layout import DataLayout, write_parquet_atomically
 from clip_assets.manifest import STATUS_OK, build_manifest
 from clip_assets.prompts import Category, load_categories, prompt_version
@@ -47,31 +58,78 @@ def write_manifest(image_root: Path, layout: DataLayout, batch: str) -> Manifest
     )
 
 
+def unusable_in_manifest(layout: DataLayout, batch: str) -> int:
+    status = pq.read_table(layout.manifest_path(batch), columns=["status"])["status"]
+    return int(pc.sum(pc.not_equal(status, STATUS_OK)).as_py() or 0)
+
+
 @dataclass
 class EmbeddingSummary:
     path: Path
-    encoded: int
+    rows: int  # images in the batch file now
+    encoded: int  # decoded and run through the model in this run
+    carried_over: int  # unchanged since the previous run: not read at all
+    unchanged_content: int  # size or mtime changed, content did not: read and hashed, not decoded
+    resumed: int  # finished by an interrupted run, taken from its part files
+    dropped: int  # no longer in the manifest
     failed: int
+    usable: int  # images the manifest says are usable
     model: str
     dim: int
     failures: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def failure_share(self) -> float:
+        return self.failed / self.usable if self.usable else 0.0
+
 
 def write_embeddings(
-    clip: ClipModel, image_root: Path, layout: DataLayout, batch: str, batch_size: int = 64, num_workers: int = -1
+    clip: ClipModel,
+    image_root: Path,
+    layout: DataLayout,
+    batch: str,
+    batch_size: int = 64,
+    num_workers: int = -1,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    timeout_s: float | None = DEFAULT_FILE_TIMEOUT_S,
+    report: Callable[[str], None] = logging.getLogger(__name__).info,
 ) -> EmbeddingSummary:
+    """Encode what is new or changed since the last run of this model; resume an interrupted run."""
     manifest = pq.read_table(layout.manifest_path(batch))
-    out = embed_manifest(clip, image_root, manifest, batch_size=batch_size, num_workers=num_workers)
     path = layout.embeddings_path(batch)
-    write_parquet_atomically(out.failures, layout.embedding_failures_path(batch))
-    write_parquet_atomically(out.embeddings, path)
+    previous = pq.read_table(path) if path.exists() else None
+    if previous is not None and "fingerprint" not in previous.column_names:
+        previous = None  # written before fingerprints existed: encode afresh
+    parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity)
+    parts.discard_other_models()
+    plan = plan_encoding(manifest, previous, parts)
+    report(
+        f"{batch}: {len(plan.job.image_ids):,} images to encode, "
+        f"{0 if plan.carried is None else plan.carried.num_rows:,} unchanged, {len(plan.resumed_ids):,} resumed"
+    )
+    result = encode_images(
+        clip, image_root, plan.job, parts.write,
+        batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
+    )
+    failures = pa.table(
+        {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
+    )
+    write_parquet_atomically(failures, layout.embedding_failures_path(batch))
+    rows = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
+    parts.remove()
     return EmbeddingSummary(
         path=path,
-        encoded=out.embeddings.num_rows,
-        failed=out.failures.num_rows,
+        rows=rows,
+        encoded=result.encoded,
+        carried_over=0 if plan.carried is None else plan.carried.num_rows,
+        unchanged_content=result.unchanged_content,
+        resumed=len(plan.resumed_ids),
+        dropped=plan.dropped,
+        failed=len(result.failures),
+        usable=len(plan.keep_ids),
         model=clip.identity,
         dim=clip.embed_dim,
-        failures=dict(zip(out.failures["path"].to_pylist()[:20], out.failures["error"].to_pylist()[:20])),
+        failures={p: e for _, p, e in result.failures[:20]},
     )
 
 

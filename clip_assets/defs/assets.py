@@ -95,6 +95,9 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
     check_specs=[
         dg.AssetCheckSpec("unit_norm_with_model_dimension", asset="image_embeddings",
                           description="Every embedding has the model's dimension, no NaN, and norm 1."),
+        dg.AssetCheckSpec("failure_share", asset="image_embeddings",
+                          description="Share of the batch's files that could not be embedded; warns above "
+                          "CLIP_ASSETS_MAX_FAILURE_SHARE."),
         dg.AssetCheckSpec("same_model_as_centroids", asset="image_embeddings", blocking=True,
                           description="Embeddings and stored centroids share one model identity; "
                           "a mismatch stops the classification of this batch."),
@@ -105,24 +108,38 @@ def image_embeddings(
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
     clip = clip_model.load()
+    batch, layout = context.partition_key, collection.layout
     summary = steps.write_embeddings(
         clip,
         Path(collection.image_root),
-        collection.layout,
-        context.partition_key,
+        layout,
+        batch,
         batch_size=clip_model.batch_size,
         num_workers=clip_model.num_workers,
+        timeout_s=clip_model.file_timeout_s,
+        report=context.log.info,
     )
-    batch = context.partition_key
+    unusable = steps.unusable_in_manifest(layout, batch)
     return dg.MaterializeResult(
         check_results=[
             _check_result("unit_norm_with_model_dimension",
-                          checks.embeddings_are_unit_norm(collection.layout, batch, clip.embed_dim)),
-            _check_result("same_model_as_centroids", checks.embeddings_match_centroid_model(collection.layout, batch)),
+                          checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim)),
+            _check_result(
+                "failure_share",
+                checks.failure_share_within_limit(summary.usable, summary.failed, unusable, collection.max_failure_share),
+                warn=True,
+            ),
+            _check_result("same_model_as_centroids", checks.embeddings_match_centroid_model(layout, batch)),
         ],
         metadata={
-            "dagster/row_count": summary.encoded,
+            "dagster/row_count": summary.rows,
+            "encoded": summary.encoded,
+            "carried_over": summary.carried_over,
+            "unchanged_content": summary.unchanged_content,
+            "resumed": summary.resumed,
+            "dropped": summary.dropped,
             "failed_images": summary.failed,
+            "unusable_in_manifest": unusable,
             "failure_examples": _reasons_table(summary.failures),
             "model": summary.model,
             "dimension": summary.dim,

@@ -17,6 +17,7 @@ class ImageCollection(dg.ConfigurableResource):
     image_root: str
     prompts_dir: str
     data_dir: str
+    max_failure_share: float = 0.05  # the failure-rate check warns above this share of a batch
 
     @property
     def layout(self) -> DataLayout:
@@ -36,6 +37,7 @@ class ClipModelResource(dg.ConfigurableResource):
     device: str | None = None
     batch_size: int = 64
     num_workers: int = -1
+    file_timeout_s: float = 60.0
 
     def load(self) -> ClipModel:
         return _load_once_per_process(self.model, self.pretrained, self.device)
