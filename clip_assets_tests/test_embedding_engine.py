@@ -131,7 +131,6 @@ def _manifest_as_nobody(root: Path, conn) -> None:
     conn.send(build_manifest(root, "b").to_pylist())
 
 
-@pytest.mark.skipif(os.geteuid() != 0 and sys.platform != "linux", reason="needs a user that permissions apply to")
 def test_unreadable_file_is_recorded():
     root = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
@@ -139,8 +138,7 @@ def test_unreadable_file_is_recorded():
         (root / "b").mkdir(mode=0o755)
         photo_like(60, 40).save(root / "b" / "fine.jpg")
         photo_like(60, 40).save(root / "b" / "secret.jpg")
-        for p in (root / "b" / "fine.jpg",):
-            os.chmod(p, 0o644)
+        os.chmod(root / "b" / "fine.jpg", 0o644)
         os.chmod(root / "b" / "secret.jpg", 0o000)
         if os.geteuid() == 0:  # root reads anything: list the batch as an ordinary user
             parent, child = multiprocessing.get_context("fork").Pipe()
