@@ -92,7 +92,16 @@ def test_refuses_embeddings_of_another_model(settings, indexed, other_checkpoint
         search(other, text="a red circle")
 
 
-def test_streaming_top_k_equals_a_full_load(tmp_path):
+def write_random_embeddings(path, ids, vectors, model="m"):
+    pq.write_table(
+        pa.table({"image_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                  "model": [model] * len(ids)}, schema=embeddings_schema(vectors.shape[1])),
+        path,
+    )
+
+
+@pytest.mark.parametrize("use_index", [True, False], ids=["search index", "parquet"])
+def test_streaming_top_k_equals_a_full_load(tmp_path, use_index):
     rng = np.random.default_rng(0)
     dim, files, all_ids, mats = 16, [], [], []
     for b in range(3):
@@ -100,25 +109,38 @@ def test_streaming_top_k_equals_a_full_load(tmp_path):
         vectors = rng.standard_normal((n, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = [f"b{b}-{i}" for i in range(n)]
-        path = tmp_path / f"b{b}.parquet"
-        pq.write_table(
-            pa.table({"image_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-                      "model": ["m"] * n}, schema=embeddings_schema(dim)),
-            path,
-        )
+        path = tmp_path / "embeddings" / f"b{b}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        write_random_embeddings(path, ids, vectors)
         files.append(path)
         all_ids += ids
         mats.append(vectors)
     query = rng.standard_normal(dim).astype(np.float32)
     scores = np.concatenate(mats) @ query
     best = np.argsort(-scores)[:25]
-    got = top_k_streaming(query, files, 25, record_batch_rows=97)
+    got = top_k_streaming(query, files, 25, record_batch_rows=97, use_index=use_index)
+    assert (tmp_path / "search_index" / "b0.f32").is_file() == use_index
     assert [g[1] for g in got] == [all_ids[i] for i in best]
     assert [g[2] for g in got] == [all_ids[i].split("-")[0] for i in best]
     allowed = set(all_ids[::7])
-    got = top_k_streaming(query, files, 5, allowed_ids=allowed, record_batch_rows=200)
+    got = top_k_streaming(query, files, 5, allowed_ids=allowed, record_batch_rows=200, use_index=use_index)
     expected = [all_ids[i] for i in np.argsort(-scores) if all_ids[i] in allowed][:5]
     assert [g[1] for g in got] == expected
+
+
+def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
+    path = tmp_path / "embeddings" / "batch.parquet"
+    path.parent.mkdir()
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_random_embeddings(path, [f"old-{i}" for i in range(50)], vectors)
+    query = vectors[7]
+    assert top_k_streaming(query, [path], 1)[0][1] == "old-7"
+    # The batch is re-embedded: other images, fewer of them. The stale index must not answer.
+    write_random_embeddings(path, [f"new-{i}" for i in range(30)], vectors[20:])
+    assert top_k_streaming(vectors[25], [path], 1)[0][1] == "new-5"
+    assert (tmp_path / "search_index" / "batch.f32").stat().st_size == 30 * 8 * 4
 
 
 def test_cli_prints_json_lines_and_a_table(settings, indexed, monkeypatch, capsys):
