@@ -15,10 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="generate a sample collection, train a tiny model, run every asset, print F1")
     add_search_parser(sub)
+    add_calibrate_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "search":
         return run_search(args)
+    if args.command == "calibrate":
+        return run_calibrate(args)
     import dagster
 
     # Dagster marks some APIs beta/preview; that is for developers of this package, not its users.
@@ -63,6 +66,52 @@ def run_search(args) -> int:
             print(json.dumps(hit.as_dict()))
     else:
         print(format_table(hits))
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="score the current thresholds against labelled images and propose calibrated ones",
+    )
+    p.add_argument("--labels", type=Path, required=True,
+                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+    p.add_argument("--target-precision", type=float,
+                   help="the most recall at this precision, instead of the best F1")
+    p.add_argument("--heldout-fraction", type=float, default=0.5,
+                   help="share of the labelled images kept out of tuning to score before/after (default 0.5)")
+    p.add_argument("--write", action="store_true",
+                   help="write the proposal to <prompts dir>/calibrated_thresholds.toml (else print it)")
+
+
+def run_calibrate(args) -> int:
+    from clip_assets.calibration import (
+        LabelsFileError, calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides,
+    )
+    from clip_assets.evaluation import macro_f1
+    from clip_assets.layout import DataLayout
+    from clip_assets.settings import Settings
+
+    settings = Settings.from_env()
+    try:
+        data = load_labelled_scores(DataLayout(settings.data_dir), read_labels_file(args.labels))
+        report = calibrate(data, args.target_precision, args.heldout_fraction)
+    except LabelsFileError as exc:
+        print(f"clip-assets calibrate: {exc}", file=sys.stderr)
+        return 1
+    if data.unmatched_labels:
+        print(f"note: {len(data.unmatched_labels)} labelled images have no classifications and were left out, "
+              f"e.g. {data.unmatched_labels[0]}")
+    if data.unknown_categories:
+        print(f"note: labels name categories no prompt file defines: {', '.join(data.unknown_categories)}")
+    print(f"current thresholds on all {len(data.image_ids)} labelled images: macro F1 {macro_f1(evaluate_current(data)):.3f}")
+    print(report.table())
+    if args.write:
+        print(f"wrote {write_overrides(report, settings.prompts_dir)}: prompt_centroids and image_classifications "
+              "re-materialize with these thresholds (the automation sensor sees the prompt version change)")
+    else:
+        print("\n" + report.overrides_toml())
+        print("(re-run with --write to save this as calibrated_thresholds.toml in the prompts folder)")
     return 0
 
 
