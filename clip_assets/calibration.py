@@ -197,6 +197,8 @@ class ThresholdChoice:
 
 def sweep(score: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every distinct score taken as threshold (descending): threshold, precision, recall."""
+    if len(score) == 0:
+        return np.empty(0), np.empty(0), np.empty(0)
     order = np.argsort(-score, kind="stable")
     s, t = score[order], truth[order]
     tp = np.cumsum(t)
@@ -369,3 +371,18 @@ def write_overrides(report: CalibrationReport, prompts_dir: Path) -> Path:
     tmp.write_text(report.overrides_toml(), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def precision_recall_plot(data: LabelledScores, report: CalibrationReport | None = None) -> bytes:
+    """PNG: per category the precision-recall curve on every labelled image, with the current
+    threshold's point (red) and, given a report, the calibrated one's (green)."""
+    from clip_assets.plots import precision_recall_png
+
+    settings = [("now", (210, 30, 30), data.thresholds, data.neutral_margins)]
+    if report is not None:
+        settings.append(("calibrated", (30, 150, 60), report.new_thresholds, report.new_margins))
+    marks: dict[str, list] = {}
+    for label, colour, thresholds, margins in settings:
+        for s in category_scores(predictions(data, thresholds, margins), data.truth, data.categories):
+            marks.setdefault(s.category, []).append((s.recall, s.precision, colour, label))
+    return precision_recall_png(precision_recall_curves(data), marks)
