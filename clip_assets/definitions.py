@@ -6,12 +6,17 @@ import dagster as dg
 
 from clip_assets.defs.assets import image_classifications, image_embeddings, image_manifest, prompt_centroids, prompt_files
 from clip_assets.defs.automation import automation_sensor, observe_prompt_files_job
-from clip_assets.defs.evaluation_assets import LabelledSample, image_evaluation, threshold_calibration
+from clip_assets.defs.evaluation_assets import (
+    LabelledSample,
+    classification_gallery,
+    image_evaluation,
+    threshold_calibration,
+)
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.settings import Settings
 
 ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, image_classifications]
-EVALUATION_ASSETS = [image_evaluation, threshold_calibration]
+EVALUATION_ASSETS = [image_evaluation, threshold_calibration, classification_gallery]
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:

@@ -1,10 +1,8 @@
-"""Evaluation and calibration against a labelled sample (CLIP_ASSETS_LABELS), as assets.
+"""Evaluation and calibration against a labelled sample (CLIP_ASSETS_LABELS), and the gallery, as assets.
 
 The bodies call `clip_assets.calibration` and turn its results into metadata a person can read: a
 table per category, the macro F1, and a precision-recall plot.
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from clip_assets import calibration
 from clip_assets.defs.assets import OWNER, _markdown_table
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.evaluation import macro_f1
+from clip_assets.gallery import write_gallery
 from clip_assets.layout import write_text_atomically
 from clip_assets.plots import png_markdown
 
@@ -100,5 +99,27 @@ def threshold_calibration(collection: ImageCollection, labelled_sample: Labelled
                 "or run `clip-assets calibrate --labels ... --write`."
             ),
             "overrides": dg.MetadataValue.md(f"```toml\n{report.overrides_toml()}```"),
+        }
+    )
+
+
+@dg.asset(
+    deps=["image_classifications"],
+    group_name="evaluation",
+    kinds={"html"},
+    owners=[OWNER],
+    code_version="1",
+)
+def classification_gallery(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
+    """A static HTML page per run: per category, thumbnails of the best matched images and of the
+    near misses just under the threshold, with their scores."""
+    out_dir = collection.layout.data_dir / "gallery" / context.run.run_id
+    page = write_gallery(collection.layout, Path(collection.image_root), out_dir,
+                         title=f"clip-assets gallery, run {context.run.run_id[:8]}")
+    return dg.MaterializeResult(
+        metadata={
+            "page": dg.MetadataValue.path(str(page)),
+            "open": dg.MetadataValue.md(f"Open `file://{page}` in a browser."),
+            "thumbnails": len(list((out_dir / "thumbs").glob("*.jpg"))),
         }
     )
