@@ -12,6 +12,9 @@ subprocess, so each figure's peak memory (ru_maxrss) is its own:
   parquet files themselves, running top-k (the fallback for a read-only data directory);
 - naive: read every file into one (N, D) matrix, then one matrix-vector product and a top-k.
 
+CPU seconds (user + system, all threads) are printed beside the wall-clock figure: on a shared,
+busy machine they say more about the cost of a query than the wall clock does.
+
 Each way but the first query runs a few times after one warm-up (the files are then in the page
 cache, as they are on a search server) and reports the median. Peak memory is the child process's
 ru_maxrss, which includes about 100 MiB of Python, numpy and pyarrow.
@@ -126,15 +129,17 @@ def one_way(way: str, data_dir: Path, k: int, repeats: int) -> dict:
     fn, warm_up, runs = WAYS[way]
     if warm_up:
         fn(query, files, k)
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(runs or repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn(query, files, k)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     return {
         "way": way,
         "median_s": statistics.median(times),
         "times_s": times,
+        "median_cpu_s": statistics.median(cpu),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "top": result,
     }
@@ -162,7 +167,7 @@ def main() -> None:
             print(f"wrote {args.rows:,} unit embeddings of dimension {args.dim} in {args.files} parquet files "
                   f"({sum(p.stat().st_size for p in (data_dir / 'embeddings').glob('*.parquet')) / 2**30:.2f} GiB) "
                   f"in {time.perf_counter() - t:.0f} s")
-        print(f"CPU cores: {os.cpu_count()}; one query, k={args.k}, median of {args.repeats} after a warm-up (one run where shown)")
+        print(f"CPU cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; one query, k={args.k}, median of {args.repeats} after a warm-up (one run where shown)")
         results = {}
         for way in WAYS:
             done = subprocess.run(
@@ -174,7 +179,7 @@ def main() -> None:
                 print(f"{way}: failed (exit {done.returncode}; killed for memory?)\n{done.stderr[-2000:]}")
                 continue
             results[way] = r = json.loads(done.stdout.splitlines()[-1])
-            print(f"{way:<23} {r['median_s']:7.3f} s per query   peak memory {r['peak_rss_mib']:,.0f} MiB   "
+            print(f"{way:<23} {r['median_s']:7.3f} s per query ({r['median_cpu_s']:.3f} CPU s)   peak memory {r['peak_rss_mib']:,.0f} MiB   "
                   f"(runs: {', '.join(f'{x:.3f}' for x in r['times_s'])})")
         if results.get("naive"):
             same = all(r["top"] == results["naive"]["top"] for r in results.values())
