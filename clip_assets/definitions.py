@@ -6,15 +6,22 @@ import dagster as dg
 
 from clip_assets.defs.assets import image_classifications, image_embeddings, image_manifest, prompt_centroids, prompt_files
 from clip_assets.defs.automation import automation_sensor, observe_prompt_files_job
+from clip_assets.defs.evaluation_assets import (
+    LabelledSample,
+    classification_gallery,
+    image_evaluation,
+    threshold_calibration,
+)
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.settings import Settings
 
 ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, image_classifications]
+EVALUATION_ASSETS = [image_evaluation, threshold_calibration, classification_gallery]
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
-        assets=ASSETS,
+        assets=ASSETS + EVALUATION_ASSETS,
         sensors=[automation_sensor],
         jobs=[observe_prompt_files_job],
         resources={
@@ -31,6 +38,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 batch_size=settings.batch_size,
                 num_workers=settings.num_workers,
                 file_timeout_s=settings.file_timeout_s,
+            ),
+            "labelled_sample": LabelledSample(
+                labels_path=str(settings.labels_path) if settings.labels_path else None
             ),
         },
     )

@@ -46,3 +46,44 @@ def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], fl
 
 def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def precision_recall_png(
+    curves: dict[str, tuple[list[float], list[float]]],
+    marks: dict[str, list[tuple[float, float, tuple[int, int, int], str]]] | None = None,
+) -> bytes:
+    """One panel per category: precision (y) against recall (x) over every threshold.
+
+    `marks` adds labelled points per category, e.g. the current and the calibrated threshold's
+    (recall, precision, colour, label).
+    """
+    names = list(curves)
+    rows = max(1, -(-len(names) // COLUMNS))
+    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, name in enumerate(names):
+        recall, precision = curves[name]
+        x0, y0 = (i % COLUMNS) * PANEL_W, (i // COLUMNS) * PANEL_H
+        left, right, top, bottom = x0 + 34, x0 + PANEL_W - 10, y0 + 20, y0 + PANEL_H - 20
+
+        def at(r: float, p: float) -> tuple[float, float]:
+            return left + r * (right - left), bottom - p * (bottom - top)
+
+        draw.text((x0 + 10, y0 + 4), f"{name}: precision vs recall", fill="black", font=font)
+        draw.rectangle([left, top, right, bottom], outline="gray")
+        draw.text((x0 + 4, top - 4), "1.0", fill="gray", font=font)
+        draw.text((x0 + 4, bottom - 8), "0.0", fill="gray", font=font)
+        draw.text((right - 40, bottom + 4), "recall 1", fill="gray", font=font)
+        points = [at(r, p) for r, p in zip(recall, precision)]
+        if len(points) > 1:
+            draw.line(points, fill=(70, 110, 190), width=2)
+        elif points:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=(70, 110, 190))
+        for j, (r, p, colour, label) in enumerate((marks or {}).get(name, [])):
+            x, y = at(r, p)
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            draw.text((left + 4 + 70 * j, bottom + 4), label, fill=colour, font=font)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -23,6 +23,7 @@ are refused. A broken file is refused with `PromptFileError`, which names the fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import tomllib
@@ -34,6 +35,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROMPT_GLOB = "*.toml"
+# Thresholds written by `clip-assets calibrate`: merged over the prompt files, not a prompt set itself.
+OVERRIDES_FILE = "calibrated_thresholds.toml"
 MULTI_LABEL = "multi_label"
 SINGLE_LABEL = "single_label"
 
@@ -137,13 +140,43 @@ class Category:
 
 
 def prompt_files(prompts_dir: Path) -> list[Path]:
-    return sorted(prompts_dir.glob(PROMPT_GLOB))
+    return sorted(p for p in prompts_dir.glob(PROMPT_GLOB) if p.name != OVERRIDES_FILE)
+
+
+class CategoryOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = None
+    neutral_margin: float | None = None
+
+
+class ThresholdOverrides(BaseModel):
+    """The calibrated_thresholds.toml file: per category, a threshold and neutral margin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: dict[str, CategoryOverride] = Field(default_factory=dict)
+
+
+def read_overrides(prompts_dir: Path) -> dict[str, CategoryOverride]:
+    path = prompts_dir / OVERRIDES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return ThresholdOverrides.model_validate(raw).categories
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptFileError(path, None, f"not valid TOML ({exc})") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PromptFileError(path, _field_path(first["loc"]), first["msg"]) from exc
 
 
 def prompt_version(prompts_dir: Path) -> str:
-    """Hash of every prompt file's name and bytes: changes whenever a prompt file does."""
+    """Hash of every prompt file's (and the overrides file's) name and bytes: changes whenever one does."""
     h = hashlib.sha256()
-    for path in prompt_files(prompts_dir):
+    overrides = [prompts_dir / OVERRIDES_FILE] if (prompts_dir / OVERRIDES_FILE).is_file() else []
+    for path in prompt_files(prompts_dir) + overrides:
         h.update(path.name.encode())
         h.update(b"\0")
         h.update(path.read_bytes())
@@ -181,7 +214,10 @@ def parse_prompt_file(path: Path) -> PromptSetFile:
 
 
 def load_categories(prompts_dir: Path) -> list[Category]:
-    """Every category of every prompt file, validated; a name used twice is an error."""
+    """Every category of every prompt file, validated; a name used twice is an error.
+
+    Thresholds in calibrated_thresholds.toml, when present, replace the prompt files' own.
+    """
     files = prompt_files(prompts_dir)
     if not files:
         raise PromptFileError(prompts_dir, None, f"no prompt files ({PROMPT_GLOB}) found")
@@ -207,5 +243,20 @@ def load_categories(prompts_dir: Path) -> list[Category]:
                     mode=parsed.mode,
                     top_k=parsed.top_k,
                 )
+            )
+    overrides = read_overrides(prompts_dir)
+    unknown = sorted(set(overrides) - set(seen))
+    if unknown:
+        raise PromptFileError(
+            prompts_dir / OVERRIDES_FILE, f"categories.{unknown[0]}",
+            "no prompt file defines this category; re-run `clip-assets calibrate` or delete the entry",
+        )
+    for i, cat in enumerate(categories):
+        o = overrides.get(cat.name)
+        if o is not None:
+            categories[i] = dataclasses.replace(
+                cat,
+                threshold=cat.threshold if o.threshold is None else o.threshold,
+                neutral_margin=cat.neutral_margin if o.neutral_margin is None else o.neutral_margin,
             )
     return categories

@@ -34,6 +34,9 @@ class Settings(BaseModel):
     max_failure_share: float = Field(
         default=0.05, ge=0, le=1, description="Share of unreadable images above which the batch check warns."
     )
+    labels_path: Path | None = Field(
+        default=None, description="Labelled sample (CSV or parquet) for evaluation and calibration."
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -49,4 +52,5 @@ class Settings(BaseModel):
             num_workers=int(env.get("CLIP_ASSETS_NUM_WORKERS", "-1")),
             file_timeout_s=float(env.get("CLIP_ASSETS_FILE_TIMEOUT_S", "60")),
             max_failure_share=float(env.get("CLIP_ASSETS_MAX_FAILURE_SHARE", "0.05")),
+            labels_path=Path(env["CLIP_ASSETS_LABELS"]) if env.get("CLIP_ASSETS_LABELS") else None,
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from clip_assets.calibration import CalibrationReport, calibrate, load_labelled_scores, read_labels_file
 from clip_assets.defs.execution import materialize_everything
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
@@ -73,6 +74,15 @@ def category_summary(layout: DataLayout) -> list[tuple]:
         ).fetchall()
 
 
+def show_calibration(layout: DataLayout, labels: Path, log=print) -> CalibrationReport:
+    """Calibrate on half the labelled images, score before/after on the other half (not written)."""
+    report = calibrate(load_labelled_scores(layout, read_labels_file(labels)))
+    log("\ncalibration (`clip-assets calibrate --labels ...`): thresholds tuned on one half of the images,")
+    log("scored on the other half, which no threshold was tuned on:")
+    log(report.table())
+    return report
+
+
 def run_demo(demo_dir: Path = DEMO_DIR, log=print) -> float:
     """Generate, train, materialize, report; returns the macro F1 of matched labels."""
     started = time.monotonic()
@@ -106,6 +116,7 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print) -> float:
         log(f"{s.category:<10} {s.precision:>9.3f} {s.recall:>7.3f} {s.f1:>6.3f}")
     f1 = macro_f1(scores)
     log(f"\nmacro F1 of matched labels against the ground truth ({len(truth)} images): {f1:.3f}")
+    show_calibration(layout, images / LABELS_FILE, log)
     log(f"DuckDB file: {layout.duckdb_path}")
     log(f"To browse in the UI: set -a; . {demo_dir / 'demo.env'}; set +a; DAGSTER_HOME=$PWD uv run dagster dev")
     log(f"demo finished in {time.monotonic() - started:.0f} s")

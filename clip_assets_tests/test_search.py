@@ -1,0 +1,166 @@
+"""Search over real embeddings of the generated collection, made by the real tiny model."""
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_assets import steps
+from clip_assets.cli import main
+from clip_assets.embedding import embeddings_matrix, embeddings_schema
+from clip_assets.layout import DataLayout
+from clip_assets.search import (
+    NothingToSearchError,
+    SearchModelMismatchError,
+    search,
+    top_k_streaming,
+)
+
+BATCHES = ["batch-001", "batch-002"]
+
+
+@pytest.fixture
+def indexed(settings, clip):
+    """Both batches listed, embedded, and classified against the repo's prompt files."""
+    layout = DataLayout(settings.data_dir)
+    steps.write_centroids(clip, settings.prompts_dir, layout)
+    for batch in BATCHES:
+        steps.write_manifest(settings.image_root, layout, batch)
+        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
+        steps.write_classifications(layout, batch)
+    return layout
+
+
+def stored(layout):
+    """Every stored (image_id, batch, embedding), and the manifest paths."""
+    ids, batches, mats, paths = [], [], [], {}
+    for batch in BATCHES:
+        table = pq.read_table(layout.embeddings_path(batch))
+        ids += table["image_id"].to_pylist()
+        batches += [batch] * table.num_rows
+        mats.append(embeddings_matrix(table))
+        manifest = pq.read_table(layout.manifest_path(batch))
+        paths.update(zip(manifest["image_id"].to_pylist(), manifest["path"].to_pylist()))
+    return ids, batches, np.concatenate(mats), paths
+
+
+def test_text_search_is_exact_best_first_with_paths(settings, clip, indexed):
+    hits = search(settings, text="a red circle", k=5, clip=clip)
+    ids, batches, matrix, paths = stored(indexed)
+    expected = matrix @ clip.encode_texts(["a red circle"]).numpy()[0]
+    order = np.argsort(-expected)[:5]
+    assert [h.image_id for h in hits] == [ids[i] for i in order]
+    np.testing.assert_allclose([h.score for h in hits], expected[order], rtol=1e-5)
+    assert all(h.path == paths[h.image_id] and h.path.startswith(h.batch + "/") for h in hits)
+    assert [h.batch for h in hits] == [batches[i] for i in order]
+
+
+def test_image_search_finds_the_query_image_first(settings, clip, indexed):
+    _, _, _, paths = stored(indexed)
+    some_path = sorted(paths.values())[3]
+    hits = search(settings, image=settings.image_root / some_path, k=3, clip=clip)
+    assert hits[0].path == some_path
+    assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_batch_and_category_filters(settings, clip, indexed):
+    only_two = search(settings, text="a shape", k=50, batches=["batch-002"], clip=clip)
+    assert len(only_two) == 10 and {h.batch for h in only_two} == {"batch-002"}
+
+    with duckdb.connect(str(indexed.duckdb_path), read_only=True) as con:
+        category, = con.execute(
+            "SELECT category FROM image_classifications WHERE matched GROUP BY category "
+            "ORDER BY count(*) BETWEEN 1 AND 19 DESC, count(*) DESC LIMIT 1"
+        ).fetchone()
+        matched = {r[0] for r in con.execute(
+            "SELECT image_id FROM image_classifications WHERE matched AND category = ?", [category]
+        ).fetchall()}
+    hits = search(settings, text="a shape", k=50, category=category, clip=clip)
+    assert {h.image_id for h in hits} == matched
+    with pytest.raises(NothingToSearchError, match="known categories"):
+        search(settings, text="a shape", category="no-such-category", clip=clip)
+
+
+def test_refuses_embeddings_of_another_model(settings, indexed, other_checkpoint):
+    # The identity check runs before the model is loaded: nothing is encoded with the wrong model.
+    other = settings.model_copy(update={"pretrained": str(other_checkpoint)})
+    with pytest.raises(SearchModelMismatchError, match="tiny-seed0"):
+        search(other, text="a red circle")
+
+
+def write_random_embeddings(path, ids, vectors, model="m"):
+    pq.write_table(
+        pa.table({"image_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                  "model": [model] * len(ids), "size": [None] * len(ids), "mtime": [None] * len(ids),
+                  "fingerprint": [None] * len(ids)}, schema=embeddings_schema(vectors.shape[1])),
+        path,
+    )
+
+
+@pytest.mark.parametrize("use_index", [True, False], ids=["search index", "parquet"])
+def test_streaming_top_k_equals_a_full_load(tmp_path, use_index):
+    rng = np.random.default_rng(0)
+    dim, files, all_ids, mats = 16, [], [], []
+    for b in range(3):
+        n = 1000 + 137 * b
+        vectors = rng.standard_normal((n, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = [f"b{b}-{i}" for i in range(n)]
+        path = tmp_path / "embeddings" / f"b{b}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        write_random_embeddings(path, ids, vectors)
+        files.append(path)
+        all_ids += ids
+        mats.append(vectors)
+    query = rng.standard_normal(dim).astype(np.float32)
+    scores = np.concatenate(mats) @ query
+    best = np.argsort(-scores)[:25]
+    got = top_k_streaming(query, files, 25, record_batch_rows=97, use_index=use_index)
+    assert (tmp_path / "search_index" / "b0.f32").is_file() == use_index
+    assert [g[1] for g in got] == [all_ids[i] for i in best]
+    assert [g[2] for g in got] == [all_ids[i].split("-")[0] for i in best]
+    allowed = set(all_ids[::7])
+    got = top_k_streaming(query, files, 5, allowed_ids=allowed, record_batch_rows=200, use_index=use_index)
+    expected = [all_ids[i] for i in np.argsort(-scores) if all_ids[i] in allowed][:5]
+    assert [g[1] for g in got] == expected
+
+
+def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
+    path = tmp_path / "embeddings" / "batch.parquet"
+    path.parent.mkdir()
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_random_embeddings(path, [f"old-{i}" for i in range(50)], vectors)
+    query = vectors[7]
+    assert top_k_streaming(query, [path], 1)[0][1] == "old-7"
+    # The batch is re-embedded: other images, fewer of them. The stale index must not answer.
+    write_random_embeddings(path, [f"new-{i}" for i in range(30)], vectors[20:])
+    assert top_k_streaming(vectors[25], [path], 1)[0][1] == "new-5"
+    assert (tmp_path / "search_index" / "batch.f32").stat().st_size == 30 * 8 * 4
+
+
+def test_cli_prints_json_lines_and_a_table(settings, indexed, monkeypatch, capsys):
+    for name, value in {
+        "CLIP_ASSETS_IMAGE_ROOT": settings.image_root, "CLIP_ASSETS_DATA_DIR": settings.data_dir,
+        "CLIP_ASSETS_PROMPTS_DIR": settings.prompts_dir, "CLIP_ASSETS_MODEL": settings.model,
+        "CLIP_ASSETS_PRETRAINED": settings.pretrained, "CLIP_ASSETS_DEVICE": "cpu",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    assert main(["search", "a blue square", "-k", "4", "--json", "--batch", "batch-001"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and all(set(x) == {"image_id", "path", "batch", "score"} for x in lines)
+    assert [x["score"] for x in lines] == sorted((x["score"] for x in lines), reverse=True)
+    assert {x["batch"] for x in lines} == {"batch-001"}
+
+    assert main(["search", "a blue square", "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["rank", "score", "batch"] and len(table) == 3
+
+    monkeypatch.setenv("CLIP_ASSETS_DATA_DIR", str(settings.data_dir.parent / "empty"))
+    assert main(["search", "a blue square"]) == 1
+    assert "materialize image_embeddings" in capsys.readouterr().err
