@@ -6,6 +6,9 @@ import dagster as dg
 
 from clip_assets.defs.assets import image_classifications, image_embeddings, image_manifest, prompt_centroids, prompt_files
 from clip_assets.defs.automation import automation_sensor, observe_prompt_files_job
+from clip_assets.defs.jobs import classify_image_batch_job, prompt_centroids_job
+from clip_assets.defs.schedules import build_rescan_schedule
+from clip_assets.defs.sensors import image_batch_discovery
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.settings import Settings
 
@@ -15,8 +18,9 @@ ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, imag
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
-        sensors=[automation_sensor],
-        jobs=[observe_prompt_files_job],
+        sensors=[automation_sensor, image_batch_discovery],
+        schedules=[build_rescan_schedule(settings.rescan_cron)],
+        jobs=[observe_prompt_files_job, classify_image_batch_job, prompt_centroids_job],
         resources={
             "collection": ImageCollection(
                 image_root=str(settings.image_root),

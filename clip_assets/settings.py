@@ -30,6 +30,7 @@ class Settings(BaseModel):
     device: str | None = Field(default=None, description="torch device override (cuda, mps, cpu).")
     batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
     num_workers: int = Field(default=-1, description="Decode workers; -1 picks from the core count.")
+    rescan_cron: str = Field(default="0 * * * *", description="When the re-scan schedule looks for changed batches.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -43,4 +44,5 @@ class Settings(BaseModel):
             device=env.get("CLIP_ASSETS_DEVICE") or None,
             batch_size=int(env.get("CLIP_ASSETS_BATCH_SIZE", "64")),
             num_workers=int(env.get("CLIP_ASSETS_NUM_WORKERS", "-1")),
+            rescan_cron=env.get("CLIP_ASSETS_RESCAN_CRON", "0 * * * *"),
         )

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets import checks, steps
+from clip_assets.batch_discovery import manifest_fingerprint
 from clip_assets.plots import png_markdown, score_histograms_png
 from clip_assets.warehouse import score_histograms
 from clip_assets.defs.partitions import image_batches
@@ -73,8 +74,11 @@ def prompt_files(collection: ImageCollection):
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Every file of an image batch: stable image_id, path, size, mtime, format, width, height, status, error."""
     summary = steps.write_manifest(Path(collection.image_root), collection.layout, context.partition_key)
+    fingerprint = manifest_fingerprint(summary.path)  # of (path, size, mtime): what the re-scan compares
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(fingerprint),
         metadata={
+            "files_fingerprint": fingerprint,
             "dagster/row_count": summary.files,
             "usable_images": summary.usable,
             "unusable_files": summary.unusable,
