@@ -112,3 +112,24 @@ def changed_batches(image_root: Path, layout: DataLayout, batches: Iterable[str]
         if files_fingerprint(image_root, batch) != manifest_fingerprint(layout.manifest_path(batch)):
             out.append(batch)
     return out
+
+
+def contiguous_ranges(order: list[str], wanted: Iterable[str], max_per_run: int) -> list[tuple[str, str]]:
+    """(first, last) partition ranges covering `wanted`, each at most `max_per_run` long.
+
+    `order` is the partitions' order in the instance (the order they were added): a run over a range
+    of dynamic partitions covers every key between its ends, so a range never spans a key that is
+    not wanted.
+    """
+    wanted = set(wanted)
+    ranges, run = [], []
+    for key in order:
+        if key in wanted and len(run) < max_per_run:
+            run.append(key)
+            continue
+        if run:
+            ranges.append((run[0], run[-1]))
+        run = [key] if key in wanted else []
+    if run:
+        ranges.append((run[0], run[-1]))
+    return ranges

@@ -15,8 +15,15 @@ from clip_assets.settings import Settings
 ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, image_classifications]
 
 
-def build_definitions(settings: Settings) -> dg.Definitions:
+# Steps run in subprocesses forked from a server that imported torch and this code once per run,
+# rather than each step importing them again (Dagster's default is `spawn`).
+FORKSERVER_EXECUTOR = dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}})
+
+
+def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """`executor`: None runs steps in forked subprocesses; definitions_k8s passes the k8s one."""
     return dg.Definitions(
+        executor=executor or FORKSERVER_EXECUTOR,
         assets=ASSETS,
         sensors=[automation_sensor, image_batch_discovery],
         schedules=[build_rescan_schedule(settings.rescan_cron)],

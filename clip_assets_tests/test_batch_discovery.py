@@ -58,3 +58,12 @@ def test_changed_batches_sees_added_rewritten_and_removed_files_only(tmp_path):
     assert changed_batches(root, layout, batches + ["gone"]) == batches
     steps.write_manifest(root, layout, "batch-002")
     assert changed_batches(root, layout, batches) == ["batch-001", "batch-003"]
+
+
+def test_contiguous_ranges_never_span_a_batch_that_was_not_asked_for():
+    from clip_assets.batch_discovery import contiguous_ranges
+
+    order = ["a", "b", "c", "d", "e", "f", "g"]
+    assert contiguous_ranges(order, ["a", "b", "c", "d", "e", "f", "g"], 3) == [("a", "c"), ("d", "f"), ("g", "g")]
+    assert contiguous_ranges(order, ["b", "c", "e", "g"], 8) == [("b", "c"), ("e", "e"), ("g", "g")]
+    assert contiguous_ranges(order, [], 8) == []

@@ -89,8 +89,8 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     assert [r.job_name for r in first.run_requests] == ["prompt_centroids_from_prompt_files"]
     assert materializations(instance, dg.AssetKey("prompt_centroids")) == 1
 
-    second = tick(defs, instance, first.cursor)  # centroids exist: the pending batches run
-    assert sorted(r.partition_key for r in second.run_requests) == ["batch-001", "batch-002", "batch-003"]
+    second = tick(defs, instance, first.cursor)  # centroids exist: the pending batches run, as one range
+    assert [r.partition_key_range for r in second.run_requests] == [dg.PartitionKeyRange("batch-001", "batch-003")]
     # 4 images per batch; the last batch's two extra files are not images and are skipped
     assert classified(ops_settings) == [(f"batch-00{i}", 4 * n_cats, 4 * n_cats) for i in (1, 2, 3)]
 
@@ -101,7 +101,7 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     shutil.move(ops_settings.image_root / "later" / "batch-001", ops_settings.image_root / "batch-004")
     shutil.rmtree(ops_settings.image_root / "later")
     fourth = tick(defs, instance, third.cursor)
-    assert [r.partition_key for r in fourth.run_requests] == ["batch-004"]
+    assert [r.partition_key_range for r in fourth.run_requests] == [dg.PartitionKeyRange("batch-004", "batch-004")]
     assert [b for b, *_ in classified(ops_settings)] == ["batch-001", "batch-002", "batch-003", "batch-004"]
     assert materializations(instance, dg.AssetKey("prompt_centroids")) == 1
 
@@ -147,3 +147,14 @@ def test_rescan_cron_comes_from_the_environment(ops_settings):
     assert Settings.from_env(env).rescan_cron == "*/15 * * * *"
     defs = build_definitions(ops_settings.model_copy(update={"rescan_cron": "*/15 * * * *"}))
     assert defs.resolve_schedule_def(RESCAN_SCHEDULE).cron_schedule == "*/15 * * * *"
+
+
+def test_every_asset_shows_description_group_kinds_owner_and_code_version(ops_settings):
+    graph = build_definitions(ops_settings).resolve_asset_graph()
+    keys = graph.get_all_asset_keys()
+    assert len(keys) == 5
+    for key in keys:
+        node = graph.get(key)
+        shown = {"description": node.description, "group": node.group_name, "kinds": node.kinds,
+                 "owners": node.owners, "code_version": node.code_version}
+        assert all(shown.values()), (key, shown)

@@ -8,6 +8,7 @@ from clip_assets import checks, steps
 from clip_assets.batch_discovery import manifest_fingerprint
 from clip_assets.plots import png_markdown, score_histograms_png
 from clip_assets.warehouse import score_histograms
+from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.prompts import prompt_files as list_prompt_files
@@ -69,6 +70,7 @@ def _reasons_table(reasons: dict[str, str]) -> dg.MarkdownMetadataValue:
             group_name="prompts",
             kinds={"toml"},
             owners=[OWNER],
+            code_version="1",
             automation_condition=dg.AutomationCondition.cron_tick_passed(PROMPT_OBSERVE_CRON),
         )
     ],
@@ -120,7 +122,7 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
     kinds={"pytorch", "parquet"},
     owners=[OWNER],
     code_version="1",
-    op_tags={"clip_assets/gpu": "true"},
+    op_tags={"clip_assets/gpu": "true", "dagster-k8s/config": GPU_STEP_K8S_CONFIG},
     pool=GPU_POOL,
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
     check_specs=[
