@@ -53,7 +53,9 @@ class DagsterDev:
         self.root = root
         self.home = root / "dagster_home"
         self.home.mkdir()
-        shutil.copy(REPO_ROOT / "dagster.yaml", self.home / "dagster.yaml")  # the shipped instance config
+        # The shipped instance config, its storage folder made absolute so this test can open it too.
+        shipped = (REPO_ROOT / "dagster.yaml").read_text()
+        (self.home / "dagster.yaml").write_text(shipped.replace(".dagster_home", str(self.home / ".dagster_home")))
         self.images, self.data, self.prompts = root / "images", root / "data", root / "prompts"
         write_collection(self.images, batches=len(BATCHES), per_batch=PER_BATCH, seed=21)
         shutil.copytree(REPO_ROOT / "prompts", self.prompts)
