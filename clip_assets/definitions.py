@@ -12,6 +12,9 @@ from clip_assets.defs.evaluation_assets import (
     image_evaluation,
     threshold_calibration,
 )
+from clip_assets.defs.jobs import classify_image_batch_job, prompt_centroids_job
+from clip_assets.defs.schedules import build_rescan_schedule
+from clip_assets.defs.sensors import image_batch_discovery
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.settings import Settings
 
@@ -19,11 +22,19 @@ ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, imag
 EVALUATION_ASSETS = [image_evaluation, threshold_calibration, classification_gallery]
 
 
-def build_definitions(settings: Settings) -> dg.Definitions:
+# Steps run in subprocesses forked from a server that imported torch and this code once per run,
+# rather than each step importing them again (Dagster's default is `spawn`).
+FORKSERVER_EXECUTOR = dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}})
+
+
+def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """`executor`: None runs steps in forked subprocesses; definitions_k8s passes the k8s one."""
     return dg.Definitions(
+        executor=executor or FORKSERVER_EXECUTOR,
         assets=ASSETS + EVALUATION_ASSETS,
-        sensors=[automation_sensor],
-        jobs=[observe_prompt_files_job],
+        sensors=[automation_sensor, image_batch_discovery],
+        schedules=[build_rescan_schedule(settings.rescan_cron)],
+        jobs=[observe_prompt_files_job, classify_image_batch_job, prompt_centroids_job],
         resources={
             "collection": ImageCollection(
                 image_root=str(settings.image_root),

@@ -37,6 +37,7 @@ class Settings(BaseModel):
     labels_path: Path | None = Field(
         default=None, description="Labelled sample (CSV or parquet) for evaluation and calibration."
     )
+    rescan_cron: str = Field(default="0 * * * *", description="When the re-scan schedule looks for changed batches.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -53,4 +54,5 @@ class Settings(BaseModel):
             file_timeout_s=float(env.get("CLIP_ASSETS_FILE_TIMEOUT_S", "60")),
             max_failure_share=float(env.get("CLIP_ASSETS_MAX_FAILURE_SHARE", "0.05")),
             labels_path=Path(env["CLIP_ASSETS_LABELS"]) if env.get("CLIP_ASSETS_LABELS") else None,
+            rescan_cron=env.get("CLIP_ASSETS_RESCAN_CRON", "0 * * * *"),
         )

@@ -166,7 +166,11 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
 
 def read_centroids(path: Path) -> CentroidSet:
     """The stored centroids as matrices, in the prompt files' category order."""
-    with connect(path) as con:
+    if not path.exists():
+        raise CentroidsMissingError(
+            f"No DuckDB file at {path}: materialize prompt_centroids before image_classifications."
+        )
+    with connect(path, read_only=True) as con:  # a reader: never takes the write lock
         cats = con.execute(
             "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
             "logit_scale FROM prompt_categories ORDER BY position"

@@ -5,14 +5,22 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets import checks, steps
+from clip_assets.batch_discovery import manifest_fingerprint
 from clip_assets.plots import png_markdown, score_histograms_png
 from clip_assets.warehouse import score_histograms
+from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.prompts import prompt_files as list_prompt_files
 from clip_assets.prompts import prompt_version
 
 OWNER = "team:clip-assets"
+# Backfills: batches per run for the manifest and the embeddings (the model loads once per run);
+# classifications of any number of batches run as one run.
+BATCHES_PER_RUN = 8
+# Concurrency pools (limits in dagster.yaml): DuckDB has one writer; the GPU takes one encoder.
+DUCKDB_WRITER_POOL = "duckdb_writer"
+GPU_POOL = "gpu"
 # How often the automation sensor looks at the prompt files for edits.
 PROMPT_OBSERVE_CRON = "* * * * *"
 
@@ -24,6 +32,18 @@ def _check_result(name: str, outcome: checks.CheckOutcome, warn: bool = False) -
         severity=dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR,
         description=outcome.description,
         metadata=outcome.metadata,
+    )
+
+
+def _combined(outcomes: dict[str, checks.CheckOutcome]) -> checks.CheckOutcome:
+    """One outcome for the batches of a run: passed when every batch passed."""
+    if len(outcomes) == 1:
+        return next(iter(outcomes.values()))
+    failed = {b: o for b, o in outcomes.items() if not o.passed}
+    return checks.CheckOutcome(
+        passed=not failed,
+        description="; ".join(f"{b}: {o.description}" for b, o in (failed or outcomes).items())[:2000],
+        metadata={"batches": len(outcomes), "failed_batches": sorted(failed)},
     )
 
 
@@ -50,6 +70,7 @@ def _reasons_table(reasons: dict[str, str]) -> dg.MarkdownMetadataValue:
             group_name="prompts",
             kinds={"toml"},
             owners=[OWNER],
+            code_version="1",
             automation_condition=dg.AutomationCondition.cron_tick_passed(PROMPT_OBSERVE_CRON),
         )
     ],
@@ -69,17 +90,27 @@ def prompt_files(collection: ImageCollection):
     kinds={"parquet"},
     owners=[OWNER],
     code_version="1",
+    backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
 )
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Every file of an image batch: stable image_id, path, size, mtime, format, width, height, status, error."""
-    summary = steps.write_manifest(Path(collection.image_root), collection.layout, context.partition_key)
+    summaries = {b: steps.write_manifest(Path(collection.image_root), collection.layout, b)
+                 for b in context.partition_keys}
+    # of (path, size, mtime): what the re-scan schedule compares the files on disk with
+    fingerprints = {b: manifest_fingerprint(s.path) for b, s in summaries.items()}
+    single = len(summaries) == 1
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(next(iter(fingerprints.values()))) if single else None,
         metadata={
-            "dagster/row_count": summary.files,
-            "usable_images": summary.usable,
-            "unusable_files": summary.unusable,
-            "unusable_examples": _reasons_table(summary.errors),
-            "path": dg.MetadataValue.path(str(summary.path)),
+            "files_fingerprint": next(iter(fingerprints.values())) if single else _markdown_table(
+                [{"batch": b, "fingerprint": f} for b, f in fingerprints.items()]),
+            "dagster/row_count": sum(s.files for s in summaries.values()),
+            "usable_images": sum(s.usable for s in summaries.values()),
+            "unusable_files": sum(s.unusable for s in summaries.values()),
+            "unusable_examples": _reasons_table(
+                dict(kv for s in summaries.values() for kv in s.errors.items())),
+            "path": dg.MetadataValue.path(str(next(iter(summaries.values())).path if single
+                                              else next(iter(summaries.values())).path.parent)),
         }
     )
 
@@ -91,7 +122,9 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
     kinds={"pytorch", "parquet"},
     owners=[OWNER],
     code_version="1",
-    op_tags={"clip_assets/gpu": "true"},
+    op_tags={"clip_assets/gpu": "true", "dagster-k8s/config": GPU_STEP_K8S_CONFIG},
+    pool=GPU_POOL,
+    backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
     check_specs=[
         dg.AssetCheckSpec("unit_norm_with_model_dimension", asset="image_embeddings",
                           description="Every embedding has the model's dimension, no NaN, and norm 1."),
@@ -107,44 +140,47 @@ def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
-    clip = clip_model.load()
-    batch, layout = context.partition_key, collection.layout
-    summary = steps.write_embeddings(
-        clip,
-        Path(collection.image_root),
-        layout,
-        batch,
-        batch_size=clip_model.batch_size,
-        num_workers=clip_model.num_workers,
-        timeout_s=clip_model.file_timeout_s,
-        report=context.log.info,
-    )
-    unusable = steps.unusable_in_manifest(layout, batch)
+    clip = clip_model.load()  # once per run, however many batches a backfill run covers
+    layout, batches = collection.layout, context.partition_keys
+    summaries = [
+        steps.write_embeddings(
+            clip,
+            Path(collection.image_root),
+            layout,
+            batch,
+            batch_size=clip_model.batch_size,
+            num_workers=clip_model.num_workers,
+            timeout_s=clip_model.file_timeout_s,
+            report=context.log.info,
+        )
+        for batch in batches
+    ]
+    unusable = {b: steps.unusable_in_manifest(layout, b) for b in batches}
     return dg.MaterializeResult(
         check_results=[
-            _check_result("unit_norm_with_model_dimension",
-                          checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim)),
-            _check_result(
-                "failure_share",
-                checks.failure_share_within_limit(summary.usable, summary.failed, unusable, collection.max_failure_share),
-                warn=True,
-            ),
-            _check_result("same_model_as_centroids", checks.embeddings_match_centroid_model(layout, batch)),
+            _check_result("unit_norm_with_model_dimension", _combined(
+                {b: checks.embeddings_are_unit_norm(layout, b, clip.embed_dim) for b in batches})),
+            _check_result("failure_share", _combined(
+                {b: checks.failure_share_within_limit(s.usable, s.failed, unusable[b], collection.max_failure_share)
+                 for b, s in zip(batches, summaries)}), warn=True),
+            _check_result("same_model_as_centroids", _combined(
+                {b: checks.embeddings_match_centroid_model(layout, b) for b in batches})),
         ],
         metadata={
-            "dagster/row_count": summary.rows,
-            "encoded": summary.encoded,
-            "carried_over": summary.carried_over,
-            "unchanged_content": summary.unchanged_content,
-            "resumed": summary.resumed,
-            "dropped": summary.dropped,
-            "failed_images": summary.failed,
-            "unusable_in_manifest": unusable,
-            "failure_examples": _reasons_table(summary.failures),
-            "model": summary.model,
-            "dimension": summary.dim,
+            "dagster/row_count": sum(s.rows for s in summaries),
+            "batches": len(batches),
+            "encoded": sum(s.encoded for s in summaries),
+            "carried_over": sum(s.carried_over for s in summaries),
+            "unchanged_content": sum(s.unchanged_content for s in summaries),
+            "resumed": sum(s.resumed for s in summaries),
+            "dropped": sum(s.dropped for s in summaries),
+            "failed_images": sum(s.failed for s in summaries),
+            "unusable_in_manifest": sum(unusable.values()),
+            "failure_examples": _reasons_table(dict(kv for s in summaries for kv in s.failures.items())),
+            "model": summaries[0].model,
+            "dimension": summaries[0].dim,
             "device": str(clip.device),
-            "path": dg.MetadataValue.path(str(summary.path)),
+            "path": dg.MetadataValue.path(str(summaries[0].path if len(summaries) == 1 else summaries[0].path.parent)),
         }
     )
 
@@ -156,6 +192,7 @@ def image_embeddings(
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    pool=DUCKDB_WRITER_POOL,
     check_specs=[
         dg.AssetCheckSpec("every_category_has_centroids", asset="prompt_centroids",
                           description="Each category has a centroid for each kind it has descriptions of."),
@@ -195,6 +232,8 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    pool=DUCKDB_WRITER_POOL,
+    backfill_policy=dg.BackfillPolicy.single_run(),
     check_specs=[
         dg.AssetCheckSpec("one_row_per_image_and_category", asset="image_classifications",
                           description="Exactly usable images x categories rows for the batch, none duplicated."),
@@ -202,23 +241,32 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
 )
 def image_classifications(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag."""
-    batch, layout = context.partition_key, collection.layout
-    summary = steps.write_classifications(layout, batch)
-    plot = score_histograms_png(score_histograms(layout.duckdb_path, batch))
+    layout, batches = collection.layout, context.partition_keys
+    summaries = [steps.write_classifications(layout, batch) for batch in batches]
+    images = sum(s.images for s in summaries)
+    matches = {k: sum(s.matches.get(k, 0) for s in summaries) for k in summaries[0].matches}
+    per_batch_views = {}
+    if len(batches) == 1:  # previews of one batch; a range run reports totals
+        plot = score_histograms_png(score_histograms(layout.duckdb_path, batches[0]))
+        per_batch_views = {
+            "top_images": _markdown_table(steps.top_images_table(layout, batches[0])),
+            "score_distribution": dg.MetadataValue.md(png_markdown(plot, "score distribution per category")),
+        }
     return dg.MaterializeResult(
         check_results=[
-            _check_result("one_row_per_image_and_category", checks.one_row_per_image_and_category(layout, batch)),
+            _check_result("one_row_per_image_and_category", _combined(
+                {b: checks.one_row_per_image_and_category(layout, b) for b in batches})),
         ],
         metadata={
-            "dagster/row_count": summary.rows,
-            "images": summary.images,
+            "dagster/row_count": sum(s.rows for s in summaries),
+            "batches": len(batches),
+            "images": images,
             "matches_per_category": _markdown_table(
-                [{"category": k, "images matched": v, "share": f"{v / max(1, summary.images):.1%}"}
-                 for k, v in summary.matches.items()]
+                [{"category": k, "images matched": v, "share": f"{v / max(1, images):.1%}"}
+                 for k, v in matches.items()]
             ),
-            "top_images": _markdown_table(steps.top_images_table(layout, batch)),
-            "score_distribution": dg.MetadataValue.md(png_markdown(plot, "score distribution per category")),
-            "model": summary.model,
-            "prompt_version": summary.prompt_version,
+            **per_batch_views,
+            "model": summaries[0].model,
+            "prompt_version": summaries[0].prompt_version,
         }
     )

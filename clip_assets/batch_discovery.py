@@ -1,0 +1,135 @@
+"""Finding new and changed image batches cheaply: what the discovery sensor and the re-scan schedule decide on.
+
+New batches: one `stat` of the image root tells whether any folder was added or removed since the
+last look (a directory's mtime changes when an entry is created, renamed or deleted in it); only then
+are the batch folders listed, and the names are compared with the ones already registered. Nothing
+is opened or hashed, so a root with thousands of batches costs a directory listing, not a re-scan.
+
+Changed batches: a batch's fingerprint is a hash of (relative path, size, mtime) of its files, the
+same three columns its manifest stores. The fingerprint of the files on disk now is compared with
+the fingerprint of the manifest last written: equal means nothing was added, removed or rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow.parquet as pq
+
+from clip_assets.layout import DataLayout
+from clip_assets.manifest import _files_under, list_batches
+
+
+@dataclass
+class DiscoveryCursor:
+    """What the discovery sensor remembers between ticks.
+
+    root_mtime_ns: the image root's mtime when it was last listed (None: never listed).
+    pending: batches registered but whose runs wait for something they need (the prompt centroids).
+    """
+
+    root_mtime_ns: int | None = None
+    pending: list[str] = field(default_factory=list)
+
+    def serialize(self) -> str:
+        return json.dumps({"root_mtime_ns": self.root_mtime_ns, "pending": self.pending})
+
+    @classmethod
+    def parse(cls, text: str | None) -> "DiscoveryCursor":
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(root_mtime_ns=data.get("root_mtime_ns"), pending=list(data.get("pending", [])))
+
+
+@dataclass
+class Discovery:
+    new: list[str]          # batch folders not registered before: add them as partitions
+    listed: bool            # False when the root had not changed and was not listed at all
+    cursor: DiscoveryCursor
+
+
+def discover_new_batches(
+    image_root: Path, known: Callable[[], Iterable[str]], cursor: DiscoveryCursor
+) -> Discovery:
+    """Batch folders under the root that are not in `known()`, listing the root only if it changed.
+
+    `known` is called only when the root changed: asking the instance for its partitions is skipped too.
+    """
+    root_mtime_ns = image_root.stat().st_mtime_ns
+    if cursor.root_mtime_ns == root_mtime_ns:
+        return Discovery(new=[], listed=False, cursor=cursor)
+    registered = set(known())
+    new = [b for b in list_batches(image_root) if b not in registered]
+    return Discovery(new=new, listed=True, cursor=DiscoveryCursor(root_mtime_ns, cursor.pending))
+
+
+def _fingerprint(rows: Iterable[tuple[str, int | None, float | None]]) -> str:
+    digest = hashlib.sha256()
+    for path, size, mtime in sorted(rows, key=lambda r: r[0]):
+        digest.update(f"{path}\0{size}\0{mtime!r}\n".encode("utf-8"))
+    return digest.hexdigest()[:24]
+
+
+def files_fingerprint(image_root: Path, batch: str) -> str:
+    """Fingerprint of a batch's files as they are on disk now: stat only, no file is opened."""
+    root = image_root.resolve()
+    rows = []
+    for path in _files_under(image_root / batch):
+        rel = path.relative_to(image_root).as_posix()
+        size = mtime = None
+        if not (path.is_symlink() and not path.resolve().is_relative_to(root)):
+            try:
+                st = path.stat()
+                size, mtime = st.st_size, st.st_mtime
+            except OSError:
+                pass
+        rows.append((rel, size, mtime))
+    return _fingerprint(rows)
+
+
+def manifest_fingerprint(manifest_path: Path) -> str | None:
+    """Fingerprint of the files a written manifest lists (None when there is no manifest)."""
+    if not manifest_path.exists():
+        return None
+    table = pq.read_table(manifest_path, columns=["path", "size", "mtime"])
+    return _fingerprint(zip(*(table[c].to_pylist() for c in ("path", "size", "mtime"))))
+
+
+def changed_batches(image_root: Path, layout: DataLayout, batches: Iterable[str]) -> list[str]:
+    """Registered batches whose files differ from their last manifest (or that have none yet).
+
+    Batches whose folder is gone are left out: there is nothing to re-scan.
+    """
+    out = []
+    for batch in batches:
+        if not (image_root / batch).is_dir():
+            continue
+        if files_fingerprint(image_root, batch) != manifest_fingerprint(layout.manifest_path(batch)):
+            out.append(batch)
+    return out
+
+
+def contiguous_ranges(order: list[str], wanted: Iterable[str], max_per_run: int) -> list[tuple[str, str]]:
+    """(first, last) partition ranges covering `wanted`, each at most `max_per_run` long.
+
+    `order` is the partitions' order in the instance (the order they were added): a run over a range
+    of dynamic partitions covers every key between its ends, so a range never spans a key that is
+    not wanted.
+    """
+    wanted = set(wanted)
+    ranges, run = [], []
+    for key in order:
+        if key in wanted and len(run) < max_per_run:
+            run.append(key)
+            continue
+        if run:
+            ranges.append((run[0], run[-1]))
+        run = [key] if key in wanted else []
+    if run:
+        ranges.append((run[0], run[-1]))
+    return ranges

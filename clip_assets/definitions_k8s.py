@@ -1,0 +1,28 @@
+"""The code location for Kubernetes: the same assets, each step run as its own Kubernetes job.
+
+Use with the instance config in deploy/dagster.k8s.yaml (Postgres storage, K8sRunLauncher) and
+`uv sync --extra k8s`. The embedding step's pod asks for a GPU through its `dagster-k8s/config` op
+tag (clip_assets.defs.k8s); DuckDB writers stay serialised by the `duckdb_writer` pool, which the
+instance enforces across pods.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster_k8s import k8s_job_executor
+
+from clip_assets.definitions import build_definitions
+from clip_assets.settings import Settings
+
+# Steps of one run at once across the cluster; pools still bound the DuckDB writer and the GPU step.
+STEP_EXECUTOR_CONFIG = {
+    "max_concurrent": int(os.environ.get("CLIP_ASSETS_K8S_MAX_CONCURRENT_STEPS", "8")),
+    # The step pods get the same settings as the run pod: the image root, data dir and model.
+    "env_config_maps": ["clip-assets-settings"],
+    "step_k8s_config": {
+        "container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}}},
+    },
+}
+
+defs = build_definitions(Settings.from_env(), executor=k8s_job_executor.configured(STEP_EXECUTOR_CONFIG))

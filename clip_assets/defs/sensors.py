@@ -1,0 +1,76 @@
+"""The batch-discovery sensor: new folders under the image root become partitions and get their runs.
+
+Running by default, so `dagster dev` (or the daemon) classifies a new batch folder with nobody
+clicking. Each tick costs one `stat` of the image root while nothing was added; see
+clip_assets.batch_discovery for the cursor.
+
+The runs need the prompt centroids first. On an instance where they were never built, the sensor
+registers the new batches, requests the centroids run once, and keeps the batches pending in its
+cursor; the tick after the centroids exist requests the batches' runs.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from clip_assets.batch_discovery import DiscoveryCursor, contiguous_ranges, discover_new_batches
+from clip_assets.defs.assets import BATCHES_PER_RUN
+from clip_assets.defs.jobs import (
+    CLASSIFY_BATCH_JOB,
+    PROMPT_CENTROIDS_JOB,
+    classify_image_batch_job,
+    prompt_centroids_job,
+)
+from clip_assets.defs.partitions import image_batches
+from clip_assets.defs.resources import ImageCollection
+
+BATCH_DISCOVERY_SENSOR = "image_batch_discovery"
+CENTROIDS = dg.AssetKey("prompt_centroids")
+
+
+def batch_run_requests(order: list[str], batches: list[str]) -> list[dg.RunRequest]:
+    """Runs of up to BATCHES_PER_RUN consecutive batches each, as a backfill groups them: one model load per run."""
+    return [
+        dg.RunRequest(
+            run_key=f"batches:{first}..{last}",
+            job_name=CLASSIFY_BATCH_JOB,
+            tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        )
+        for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
+    ]
+
+
+@dg.sensor(
+    name=BATCH_DISCOVERY_SENSOR,
+    jobs=[classify_image_batch_job, prompt_centroids_job],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Adds new batch folders under the image root to image_batches and classifies them.",
+)
+def image_batch_discovery(context: dg.SensorEvaluationContext, collection: ImageCollection):
+    image_root = Path(collection.image_root)
+    if not image_root.is_dir():
+        return dg.SkipReason(f"Image root {image_root} does not exist.")
+    cursor = DiscoveryCursor.parse(context.cursor)
+    found = discover_new_batches(
+        image_root, lambda: context.instance.get_dynamic_partitions(image_batches.name), cursor
+    )
+    pending = found.cursor.pending + found.new
+    if not pending:
+        return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason="No new batch folders.")
+    add = [image_batches.build_add_request(found.new)] if found.new else []
+    if context.instance.get_latest_materialization_event(CENTROIDS) is None:
+        # run_key: requested once; if it fails (a broken prompt file), the automation sensor builds
+        # the centroids when the prompts are fixed, and the batches leave `pending` then.
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key="initial-prompt-centroids", job_name=PROMPT_CENTROIDS_JOB)],
+            dynamic_partitions_requests=add,
+            cursor=DiscoveryCursor(found.cursor.root_mtime_ns, pending).serialize(),
+        )
+    order = list(context.instance.get_dynamic_partitions(image_batches.name)) + found.new
+    return dg.SensorResult(
+        run_requests=batch_run_requests(order, pending),
+        dynamic_partitions_requests=add,
+        cursor=DiscoveryCursor(found.cursor.root_mtime_ns, []).serialize(),
+    )

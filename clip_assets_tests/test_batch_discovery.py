@@ -1,0 +1,69 @@
+"""Batch discovery and change detection as plain functions: no Dagster, real folders."""
+
+import os
+import time
+
+import pytest
+
+from clip_assets import steps
+from clip_assets.batch_discovery import (
+    DiscoveryCursor,
+    changed_batches,
+    discover_new_batches,
+    files_fingerprint,
+    manifest_fingerprint,
+)
+from clip_assets.demo.shapes import write_collection
+from clip_assets.layout import DataLayout
+
+
+def test_new_folders_are_found_and_an_unchanged_root_is_not_listed(tmp_path):
+    root = tmp_path / "images"
+    for i in range(3000):
+        (root / f"b{i:05d}").mkdir(parents=True)
+    (root / ".incoming").mkdir()  # a batch still being copied: hidden until renamed
+    asked = []
+
+    def known():
+        asked.append(1)
+        return [f"b{i:05d}" for i in range(2990)]
+
+    started = time.perf_counter()
+    first = discover_new_batches(root, known, DiscoveryCursor())
+    assert first.listed and first.new == [f"b{i:05d}" for i in range(2990, 3000)]
+    assert time.perf_counter() - started < 2.0, "listing 3000 folders must stay cheap"
+
+    again = discover_new_batches(root, known, first.cursor)
+    assert not again.listed and again.new == [] and len(asked) == 1  # no listing, no partition query
+
+    (root / ".incoming").rename(root / "b99999")
+    third = discover_new_batches(root, known, DiscoveryCursor.parse(again.cursor.serialize()))
+    assert third.listed and "b99999" in third.new
+
+
+def test_changed_batches_sees_added_rewritten_and_removed_files_only(tmp_path):
+    root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
+    write_collection(root, batches=3, per_batch=3, seed=1)
+    batches = ["batch-001", "batch-002", "batch-003"]
+    assert changed_batches(root, layout, batches) == batches  # no manifest yet
+    for b in batches:
+        steps.write_manifest(root, layout, b)
+        assert manifest_fingerprint(layout.manifest_path(b)) == files_fingerprint(root, b)
+    assert changed_batches(root, layout, batches) == []
+
+    (root / "batch-001" / "new.png").write_bytes((root / "batch-002").glob("*.png").__next__().read_bytes())
+    rewritten = next((root / "batch-002").iterdir())
+    os.utime(rewritten, (time.time() + 5, time.time() + 5))
+    (root / "batch-003" / sorted(os.listdir(root / "batch-003"))[0]).unlink()
+    assert changed_batches(root, layout, batches + ["gone"]) == batches
+    steps.write_manifest(root, layout, "batch-002")
+    assert changed_batches(root, layout, batches) == ["batch-001", "batch-003"]
+
+
+def test_contiguous_ranges_never_span_a_batch_that_was_not_asked_for():
+    from clip_assets.batch_discovery import contiguous_ranges
+
+    order = ["a", "b", "c", "d", "e", "f", "g"]
+    assert contiguous_ranges(order, ["a", "b", "c", "d", "e", "f", "g"], 3) == [("a", "c"), ("d", "f"), ("g", "g")]
+    assert contiguous_ranges(order, ["b", "c", "e", "g"], 8) == [("b", "c"), ("e", "e"), ("g", "g")]
+    assert contiguous_ranges(order, [], 8) == []

@@ -1,0 +1,297 @@
+"""`dagster dev` as people run it: webserver and daemon on loopback, a temp instance, the repo's dagster.yaml.
+
+Nothing is clicked for the first test: the discovery sensor (running by default) must find the
+batches, build the centroids and classify every batch through the queued run coordinator, with runs
+executing their steps in subprocesses (the multiprocess executor, Dagster's default). The second
+launches a backfill of every batch through the webserver's GraphQL API, as the UI does, and checks
+that the backfill policies group the batches and that no row is duplicated or lost. The third
+(marked `browser`) materializes all four assets of one batch through the API and screenshots the
+asset graph with headless Chromium.
+
+Slow by nature (every run starts Python processes that import torch): about two minutes on two
+cores. `pytest -m "not dagster_dev"` leaves them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from clip_assets.demo.shapes import write_collection
+from clip_assets.layout import DataLayout
+from clip_assets.prompts import load_categories
+from clip_assets.settings import REPO_ROOT
+from clip_assets.warehouse import connect
+
+pytestmark = pytest.mark.dagster_dev
+
+CHROMIUM = Path("/usr/bin/chromium")
+BATCHES = [f"batch-{i:03d}" for i in range(1, 9)]
+PER_BATCH = 3
+BATCH_ASSETS = ["image_manifest", "image_embeddings", "image_classifications"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DagsterDev:
+    def __init__(self, root: Path, checkpoint: Path):
+        self.root = root
+        self.home = root / "dagster_home"
+        self.home.mkdir()
+        # The shipped instance config, its storage folder made absolute so this test can open it too.
+        shipped = (REPO_ROOT / "dagster.yaml").read_text()
+        (self.home / "dagster.yaml").write_text(shipped.replace(".dagster_home", str(self.home / ".dagster_home")))
+        self.images, self.data, self.prompts = root / "images", root / "data", root / "prompts"
+        write_collection(self.images, batches=len(BATCHES), per_batch=PER_BATCH, seed=21)
+        shutil.copytree(REPO_ROOT / "prompts", self.prompts)
+        self.layout = DataLayout(self.data)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "CLIP_ASSETS_IMAGE_ROOT": str(self.images),
+            "CLIP_ASSETS_DATA_DIR": str(self.data),
+            "CLIP_ASSETS_PROMPTS_DIR": str(self.prompts),
+            "CLIP_ASSETS_MODEL": "clip-assets-tiny",
+            "CLIP_ASSETS_PRETRAINED": str(checkpoint),
+            "CLIP_ASSETS_DEVICE": "cpu",
+            "CLIP_ASSETS_BATCH_SIZE": "8",
+            "CLIP_ASSETS_NUM_WORKERS": "0",
+        }
+        self.log = (root / "dagster_dev.log").open("w")
+        self.started = time.monotonic()
+        # cwd = the instance folder: dagster.yaml's relative storage paths land in the temp dir
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-m", "clip_assets.definitions",
+             "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=self.home, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.wait(lambda: self.get("/server_info"), 180, "the webserver to answer")
+
+    def get(self, path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.read()
+        except OSError:
+            return None
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(self.url + "/graphql", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    def wait(self, ready, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"dagster dev exited while waiting for {what}: {self.tail()}")
+            value = ready()
+            if value:
+                return value
+            time.sleep(2)
+        pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.root / "dagster_dev.log").read_text()[-4000:]
+
+    def rows(self, sql: str):
+        if not self.layout.duckdb_path.exists():
+            return []
+        with connect(self.layout.duckdb_path, read_only=True) as con:  # waits while a writer holds the lock
+            return con.execute(sql).fetchall()
+
+    def instance(self):
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory, checkpoint):
+    server = DagsterDev(tmp_path_factory.mktemp("dagster_dev"), checkpoint)
+    yield server
+    server.stop()
+
+
+def per_batch(dev) -> list[tuple]:
+    return dev.rows(
+        "SELECT batch, count(*), count(DISTINCT (image_id, category)) FROM image_classifications "
+        "GROUP BY batch ORDER BY batch"
+    )
+
+
+def expected_rows(dev) -> list[tuple]:
+    n = PER_BATCH * len(load_categories(dev.prompts))
+    return [(b, n, n) for b in BATCHES]
+
+
+def runs_by_status(instance, tags: dict | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for run in instance.get_runs(filters=dg.RunsFilter(tags=tags or {})):
+        out[run.status.value] = out.get(run.status.value, 0) + 1
+    return out
+
+
+def settled(instance) -> bool:
+    counts = runs_by_status(instance)
+    return not {"QUEUED", "NOT_STARTED", "STARTING", "STARTED"} & set(counts)
+
+
+def test_daemon_alone_classifies_every_new_batch(dev):
+    """Nobody clicks: the sensor registers 8 batches, the centroids are built, every batch is classified."""
+    dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs to classify every batch")
+    instance = dev.instance()
+    dev.wait(lambda: settled(instance), 120, "the queue to drain")
+    assert sorted(instance.get_dynamic_partitions("image_batches")) == BATCHES
+    statuses = runs_by_status(instance)
+    assert set(statuses) == {"SUCCESS"}, (statuses, dev.tail())
+    print(f"\ndiscovery: {statuses['SUCCESS']} runs, {len(BATCHES)} batches classified in "
+          f"{time.monotonic() - dev.started:.0f}s from `dagster dev` start")
+
+
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on InvalidSubsetError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
+
+BACKFILL_STATUS = """
+query($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def launch_backfill(dev, params: dict) -> str:
+    answer = dev.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+    assert answer["__typename"] == "LaunchBackfillSuccess", answer
+    return answer["backfillId"]
+
+
+def wait_for_backfill(dev, backfill_id: str, timeout_s: float) -> str:
+    def done():
+        status = dev.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
+        return status if status not in ("REQUESTED", "CANCELING", "FAILING") else None
+
+    return dev.wait(done, timeout_s, f"backfill {backfill_id}")
+
+
+def materializations(instance, key: str) -> dict[str, int]:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=10000).records
+    out: dict[str, int] = {}
+    for r in records:
+        out[r.partition_key] = out.get(r.partition_key, 0) + 1
+    return out
+
+
+def test_backfill_of_every_batch_through_the_graphql_api(dev):
+    """What the UI's partition picker launches: one backfill of all batches, grouped by the backfill policies."""
+    dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
+    instance = dev.instance()
+    dev.wait(lambda: settled(instance), 120, "the queue to drain")
+    before = {k: materializations(instance, k) for k in BATCH_ASSETS}
+
+    started = time.monotonic()
+    backfill_id = launch_backfill(dev, {
+        "partitionNames": BATCHES,
+        "assetSelection": [{"path": [k]} for k in BATCH_ASSETS],
+        "title": "all batches",
+    })
+    assert wait_for_backfill(dev, backfill_id, 600) == "COMPLETED_SUCCESS", dev.tail()
+    duration = time.monotonic() - started
+
+    statuses = runs_by_status(instance, {"dagster/backfill": backfill_id})
+    assert set(statuses) == {"SUCCESS"}, statuses
+    runs = statuses["SUCCESS"]
+    # multi_run(8) for manifests and embeddings: the 8 batches share one run (one model load);
+    # single_run for classifications: one more run. Without the policies this would be 8 runs or more.
+    assert runs <= 3, statuses
+    for key in BATCH_ASSETS:
+        after = materializations(instance, key)
+        assert {b: after.get(b, 0) - before[key].get(b, 0) for b in BATCHES} == dict.fromkeys(BATCHES, 1), key
+    assert per_batch(dev) == expected_rows(dev)  # nothing duplicated, nothing lost
+    total = dev.rows("SELECT count(*), count(DISTINCT (batch, image_id, category)) FROM image_classifications")[0]
+    assert total[0] == total[1] == sum(n for _, n, _ in expected_rows(dev))
+    print(f"\nbackfill {backfill_id}: {runs} runs, {len(BATCHES)} batches, {total[0]} classification rows, "
+          f"{duration:.0f}s")
+
+
+def distinct_colours(png: Path) -> int:
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [])
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_ui_materializes_a_batch_and_shows_the_asset_graph(dev, tmp_path_factory):
+    dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
+    instance = dev.instance()
+    dev.wait(lambda: settled(instance), 120, "the queue to drain")
+    before = {k: materializations(instance, k).get("batch-003", 0) for k in BATCH_ASSETS}
+    centroids_before = len(instance.fetch_materializations(dg.AssetKey("prompt_centroids"), limit=1000).records)
+
+    backfill_id = launch_backfill(dev, {
+        "partitionsByAssets": [
+            {"assetKey": {"path": ["prompt_centroids"]}},
+            *({"assetKey": {"path": [k]}, "partitions": {"range": {"start": "batch-003", "end": "batch-003"}}}
+              for k in BATCH_ASSETS),
+        ],
+        "title": "one batch, all four assets",
+    })
+    assert wait_for_backfill(dev, backfill_id, 600) == "COMPLETED_SUCCESS", dev.tail()
+    for key in BATCH_ASSETS:
+        assert materializations(instance, key).get("batch-003", 0) == before[key] + 1
+    assert len(instance.fetch_materializations(dg.AssetKey("prompt_centroids"), limit=1000).records) == centroids_before + 1
+    assert per_batch(dev) == expected_rows(dev)
+
+    shots = tmp_path_factory.mktemp("screenshots")
+    png = shots / "asset_graph.png"
+    done = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={shots / 'profile'}", "--virtual-time-budget=20000", "--window-size=1600,1000",
+         f"--screenshot={png}", f"{dev.url}/asset-groups"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert png.exists(), done.stderr[-3000:]
+    colours = distinct_colours(png)
+    print(f"\nscreenshot of the asset graph: {png} ({colours} distinct colours)")
+    assert colours > 50, f"the screenshot looks blank: {colours} colours"
