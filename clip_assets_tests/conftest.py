@@ -10,15 +10,19 @@ import shutil
 import warnings
 from pathlib import Path
 
+import dagster as dg
 import open_clip
 import pytest
 import torch
 
+from clip_assets import steps
 from clip_assets.clip_model import load_clip_model, register_model_configs
 from clip_assets.demo.shapes import write_collection
+from clip_assets.layout import DataLayout
 from clip_assets.settings import REPO_ROOT, Settings
 
 TINY = "clip-assets-tiny"
+BATCHES = ["batch-001", "batch-002"]
 
 warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
 
@@ -69,3 +73,24 @@ def settings(tmp_path, collection, checkpoint) -> Settings:
         batch_size=8,
         num_workers=0,
     )
+
+
+@pytest.fixture
+def instance(tmp_path):
+    """A real Dagster instance (sqlite storage) in a temp dir."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def classified(settings, clip) -> DataLayout:
+    """Both batches listed, embedded and classified against the repo's prompt files, without Dagster."""
+    layout = DataLayout(settings.data_dir)
+    steps.write_centroids(clip, settings.prompts_dir, layout)
+    for batch in BATCHES:
+        steps.write_manifest(settings.image_root, layout, batch)
+        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
+        steps.write_classifications(layout, batch)
+    return layout

@@ -3,7 +3,6 @@
 import os
 import time
 
-import pytest
 
 from clip_assets import steps
 from clip_assets.batch_discovery import (

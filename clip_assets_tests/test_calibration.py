@@ -1,7 +1,6 @@
 """Evaluation and calibration: the threshold search on known numbers, then the whole path on real
 classifications of the generated collection (tiny model, real DuckDB file, real prompt files)."""
 
-import csv
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,6 @@ from clip_assets.cli import main
 from clip_assets.demo.run import matched_labels
 from clip_assets.demo.shapes import LABELS_FILE, read_labels
 from clip_assets.evaluation import score_labels
-from clip_assets.layout import DataLayout
 from clip_assets.prompts import OVERRIDES_FILE, PromptFileError, load_categories, prompt_files, prompt_version
 from clip_assets.warehouse import read_centroids
 
@@ -75,17 +73,6 @@ def test_heldout_split_is_stable_and_covers_both_sides():
     first = [is_heldout(i) for i in ids]
     assert first == [is_heldout(i) for i in ids]
     assert 400 < sum(first) < 600
-
-
-@pytest.fixture
-def classified(settings, clip):
-    layout = DataLayout(settings.data_dir)
-    steps.write_centroids(clip, settings.prompts_dir, layout)
-    for batch in BATCHES:
-        steps.write_manifest(settings.image_root, layout, batch)
-        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
-        steps.write_classifications(layout, batch)
-    return layout
 
 
 def test_evaluation_matches_the_demo_scoring_and_calibration_scores_only_heldout(settings, classified, clip):

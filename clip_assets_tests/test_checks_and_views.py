@@ -87,13 +87,6 @@ def test_views_agree_with_the_rows(settings, done):
     assert counts == expected
 
 
-@pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
-        yield instance
-
-
 def latest_check(instance, key, name):
     return instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey(key), name)]

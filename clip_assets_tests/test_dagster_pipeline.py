@@ -29,14 +29,6 @@ PROMPT_FILES = dg.AssetKey("prompt_files")
 ALL_KEYS = [PROMPT_FILES, dg.AssetKey("image_manifest"), EMBEDDINGS, CENTROIDS, CLASSIFICATIONS]
 
 
-@pytest.fixture
-def instance(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
-        yield instance
-
-
 def rows(settings, sql):
     with duckdb.connect(str(DataLayout(settings.data_dir).duckdb_path), read_only=True) as con:
         return con.execute(sql).fetchall()

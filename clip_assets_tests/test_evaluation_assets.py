@@ -13,14 +13,6 @@ EVALUATION = dg.AssetKey("image_evaluation")
 CALIBRATION = dg.AssetKey("threshold_calibration")
 
 
-@pytest.fixture
-def instance(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
-        yield instance
-
-
 def latest_metadata(instance, key):
     record = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1).records[0]
     return record.asset_materialization.metadata

@@ -8,24 +8,11 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from clip_assets import steps
 from clip_assets.defs.execution import materialize, materialize_everything
 from clip_assets.definitions import build_definitions
 from clip_assets.gallery import THUMBNAIL_PX, gallery_rows, write_gallery
-from clip_assets.layout import DataLayout
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture
-def classified(settings, clip):
-    layout = DataLayout(settings.data_dir)
-    steps.write_centroids(clip, settings.prompts_dir, layout)
-    for batch in ["batch-001", "batch-002"]:
-        steps.write_manifest(settings.image_root, layout, batch)
-        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
-        steps.write_classifications(layout, batch)
-    return layout
 
 
 def test_gallery_shows_matches_and_near_misses_as_small_thumbnails(settings, classified, tmp_path):

@@ -23,14 +23,6 @@ BATCH_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "im
 
 
 @pytest.fixture
-def instance(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
-        yield instance
-
-
-@pytest.fixture
 def ops_settings(settings, tmp_path):
     """Three fresh batches of 4 images under an image root of this test's own."""
     root = tmp_path / "images"
@@ -67,7 +59,7 @@ def evaluate_schedule(schedule, defs, instance):
         return schedule.evaluate_tick(context)
 
 
-def classified(settings):
+def classification_counts(settings):
     with duckdb.connect(str(DataLayout(settings.data_dir).duckdb_path), read_only=True) as con:
         return con.execute(
             "SELECT batch, count(*), count(DISTINCT (image_id, category)) FROM image_classifications "
@@ -95,7 +87,7 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     second = tick(defs, instance, first.cursor)  # centroids exist: the pending batches run, as one range
     assert [r.partition_key_range for r in second.run_requests] == [dg.PartitionKeyRange("batch-001", "batch-003")]
     # 4 images per batch; the last batch's two extra files are not images and are skipped
-    assert classified(ops_settings) == [(f"batch-00{i}", 4 * n_cats, 4 * n_cats) for i in (1, 2, 3)]
+    assert classification_counts(ops_settings) == [(f"batch-00{i}", 4 * n_cats, 4 * n_cats) for i in (1, 2, 3)]
 
     third = tick(defs, instance, second.cursor)  # nothing new: no run, no listing
     assert not third.run_requests and third.cursor == second.cursor
@@ -105,7 +97,7 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     shutil.rmtree(ops_settings.image_root / "later")
     fourth = tick(defs, instance, third.cursor)
     assert [r.partition_key_range for r in fourth.run_requests] == [dg.PartitionKeyRange("batch-004", "batch-004")]
-    assert [b for b, *_ in classified(ops_settings)] == ["batch-001", "batch-002", "batch-003", "batch-004"]
+    assert [b for b, *_ in classification_counts(ops_settings)] == ["batch-001", "batch-002", "batch-003", "batch-004"]
     assert materializations(instance, dg.AssetKey("prompt_centroids")) == 1
 
     # The automation sensor does not redo what the discovery runs did (same-run updates are handled).
@@ -140,7 +132,7 @@ def test_rescan_schedule_reruns_only_the_batch_whose_files_changed(ops_settings,
         assert materializations(instance, key, "batch-001") == before[key]["batch-001"] + 1
         assert materializations(instance, key, "batch-002") == before[key]["batch-002"]
     n_cats = len(load_categories(ops_settings.prompts_dir))
-    assert classified(ops_settings)[0] == ("batch-001", 5 * n_cats, 5 * n_cats)
+    assert classification_counts(ops_settings)[0] == ("batch-001", 5 * n_cats, 5 * n_cats)
 
 
 def test_rescan_cron_comes_from_the_environment(ops_settings):

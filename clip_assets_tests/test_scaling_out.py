@@ -1,10 +1,7 @@
 """The Kubernetes and Postgres variant, loaded and validated without a cluster or a database."""
 
-from pathlib import Path
 
-import dagster as dg
 import pytest
-import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 

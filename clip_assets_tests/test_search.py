@@ -8,10 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_assets import steps
 from clip_assets.cli import main
 from clip_assets.embedding import embeddings_matrix, embeddings_schema
-from clip_assets.layout import DataLayout
 from clip_assets.search import (
     NothingToSearchError,
     SearchModelMismatchError,
@@ -20,18 +18,6 @@ from clip_assets.search import (
 )
 
 BATCHES = ["batch-001", "batch-002"]
-
-
-@pytest.fixture
-def indexed(settings, clip):
-    """Both batches listed, embedded, and classified against the repo's prompt files."""
-    layout = DataLayout(settings.data_dir)
-    steps.write_centroids(clip, settings.prompts_dir, layout)
-    for batch in BATCHES:
-        steps.write_manifest(settings.image_root, layout, batch)
-        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
-        steps.write_classifications(layout, batch)
-    return layout
 
 
 def stored(layout):
@@ -47,9 +33,9 @@ def stored(layout):
     return ids, batches, np.concatenate(mats), paths
 
 
-def test_text_search_is_exact_best_first_with_paths(settings, clip, indexed):
+def test_text_search_is_exact_best_first_with_paths(settings, clip, classified):
     hits = search(settings, text="a red circle", k=5, clip=clip)
-    ids, batches, matrix, paths = stored(indexed)
+    ids, batches, matrix, paths = stored(classified)
     expected = matrix @ clip.encode_texts(["a red circle"]).numpy()[0]
     order = np.argsort(-expected)[:5]
     assert [h.image_id for h in hits] == [ids[i] for i in order]
@@ -58,8 +44,8 @@ def test_text_search_is_exact_best_first_with_paths(settings, clip, indexed):
     assert [h.batch for h in hits] == [batches[i] for i in order]
 
 
-def test_image_search_finds_the_query_image_first(settings, clip, indexed):
-    _, _, _, paths = stored(indexed)
+def test_image_search_finds_the_query_image_first(settings, clip, classified):
+    _, _, _, paths = stored(classified)
     some_path = sorted(paths.values())[3]
     hits = search(settings, image=settings.image_root / some_path, k=3, clip=clip)
     assert hits[0].path == some_path
@@ -67,11 +53,11 @@ def test_image_search_finds_the_query_image_first(settings, clip, indexed):
     assert hits[0].score >= hits[1].score >= hits[2].score
 
 
-def test_batch_and_category_filters(settings, clip, indexed):
+def test_batch_and_category_filters(settings, clip, classified):
     only_two = search(settings, text="a shape", k=50, batches=["batch-002"], clip=clip)
     assert len(only_two) == 10 and {h.batch for h in only_two} == {"batch-002"}
 
-    with duckdb.connect(str(indexed.duckdb_path), read_only=True) as con:
+    with duckdb.connect(str(classified.duckdb_path), read_only=True) as con:
         category, = con.execute(
             "SELECT category FROM image_classifications WHERE matched GROUP BY category "
             "ORDER BY count(*) BETWEEN 1 AND 19 DESC, count(*) DESC LIMIT 1"
@@ -85,7 +71,7 @@ def test_batch_and_category_filters(settings, clip, indexed):
         search(settings, text="a shape", category="no-such-category", clip=clip)
 
 
-def test_refuses_embeddings_of_another_model(settings, indexed, other_checkpoint):
+def test_refuses_embeddings_of_another_model(settings, classified, other_checkpoint):
     # The identity check runs before the model is loaded: nothing is encoded with the wrong model.
     other = settings.model_copy(update={"pretrained": str(other_checkpoint)})
     with pytest.raises(SearchModelMismatchError, match="tiny-seed0"):
@@ -144,7 +130,7 @@ def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
     assert (tmp_path / "search_index" / "batch.f32").stat().st_size == 30 * 8 * 4
 
 
-def test_cli_prints_json_lines_and_a_table(settings, indexed, monkeypatch, capsys):
+def test_cli_prints_json_lines_and_a_table(settings, classified, monkeypatch, capsys):
     for name, value in {
         "CLIP_ASSETS_IMAGE_ROOT": settings.image_root, "CLIP_ASSETS_DATA_DIR": settings.data_dir,
         "CLIP_ASSETS_PROMPTS_DIR": settings.prompts_dir, "CLIP_ASSETS_MODEL": settings.model,
