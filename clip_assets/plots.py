@@ -14,16 +14,30 @@ from PIL import Image, ImageDraw, ImageFont
 PANEL_W, PANEL_H, COLUMNS = 260, 140, 3
 
 
+def _canvas(panels: int) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
+    """A white grid of `panels` panels, COLUMNS wide."""
+    rows = max(1, -(-panels // COLUMNS))
+    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
+    return img, ImageDraw.Draw(img), ImageFont.load_default()
+
+
+def _panel_origin(index: int) -> tuple[int, int]:
+    return (index % COLUMNS) * PANEL_W, (index // COLUMNS) * PANEL_H
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], float, str]]) -> bytes:
     """One panel per category: the distribution of its match score, the threshold as a red line."""
     names = list(histograms)
-    rows = max(1, -(-len(names) // COLUMNS))
-    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = _canvas(len(names))
     for i, name in enumerate(names):
         lo, hi, counts, threshold, mode = histograms[name]
-        x0, y0 = (i % COLUMNS) * PANEL_W, (i // COLUMNS) * PANEL_H
+        x0, y0 = _panel_origin(i)
         left, right, top, bottom = x0 + 10, x0 + PANEL_W - 10, y0 + 22, y0 + PANEL_H - 22
         label = "probability" if mode == "single_label" else "score"
         draw.text((left, y0 + 4), f"{name} ({label})", fill="black", font=font)
@@ -39,9 +53,7 @@ def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], fl
             tx = left + (threshold - lo) / (hi - lo) * (right - left)
             draw.line([tx, top, tx, bottom], fill=(210, 30, 30), width=2)
         draw.text((left + (right - left) // 2 - 30, bottom + 4), f"thr {threshold:.3f}", fill=(210, 30, 30), font=font)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(img)
 
 
 def png_markdown(png: bytes, alt: str) -> str:
@@ -58,13 +70,10 @@ def precision_recall_png(
     (recall, precision, colour, label).
     """
     names = list(curves)
-    rows = max(1, -(-len(names) // COLUMNS))
-    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = _canvas(len(names))
     for i, name in enumerate(names):
         recall, precision = curves[name]
-        x0, y0 = (i % COLUMNS) * PANEL_W, (i // COLUMNS) * PANEL_H
+        x0, y0 = _panel_origin(i)
         left, right, top, bottom = x0 + 34, x0 + PANEL_W - 10, y0 + 20, y0 + PANEL_H - 20
 
         def at(r: float, p: float) -> tuple[float, float]:
@@ -84,6 +93,4 @@ def precision_recall_png(
             x, y = at(r, p)
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
             draw.text((left + 4 + 70 * j, bottom + 4), label, fill=colour, font=font)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(img)
