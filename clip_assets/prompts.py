@@ -168,8 +168,7 @@ def read_overrides(prompts_dir: Path) -> dict[str, CategoryOverride]:
     except tomllib.TOMLDecodeError as exc:
         raise PromptFileError(path, None, f"not valid TOML ({exc})") from exc
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PromptFileError(path, _field_path(first["loc"]), first["msg"]) from exc
+        raise _refusal(path, exc) from exc
 
 
 def prompt_version(prompts_dir: Path) -> str:
@@ -192,6 +191,19 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _refusal(path: Path, exc: ValidationError) -> PromptFileError:
+    """The first problem of a validation error, with the file and the field it concerns."""
+    first = exc.errors()[0]
+    field, message = _field_path(first["loc"]), first["msg"]
+    # Whole-object validators name the field at the start of their message: "positive: ...".
+    named = re.match(r"^Value error, ([\w.]+): (.*)$", message, re.S)
+    if named:
+        field = f"{field}.{named[1]}" if field else named[1]
+        message = named[2]
+    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+    return PromptFileError(path, field, message + more)
+
+
 def parse_prompt_file(path: Path) -> PromptSetFile:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -202,15 +214,7 @@ def parse_prompt_file(path: Path) -> PromptSetFile:
     try:
         return PromptSetFile.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field, message = _field_path(first["loc"]), first["msg"]
-        # Whole-object validators name the field at the start of their message: "positive: ...".
-        named = re.match(r"^Value error, ([\w.]+): (.*)$", message, re.S)
-        if named:
-            field = f"{field}.{named[1]}" if field else named[1]
-            message = named[2]
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise PromptFileError(path, field, message + more) from exc
+        raise _refusal(path, exc) from exc
 
 
 def load_categories(prompts_dir: Path) -> list[Category]:
