@@ -1,26 +1,35 @@
 """Embedding throughput: the engine against a naive loop, the model alone and decoding alone.
 
-Generates photo-like JPEGs of mixed sizes (640x480 up to 4000x3000, smooth colour fields with
-noise, not flat colour), then measures in one run:
+Generates photo-like JPEGs (smooth colour fields with noise, not flat colour) for each corpus:
+`mixed` (640x480 up to 4000x3000) and `640x480`, then measures in one run, per model and corpus:
 
 - naive: one process, PIL open, the model's preprocess, batched encode;
-- model only: preprocessed tensors already in memory, batched encode;
-- decode only: the engine's workers decoding and preprocessing, no model;
-- engine: clip_assets.embedding.encode_images (workers, DCT-scaled decoding, overlap with the model);
+- model only: preprocessed tensors already on the device, batched encode (and with channels_last,
+  and torch.compile with --compile), the ceiling for the engine;
+- decode only, CPU workers: the Pillow path's workers decoding and preprocessing, no model;
+- decode only, tensor path: workers read the bytes, JPEGs batch-decoded and preprocessed on the
+  model's device (nvJPEG on CUDA), no model;
+- engine, each path: clip_assets.embedding.encode_images with decode="pillow" and decode="tensor",
+  and the path decode="auto" picks;
 
-and prints images/s and the ratios. Then peak RSS of a whole `write_embeddings` run (manifest,
-parquet, chunked writes) for a batch and a 10x larger one, each in its own process.
+and prints images/s, the ratios and the GPU's name. Then (CPU) peak RSS of a whole `write_embeddings`
+run for a batch and a 10x larger one, each in its own process. `--repeat` lists every file several
+times, so that runs on a fast GPU last long enough to time (the files come from the page cache).
 
 Weights are random (throughput does not depend on them), so nothing is downloaded.
 
     uv run python benchmarks/embed_throughput.py --model clip-assets-tiny --images 150
     uv run python benchmarks/embed_throughput.py --model ViT-B-32 --images 100
+    # on a GPU machine (see benchmarks/gpu_benchmark.sh for the device tool):
+    python benchmarks/embed_throughput.py --device cuda --models ViT-B-32 ViT-L-14 \\
+        --corpora 640x480 mixed --images 1000 --repeat 20 --rss-images 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -34,10 +43,27 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
-from clip_assets.clip_model import ClipModel, _input_size, pick_device, register_model_configs
-from clip_assets.embedding import EncodeJob, _collate, _ImageFiles, default_num_workers, draft_size, encode_images
+from clip_assets.clip_model import ClipModel, _input_size, batch_size_for, pick_device, register_model_configs, tuned_for_inference
+from clip_assets.embedding import (
+    EncodeJob,
+    _collate,
+    _ImageFiles,
+    default_num_workers,
+    draft_size,
+    embeddings_matrix,
+    encode_images,
+)
+from clip_assets.tensor_decode import (
+    JpegBytesOrPixels,
+    TensorDecoder,
+    collate_bytes_or_pixels,
+    decoded_batches,
+    decoder_for,
+)
 
 SIZES = [(640, 480), (1024, 768), (1600, 1200), (2048, 1536), (4000, 3000)]
+CORPORA = {"mixed": SIZES, "640x480": [(640, 480)]}
+NAIVE_IMAGES = 256  # the naive loop and the model-only pixels take at most this many distinct files
 
 
 def photo_like(w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -49,16 +75,26 @@ def photo_like(w: int, h: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(base + noise - 20, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH_MORE)
 
 
-def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+def _write_image(args: tuple[Path, tuple[int, int], int]) -> None:
+    path, size, seed = args
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        photo_like(*size, np.random.default_rng(seed)).save(tmp, "JPEG", quality=90)
+        os.replace(tmp, path)
+
+
+def make_images(folder: Path, n: int, seed: int = 0, sizes: list[tuple[int, int]] = SIZES) -> list[str]:
+    """n JPEGs cycling through `sizes` (made once, in parallel, and reused from the folder)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(n):
-        name = f"img-{i:05d}.jpg"
-        if not (folder / name).exists():
-            photo_like(*SIZES[i % len(SIZES)], rng).save(folder / name, quality=90)
-        names.append(name)
-    return names
+    todo = [(folder / f"img-{i:05d}.jpg", sizes[i % len(sizes)], seed * 1_000_003 + i) for i in range(n)]
+    missing = [t for t in todo if not t[0].exists()]
+    if len(missing) > 8:
+        with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
+            pool.map(_write_image, missing, chunksize=4)
+    else:
+        for t in missing:
+            _write_image(t)
+    return [t[0].name for t in todo]
 
 
 def random_clip(name: str, device: str | None) -> ClipModel:
@@ -72,7 +108,13 @@ def random_clip(name: str, device: str | None) -> ClipModel:
     return ClipModel(model, preprocess, tokenizer, f"{name}/random", dev, dim, 100.0, _input_size(model))
 
 
+def synchronize(clip: ClipModel) -> None:
+    if clip.device.type == "cuda":
+        torch.cuda.synchronize(clip.device)
+
+
 def naive(clip: ClipModel, folder: Path, names: list[str], batch_size: int) -> float:
+    names = names[:NAIVE_IMAGES]
     start = time.perf_counter()
     for b in range(0, len(names), batch_size):
         pixels = [clip.preprocess(Image.open(folder / n).convert("RGB")) for n in names[b : b + batch_size]]
@@ -80,34 +122,65 @@ def naive(clip: ClipModel, folder: Path, names: list[str], batch_size: int) -> f
     return len(names) / (time.perf_counter() - start)
 
 
-def model_only(clip: ClipModel, folder: Path, names: list[str], batch_size: int) -> float:
-    pixels = torch.stack([clip.preprocess(Image.open(folder / n).convert("RGB")) for n in names])
-    if clip.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    clip.encode_image_tensors(pixels[:batch_size])  # warm-up
+def model_only(clip: ClipModel, pixels: torch.Tensor, total: int, batch_size: int) -> float:
+    """Encode `total` images in batches cut from `pixels` (already on the device), after a warm-up."""
+    batch = pixels[:batch_size]
+    if len(batch) < batch_size:
+        batch = batch.repeat((batch_size + len(batch) - 1) // len(batch), 1, 1, 1)[:batch_size]
+    for _ in range(3):
+        clip.encode_image_tensors(batch)
+    synchronize(clip)
+    batches = max(1, total // batch_size)
     start = time.perf_counter()
-    for b in range(0, len(names), batch_size):
-        clip.encode_image_tensors(pixels[b : b + batch_size])
-    if clip.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(names) / (time.perf_counter() - start)
+    for _ in range(batches):
+        clip.encode_image_tensors(batch)
+    synchronize(clip)
+    return batches * batch_size / (time.perf_counter() - start)
 
 
-def decode_only(clip: ClipModel, folder: Path, names: list[str], batch_size: int, workers: int) -> float:
-    dataset = _ImageFiles(folder, names, [None] * len(names), clip.preprocess, draft_size(clip), 60.0)
+def decode_only_workers(clip: ClipModel, folder: Path, paths: list[str], batch_size: int, workers: int) -> float:
+    dataset = _ImageFiles(folder, paths, [None] * len(paths), clip.preprocess, draft_size(clip), 60.0)
     start = time.perf_counter()
-    for _ in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate):
+    for _ in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        multiprocessing_context="fork" if workers else None):
         pass
-    return len(names) / (time.perf_counter() - start)
+    return len(paths) / (time.perf_counter() - start)
 
 
-def engine(clip: ClipModel, folder: Path, names: list[str], batch_size: int, workers: int) -> float:
-    job = EncodeJob(names, names, [None] * len(names), [None] * len(names), [None] * len(names), {})
+def decode_only_tensor(clip: ClipModel, folder: Path, paths: list[str], batch_size: int, workers: int) -> float:
+    decoder = TensorDecoder(clip.device, clip.preprocess, draft_size(clip))
+    dataset = JpegBytesOrPixels(folder, paths, [None] * len(paths), clip.preprocess, draft_size(clip), 60.0)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_bytes_or_pixels,
+                        pin_memory=clip.device.type == "cuda", multiprocessing_context="fork" if workers else None)
+    start = time.perf_counter()
+    for _ in decoded_batches(loader, decoder, ahead=workers > 0):
+        pass
+    synchronize(clip)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def engine(clip: ClipModel, folder: Path, paths: list[str], batch_size: int, workers: int, decode: str) -> float:
+    job = EncodeJob(paths, paths, [None] * len(paths), [None] * len(paths), [None] * len(paths), {})
     start = time.perf_counter()
     result = encode_images(clip, folder, job, lambda table: None, batch_size=batch_size, num_workers=workers,
-                           report=lambda s: None)
-    assert result.encoded == len(names) and not result.failures, result.failures
-    return len(names) / (time.perf_counter() - start)
+                           report=lambda s: None, decode=decode)
+    assert result.encoded == len(paths) and not result.failures, result.failures
+    return len(paths) / (time.perf_counter() - start)
+
+
+def equivalence(clip: ClipModel, folder: Path, names: list[str], workers: int) -> tuple[float, float]:
+    """(lowest cosine between an image's tensor-path and Pillow-path embeddings, median between two images)."""
+    vectors = {}
+    for decode in ("pillow", "tensor"):
+        tables = []
+        job = EncodeJob(names, names, [None] * len(names), [None] * len(names), [None] * len(names), {})
+        encode_images(clip, folder, job, tables.append, batch_size=32, num_workers=workers, report=lambda s: None,
+                      decode=decode)
+        vectors[decode] = {i: v for t in tables for i, v in zip(t["image_id"].to_pylist(), embeddings_matrix(t))}
+    a = np.stack([vectors["pillow"][n] for n in names])
+    b = np.stack([vectors["tensor"][n] for n in names])
+    cross = (a @ a.T)[~np.eye(len(names), dtype=bool)]
+    return float((a * b).sum(1).min()), float(np.median(cross))
 
 
 PEAK_RSS_RUN = """
@@ -141,45 +214,87 @@ def peak_rss(model: str, root: Path, n: int, base: list[Path], work: Path) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def device_name(clip: ClipModel) -> str:
+    if clip.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(clip.device)} (torch {torch.__version__})"
+    return f"cpu, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (torch {torch.__version__})"
+
+
+def measure(args, name: str, corpus: str, workers: int) -> None:
+    folder = args.cache / f"jpegs-{corpus}"
+    t = time.perf_counter()
+    names = make_images(folder, args.images, sizes=CORPORA[corpus])
+    paths = names * args.repeat
+    clip = random_clip(name, args.device)
+    batch_size = batch_size_for(clip, args.batch_size)
+    print(f"\n== {name} on {corpus} JPEGs: {len(names)} files x {args.repeat} = {len(paths)} images "
+          f"(made in {time.perf_counter() - t:.1f} s); device {device_name(clip)}; batch {batch_size}, "
+          f"{workers} decode workers", flush=True)
+    pixels = torch.stack([clip.preprocess(Image.open(folder / n).convert("RGB")) for n in names[:NAIVE_IMAGES]])
+    pixels = pixels.to(clip.device)
+    rates = {
+        "naive (1 process: PIL open, preprocess, encode)": naive(clip, folder, names, batch_size),
+        "model only (tensors on the device)": model_only(clip, pixels, len(paths), batch_size),
+    }
+    tuned = tuned_for_inference(clip, channels_last=True)
+    rates["model only, channels_last"] = model_only(tuned, pixels, len(paths), batch_size)
+    clip.model.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        compiled = tuned_for_inference(random_clip(name, args.device), compile_model=True)
+        model_only(compiled, pixels, batch_size * 2, batch_size)  # compiles
+        rates["model only, torch.compile"] = model_only(compiled, pixels, len(paths), batch_size)
+    rates["decode only, CPU workers (Pillow path)"] = decode_only_workers(clip, folder, paths, batch_size, workers)
+    rates[f"decode only, tensor path on {clip.device.type}"] = decode_only_tensor(clip, folder, paths, batch_size,
+                                                                                 workers)
+    rates["engine, Pillow path"] = engine(clip, folder, paths, batch_size, workers, "pillow")
+    rates[f"engine, tensor path on {clip.device.type}"] = engine(clip, folder, paths, batch_size, workers, "tensor")
+    chosen = []
+    decoder_for("auto", clip, folder, paths, workers, chosen.append)
+    for label, rate in rates.items():
+        print(f"  {label:<52} {rate:9.1f} images/s", flush=True)
+    best_model = max(v for k, v in rates.items() if k.startswith("model only"))
+    best_engine = max(v for k, v in rates.items() if k.startswith("engine"))
+    print(f"  auto picks: {chosen[-1] if chosen else 'pillow'}")
+    print(f"  best engine / naive       = {best_engine / rates['naive (1 process: PIL open, preprocess, encode)']:.2f}x")
+    print(f"  best engine / model only  = {best_engine / best_model:.0%}")
+    same, cross = equivalence(clip, folder, names[:64], workers)
+    print(f"  tensor vs Pillow path, same {min(64, len(names))} files: embeddings agree to cosine >= {same:.5f} "
+          f"(two different images: median {cross:.4f})")
+    print(f"  tensor path / Pillow path = "
+          f"{rates[f'engine, tensor path on {clip.device.type}'] / rates['engine, Pillow path']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="clip-assets-tiny")
-    parser.add_argument("--images", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--models", nargs="*", default=None, help="several models (overrides --model)")
+    parser.add_argument("--corpora", nargs="*", default=["mixed"], choices=sorted(CORPORA))
+    parser.add_argument("--images", type=int, default=150, help="distinct files per corpus")
+    parser.add_argument("--repeat", type=int, default=1, help="list every file this many times")
+    parser.add_argument("--batch-size", type=int, default=32, help="0: from free GPU memory (64 on CPU)")
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--rss-images", type=int, default=200, help="small batch for the peak RSS figure (x10 too)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "clip-assets-bench")
     args = parser.parse_args()
     workers = default_num_workers() if args.workers < 0 else args.workers
-    folder = args.cache / "jpegs"
-    t = time.perf_counter()
-    names = make_images(folder, args.images)
-    print(f"{len(names)} JPEGs, sizes {SIZES[0]}..{SIZES[-1]}, ready in {time.perf_counter() - t:.1f} s")
-    clip = random_clip(args.model, args.device)
-    print(f"model {args.model} on {clip.device}, batch {args.batch_size}, {workers} decode workers, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-
-    rates = {
-        "naive (1 process: PIL open, preprocess, encode)": naive(clip, folder, names, args.batch_size),
-        "model only (tensors in memory)": model_only(clip, folder, names, args.batch_size),
-        "decode only (engine workers, no model)": decode_only(clip, folder, names, args.batch_size, workers),
-        "engine": engine(clip, folder, names, args.batch_size, workers),
-    }
-    for label, rate in rates.items():
-        print(f"  {label:<50} {rate:9.1f} images/s")
-    base = rates["naive (1 process: PIL open, preprocess, encode)"]
-    print(f"engine / naive       = {rates['engine'] / base:.2f}x")
-    print(f"engine / decode only = {rates['engine'] / rates['decode only (engine workers, no model)']:.0%}")
-    print(f"engine / model only  = {rates['engine'] / rates['model only (tensors in memory)']:.0%}")
+    models = args.models or [args.model]
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for name in models:
+        for corpus in args.corpora:
+            measure(args, name, corpus, workers)
 
     if args.rss_images:
+        folder = args.cache / f"jpegs-{args.corpora[0]}"
+        names = make_images(folder, args.images, sizes=CORPORA[args.corpora[0]])
         work = Path(tempfile.mkdtemp())
-        small = peak_rss(args.model, args.cache / "rss", args.rss_images, [folder / n for n in names], work)
-        large = peak_rss(args.model, args.cache / "rss", 10 * args.rss_images, [folder / n for n in names], work)
+        small = peak_rss(models[0], args.cache / "rss", args.rss_images, [folder / n for n in names], work)
+        large = peak_rss(models[0], args.cache / "rss", 10 * args.rss_images, [folder / n for n in names], work)
         for label, r in ((f"{args.rss_images} images", small), (f"{10 * args.rss_images} images", large)):
             print(f"peak RSS, write_embeddings of {label:>12}: main {r['self_mb']:7.0f} MB, "
                   f"largest worker {r['workers_mb']:6.0f} MB  ({r['rows']} rows)")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

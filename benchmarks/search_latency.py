@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Not clip_assets.embedding: it imports torch, whose ~700 MiB would swamp the memory figures.
+from clip_assets.layout import DataLayout
 from clip_assets.search import _matrix as embeddings_matrix
 
 MODEL = "benchmark/random"
@@ -65,7 +66,7 @@ def write_collection(data_dir: Path, rows: int, dim: int, files: int, seed: int 
     per_file = -(-rows // files)
     for f in range(files):
         n = min(per_file, rows - f * per_file)
-        path = data_dir / "embeddings" / f"batch-{f:03d}.parquet"
+        path = DataLayout(data_dir).embeddings_path(f"batch-{f:03d}")
         path.parent.mkdir(parents=True, exist_ok=True)
         schema = embeddings_schema(dim)
         with pq.ParquetWriter(path, schema) as writer:
@@ -123,7 +124,7 @@ WAYS = {
 
 def one_way(way: str, data_dir: Path, k: int, repeats: int) -> dict:
     """Runs in the child process: warm-up, then `repeats` timed queries."""
-    files = sorted((data_dir / "embeddings").glob("*.parquet"))
+    files = DataLayout(data_dir).embedding_files()
     dim = pq.ParquetFile(files[0]).schema_arrow.field("embedding").type.list_size
     query = np.random.default_rng(1).standard_normal(dim).astype(np.float32)
     query /= np.linalg.norm(query)
@@ -162,11 +163,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         data_dir = args.dir or Path(tmp)
-        if not sorted((data_dir / "embeddings").glob("*.parquet")):
+        if not DataLayout(data_dir).embedding_files():
             t = time.perf_counter()
             write_collection(data_dir, args.rows, args.dim, args.files)
             print(f"wrote {args.rows:,} unit embeddings of dimension {args.dim} in {args.files} parquet files "
-                  f"({sum(p.stat().st_size for p in (data_dir / 'embeddings').glob('*.parquet')) / 2**30:.2f} GiB) "
+                  f"({sum(p.stat().st_size for p in DataLayout(data_dir).embedding_files()) / 2**30:.2f} GiB) "
                   f"in {time.perf_counter() - t:.0f} s")
         print(f"CPU cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; one query, k={args.k}, median of {args.repeats} after a warm-up (one run where shown)")
         results = {}

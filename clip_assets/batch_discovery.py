@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import pyarrow.parquet as pq
 
 from clip_assets.layout import DataLayout
-from clip_assets.manifest import _files_under, list_batches
+from clip_assets.manifest import list_batches, list_files
 
 
 @dataclass
@@ -77,19 +77,7 @@ def _fingerprint(rows: Iterable[tuple[str, int | None, float | None]]) -> str:
 
 def files_fingerprint(image_root: Path, batch: str) -> str:
     """Fingerprint of a batch's files as they are on disk now: stat only, no file is opened."""
-    root = image_root.resolve()
-    rows = []
-    for path in _files_under(image_root / batch):
-        rel = path.relative_to(image_root).as_posix()
-        size = mtime = None
-        if not (path.is_symlink() and not path.resolve().is_relative_to(root)):
-            try:
-                st = path.stat()
-                size, mtime = st.st_size, st.st_mtime
-            except OSError:
-                pass
-        rows.append((rel, size, mtime))
-    return _fingerprint(rows)
+    return _fingerprint((f.relative_path, f.size, f.mtime) for f in list_files(image_root, batch))
 
 
 def manifest_fingerprint(manifest_path: Path) -> str | None:

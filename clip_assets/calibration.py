@@ -23,14 +23,15 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_assets.evaluation import CategoryScore, macro_f1
+from clip_assets.atomic_files import write_text_atomically
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import MULTI_LABEL, OVERRIDES_FILE
+from clip_assets.warehouse import connect
 
 NONE_LABEL = "none"
 DEFAULT_HELDOUT_FRACTION = 0.5
@@ -38,6 +39,10 @@ DEFAULT_HELDOUT_FRACTION = 0.5
 
 class LabelsFileError(ValueError):
     """A labels file that cannot be used; the message says what is wrong with it."""
+
+
+class NotClassifiedError(LookupError):
+    """Nothing to calibrate against yet: no DuckDB file with classifications."""
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,7 @@ def read_labels_file(path: Path) -> LabelRows:
     path = Path(path)
     if not path.is_file():
         raise LabelsFileError(f"No labels file at {path} (CLIP_ASSETS_LABELS / --labels).")
-    if path.suffix.lower() == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-    else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+    rows = _read_parquet_rows(path) if _is_parquet(path) else _read_csv_rows(path)
     if not rows:
         raise LabelsFileError(f"{path} has no rows.")
     columns = set(rows[0])
@@ -73,6 +74,32 @@ def read_labels_file(path: Path) -> LabelRows:
         names = {c.strip() for c in str(row[label_col] or "").split(";")} - {"", NONE_LABEL}
         labels[str(row[key])] = names
     return LabelRows(key=key, labels=labels)
+
+
+def _is_parquet(path: Path) -> bool:
+    """By name, or by content: parquet files begin with the magic bytes PAR1 whatever they are called."""
+    with open(path, "rb") as f:
+        return path.suffix.lower() == ".parquet" or f.read(4) == b"PAR1"
+
+
+def _read_parquet_rows(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise LabelsFileError(f"{path} is not a readable parquet file ({' '.join(str(exc).split())}).") from exc
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise LabelsFileError(
+            f"{path} is not a UTF-8 text (CSV) file: byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}. "
+            "Labels are a CSV file or a .parquet file."
+        ) from exc
+    except csv.Error as exc:  # e.g. NUL bytes: a binary file
+        raise LabelsFileError(f"{path} is not a CSV file ({exc}). Labels are a CSV file or a .parquet file.") from exc
 
 
 def is_heldout(image_id: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
@@ -101,9 +128,13 @@ class LabelledScores:
 
 def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScores:
     """Join the labels with the stored classifications (DuckDB) and the manifests (paths)."""
-    manifests = str(layout.data_dir / "manifest" / "*.parquet")
+    if not layout.duckdb_path.is_file():
+        raise NotClassifiedError(
+            f"No DuckDB file at {layout.duckdb_path}: materialize prompt_centroids and image_classifications "
+            "for the labelled images' batches first (CLIP_ASSETS_DATA_DIR says where to look)."
+        )
     keys = pa.table({"key": list(labels.labels)})
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         con.register("labelled", keys)
         cats = con.execute("SELECT category, mode, threshold, neutral_margin FROM prompt_categories ORDER BY position").fetchall()
         rows = con.execute(
@@ -115,10 +146,10 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             JOIN read_parquet(?) m USING (image_id)
             JOIN labelled l ON l.key = {'c.image_id' if labels.key == 'image_id' else 'm.path'}
             """,
-            [manifests],
+            [layout.manifests_glob],
         ).fetchall()
     if not cats:
-        raise LabelsFileError(f"No prompt categories in {layout.duckdb_path}: materialize prompt_centroids first.")
+        raise NotClassifiedError(f"No prompt categories in {layout.duckdb_path}: materialize prompt_centroids first.")
     categories = [c[0] for c in cats]
     col = {name: j for j, name in enumerate(categories)}
     keys_found = sorted({r[0] for r in rows})
@@ -314,6 +345,10 @@ def calibrate(
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> CalibrationReport:
     """Tune on one part of the labelled images, score before/after on the other."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be between 0 and 1, got {heldout_fraction}")
+    if target_precision is not None and not 0 < target_precision <= 1:
+        raise ValueError(f"target_precision must be above 0 and at most 1, got {target_precision}")
     heldout = np.array([is_heldout(i, heldout_fraction) for i in data.image_ids], dtype=bool)
     if heldout.all() or not heldout.any():
         raise LabelsFileError(
@@ -367,9 +402,7 @@ def precision_recall_curves(data: LabelledScores) -> dict[str, tuple[list[float]
 def write_overrides(report: CalibrationReport, prompts_dir: Path) -> Path:
     """Write the proposal where the prompt files pick it up (replacing an earlier calibration)."""
     path = Path(prompts_dir) / OVERRIDES_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(report.overrides_toml(), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(report.overrides_toml(), path)
     return path
 
 

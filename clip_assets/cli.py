@@ -1,37 +1,116 @@
-"""The `clip-assets` command."""
+"""The `clip-assets` command.
+
+A mistake of the user's (a bad option, a file that is not what it should be, data that is not there
+yet) is reported in one line on stderr with a non-zero exit, never as a traceback: option errors
+exit 2, and the project's own errors (every exception class defined in `clip_assets`, which carry
+messages written for the user) exit 1. Anything else is a bug and keeps its traceback.
+
+Each command imports only what it needs, inside its own function: `search` never imports Dagster.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-import warnings
+import time
 from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as given: the message is the whole explanation."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (with where to look for help) instead of usage text and exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clip-assets", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"search": run_search, "serve": run_serve, "calibrate": run_calibrate, "demo": run_demo}
+    try:
+        return commands[args.command](args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clip-assets {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not is_project_error(exc):
+            raise
+        print(f"clip-assets {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def is_project_error(exc: BaseException) -> bool:
+    """Raised on purpose by this project, with a message for the user (not a bug's traceback)."""
+    return type(exc).__module__.split(".")[0] == "clip_assets"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clip-assets", description="Classify and search image collections with OpenCLIP.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("demo", help="generate a sample collection, train a tiny model, run every asset, print F1")
     add_search_parser(sub)
+    add_serve_parser(sub)
     add_calibrate_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "search":
-        return run_search(args)
-    if args.command == "calibrate":
-        return run_calibrate(args)
-    import dagster
+    return parser
 
-    # Dagster marks some APIs beta/preview; that is for developers of this package, not its users.
-    warnings.filterwarnings("ignore", category=dagster.BetaWarning)
-    warnings.filterwarnings("ignore", category=dagster.PreviewWarning)
-    if args.command == "demo":
-        from clip_assets.demo.run import run_demo
 
-        run_demo()
-    return 0
+# --- Option values checked by argparse, so a wrong one is refused before anything loads. --------
+
+
+def _number(text: str, kind: type, ok, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def at_least_one(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a whole number of at least 1")
+
+
+def open_fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.5)")
+
+
+def precision_target(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "a precision above 0 and at most 1 (e.g. 0.9)")
+
+
+def port_number(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
+
+
+def load_settings():
+    from clip_assets.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:  # a CLIP_ASSETS_* value of the wrong type or out of range; names the variable
+        raise UsageError("clip-assets: " + " ".join(str(exc).split())) from exc
+
+
+# --- search ---------------------------------------------------------------------------------------
 
 
 def add_search_parser(sub) -> None:
@@ -40,33 +119,84 @@ def add_search_parser(sub) -> None:
         help="find the stored images most similar to a text or an image (reads the CLIP_ASSETS_* variables)",
     )
     p.add_argument("text", nargs="?", help='text query, e.g. "a red car"')
-    p.add_argument("--image", type=Path, help="image query: a file to find similar images to")
-    p.add_argument("-k", type=int, default=10, help="how many images (default 10)")
+    p.add_argument("--image", type=Path,
+                   help="image query: a file, absolute or relative to here or to CLIP_ASSETS_IMAGE_ROOT (as search prints it)")
+    p.add_argument("-k", type=at_least_one, default=10, help="how many images (default 10)")
     p.add_argument("--batch", action="append", help="only this batch (repeatable)")
     p.add_argument("--category", help="only images whose classification matched this category")
     p.add_argument("--json", action="store_true", help="JSON lines: image_id, path, batch, score; best first")
+    p.add_argument("--timings", action="store_true",
+                   help="print to stderr the seconds spent starting (interpreter and imports), loading the model and querying")
+    p.add_argument("--exact", action="store_true", help="score every stored embedding, never the approximate index")
 
 
 def run_search(args) -> int:
-    from clip_assets.search import NothingToSearchError, SearchModelMismatchError, format_table, search
-    from clip_assets.settings import Settings
-
     if (args.text is None) == (args.image is None):
-        print("clip-assets search: give a text query or --image PATH (one of them)", file=sys.stderr)
-        return 2
-    try:
-        hits = search(
-            Settings.from_env(), text=args.text, image=args.image, k=args.k, batches=args.batch, category=args.category
-        )
-    except (NothingToSearchError, SearchModelMismatchError, FileNotFoundError) as exc:
-        print(f"clip-assets search: {exc}", file=sys.stderr)
-        return 1
+        raise UsageError("clip-assets search: give a text query or --image PATH (one of them)")
+    from clip_assets.search import check_query, format_table, search
+
+    check_query(args.text, args.image, args.k)  # an empty text is refused before torch is imported
+    settings = load_settings()
+    from clip_assets.clip_model import import_open_clip
+
+    import_open_clip(settings.model, skip_unused_timm=True)  # torch and open_clip: timed as start-up
+
+    imported = time.perf_counter()
+    timings: dict[str, float] = {}
+    hits = search(settings, text=args.text, image=args.image, k=args.k, batches=args.batch,
+                  category=args.category, timings=timings, exact=args.exact)
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_dict()))
     else:
         print(format_table(hits))
+    if args.timings:
+        print(format_timings(imported, timings), file=sys.stderr)
     return 0
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), so start-up includes the interpreter's own."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def format_timings(imported_at: float, timings: dict[str, float]) -> str:
+    """One line: start-up (interpreter and imports, from the process's start), model load, query."""
+    age = process_age_s()
+    parts = []
+    if age is not None:
+        parts.append(f"start-up {age - (time.perf_counter() - imported_at):.2f} s (interpreter and imports)")
+    parts.append(f"model load {timings['model_load_s']:.2f} s")
+    parts.append(f"query {timings['encode_s'] + timings['scan_s']:.2f} s "
+                 f"(encode {timings['encode_s']:.2f} s, scan {timings['scan_s']:.2f} s)")
+    if age is not None:
+        parts.append(f"total {age:.2f} s")
+    return "timings: " + ", ".join(parts)
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a search page in the browser: text or image upload, results as thumbnails")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+
+
+def run_serve(args) -> int:
+    from clip_assets.search_page import serve
+
+    serve(load_settings(), args.host, args.port)
+    return 0
+
+
+# --- calibrate ------------------------------------------------------------------------------------
 
 
 def add_calibrate_parser(sub) -> None:
@@ -76,29 +206,23 @@ def add_calibrate_parser(sub) -> None:
     )
     p.add_argument("--labels", type=Path, required=True,
                    help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
-    p.add_argument("--target-precision", type=float,
+    p.add_argument("--target-precision", type=precision_target,
                    help="the most recall at this precision, instead of the best F1")
-    p.add_argument("--heldout-fraction", type=float, default=0.5,
+    p.add_argument("--heldout-fraction", type=open_fraction, default=0.5,
                    help="share of the labelled images kept out of tuning to score before/after (default 0.5)")
     p.add_argument("--write", action="store_true",
                    help="write the proposal to <prompts dir>/calibrated_thresholds.toml (else print it)")
 
 
 def run_calibrate(args) -> int:
-    from clip_assets.calibration import (
-        LabelsFileError, calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides,
-    )
+    from clip_assets.calibration import calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides
     from clip_assets.evaluation import macro_f1
     from clip_assets.layout import DataLayout
-    from clip_assets.settings import Settings
 
-    settings = Settings.from_env()
-    try:
-        data = load_labelled_scores(DataLayout(settings.data_dir), read_labels_file(args.labels))
-        report = calibrate(data, args.target_precision, args.heldout_fraction)
-    except LabelsFileError as exc:
-        print(f"clip-assets calibrate: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()
+    labels = read_labels_file(args.labels)
+    data = load_labelled_scores(DataLayout(settings.data_dir), labels)
+    report = calibrate(data, args.target_precision, args.heldout_fraction)
     if data.unmatched_labels:
         print(f"note: {len(data.unmatched_labels)} labelled images have no classifications and were left out, "
               f"e.g. {data.unmatched_labels[0]}")
@@ -112,6 +236,19 @@ def run_calibrate(args) -> int:
     else:
         print("\n" + report.overrides_toml())
         print("(re-run with --write to save this as calibrated_thresholds.toml in the prompts folder)")
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+def run_demo(args) -> int:
+    from clip_assets import accepted_warnings
+
+    accepted_warnings.ignore()
+    from clip_assets.demo.run import run_demo as demo
+
+    demo()
     return 0
 
 

@@ -7,15 +7,21 @@ to point at a local checkpoint: never a silent fallback to random weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import importlib
+import importlib.util
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import open_clip
 import torch
+
+from clip_assets.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HF_HUB_PREFIX = "hf-hub:"
@@ -37,6 +43,7 @@ class ClipModel:
     embed_dim: int
     logit_scale: float  # the learned temperature: softmax(logit_scale * cosine) for zero-shot
     input_size: tuple[int, int] | None = None  # (width, height) the model's preprocessing produces
+    channels_last: bool = False  # feed the image tower channels_last tensors (see tuned_for_inference)
 
     def autocast(self):
         """Mixed precision on GPU, plain float32 on CPU."""
@@ -62,15 +69,102 @@ class ClipModel:
     def encode_image_tensors(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image embeddings of preprocessed pixels, on the CPU."""
         pixels = pixels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             feats = self.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
 
 
-def register_model_configs(config_dir: Path | None = None) -> None:
+def _config_dirs() -> list[Path]:
+    """Where an architecture's JSON config may be: CLIP_ASSETS_MODEL_CONFIG_DIR, ours, open_clip's own."""
+    extra = os.environ.get("CLIP_ASSETS_MODEL_CONFIG_DIR")
+    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
+    builtin = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
+    return ([Path(extra)] if extra else []) + [MODEL_CONFIG_DIR] + builtin
+
+
+def has_timm_tower(model_name: str) -> bool | None:
+    """Whether the architecture's image tower comes from timm; None when its config is not on disk
+    (an hf-hub: id, an unknown name)."""
+    for folder in _config_dirs():
+        config = folder / f"{model_name}.json"
+        if config.is_file():
+            return "timm_model_name" in json.loads(config.read_text()).get("vision_cfg", {})
+    return None
+
+
+def import_open_clip(model_name: str | None = None, skip_unused_timm: bool = False):
+    """open_clip; with `skip_unused_timm`, imported without timm when `model_name` has no timm tower.
+
+    open_clip imports timm as it is imported, though only timm image towers use it, and timm is
+    about an eighth of a search command's start-up. Hidden during that import, timm looks not
+    installed to open_clip, which works as usual for every other architecture. For processes that
+    load one model (the search command, the search page): afterwards, only `load_clip_model` can
+    load a timm architecture in that process (it makes the skipped import), not open_clip directly.
+    """
+    if (skip_unused_timm and model_name and "open_clip" not in sys.modules and "timm" not in sys.modules
+            and has_timm_tower(model_name) is False):
+        sys.modules["timm"] = None  # `import timm` raises ImportError while this is here
+        try:
+            import open_clip
+        finally:
+            del sys.modules["timm"]
+    import open_clip
+
+    if model_name and has_timm_tower(model_name) is not False and open_clip.timm_model.timm is None:
+        if importlib.util.find_spec("timm") is not None:
+            importlib.reload(open_clip.timm_model)  # same module namespace: TimmModel now sees timm
+    return open_clip
+
+
+DEFAULT_BATCH_SIZE = 64
+AUTO_BATCH_RANGE = (16, 512)
+# Share of the free GPU memory the forward passes may take; the rest is for decoding and copies.
+AUTO_BATCH_MEMORY_SHARE = 0.5
+
+
+def tuned_for_inference(clip: ClipModel, channels_last: bool = False, compile_model: bool = False) -> ClipModel:
+    """channels_last memory format and/or torch.compile for the image tower (off unless asked for:
+    `benchmarks/embed_throughput.py` measures whether they help on a given machine)."""
+    if channels_last:
+        clip.model.to(memory_format=torch.channels_last)
+    if compile_model:
+        clip.model.visual = torch.compile(clip.model.visual)
+    return dataclasses.replace(clip, channels_last=channels_last)
+
+
+_auto_batch_sizes: dict[tuple[str, str], int] = {}
+
+
+def batch_size_for(clip: ClipModel, requested: int) -> int:
+    """`requested`, or for 0 the largest power of two whose forward pass fits in half the free GPU
+    memory (measured once per model and device), within AUTO_BATCH_RANGE; 64 off CUDA."""
+    if requested > 0:
+        return requested
+    if clip.device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    key = (clip.identity, str(clip.device))
+    if key not in _auto_batch_sizes:
+        probe = AUTO_BATCH_RANGE[0]
+        width, height = clip.input_size or (224, 224)
+        torch.cuda.synchronize(clip.device)
+        torch.cuda.reset_peak_memory_stats(clip.device)
+        before = torch.cuda.memory_allocated(clip.device)
+        clip.encode_image_tensors(torch.zeros(probe, 3, height, width, device=clip.device))
+        per_image = max(1, (torch.cuda.max_memory_allocated(clip.device) - before) / probe)
+        free, _ = torch.cuda.mem_get_info(clip.device)
+        fits = int(free * AUTO_BATCH_MEMORY_SHARE / per_image)
+        size = 1 << max(0, fits.bit_length() - 1)
+        _auto_batch_sizes[key] = min(AUTO_BATCH_RANGE[1], max(AUTO_BATCH_RANGE[0], size))
+    return _auto_batch_sizes[key]
+
+
+def register_model_configs(config_dir: Path | None = None, model_name: str | None = None) -> None:
     """Make this project's architectures (and any under CLIP_ASSETS_MODEL_CONFIG_DIR) known to open_clip."""
+    open_clip = import_open_clip(model_name)
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    extra = config_dir or os.environ.get("CLIP_ASSETS_MODEL_CONFIG_DIR")
+    extra = config_dir or Settings.from_env().model_config_dir
     if extra:
         open_clip.add_model_config(Path(extra))
 
@@ -119,13 +213,23 @@ def _input_size(model: torch.nn.Module) -> tuple[int, int] | None:
     return (int(size[1]), int(size[0]))  # preprocess sizes are (height, width)
 
 
+def _embed_dim(model: torch.nn.Module, tokenizer: Callable, device: torch.device) -> int:
+    """The embedding width: the image tower's output width, else from one text forward pass."""
+    width = getattr(getattr(model, "visual", None), "output_dim", None)
+    if isinstance(width, int):
+        return width
+    with torch.inference_mode():
+        return int(model.encode_text(tokenizer(["a photo"]).to(device)).shape[-1])
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 def load_clip_model(model_name: str, pretrained: str, device: str | None = None) -> ClipModel:
     """Load model, preprocessing and tokenizer, or fail saying how to point at local weights."""
-    register_model_configs()
+    open_clip = import_open_clip(model_name)
+    register_model_configs(model_name=model_name)
     if not pretrained:
         raise WeightsUnavailableError(
             f"No weights named for model '{model_name}'. Set CLIP_ASSETS_PRETRAINED to an open_clip "
@@ -171,8 +275,7 @@ def load_clip_model(model_name: str, pretrained: str, device: str | None = None)
         ) from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(name_for_open_clip)
-    with torch.inference_mode():
-        embed_dim = int(model.encode_text(tokenizer(["a photo"]).to(torch_device)).shape[-1])
+    embed_dim = _embed_dim(model, tokenizer, torch_device)
     return ClipModel(
         model=model,
         preprocess=preprocess,

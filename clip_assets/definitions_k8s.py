@@ -8,16 +8,15 @@ instance enforces across pods.
 
 from __future__ import annotations
 
-import os
-
 from dagster_k8s import k8s_job_executor
 
 from clip_assets.definitions import build_definitions
 from clip_assets.settings import Settings
 
+SETTINGS = Settings.from_env()
 # Steps of one run at once across the cluster; pools still bound the DuckDB writer and the GPU step.
 STEP_EXECUTOR_CONFIG = {
-    "max_concurrent": int(os.environ.get("CLIP_ASSETS_K8S_MAX_CONCURRENT_STEPS", "8")),
+    "max_concurrent": SETTINGS.k8s_max_concurrent_steps,
     # The step pods get the same settings as the run pod: the image root, data dir and model.
     "env_config_maps": ["clip-assets-settings"],
     "step_k8s_config": {
@@ -25,4 +24,4 @@ STEP_EXECUTOR_CONFIG = {
     },
 }
 
-defs = build_definitions(Settings.from_env(), executor=k8s_job_executor.configured(STEP_EXECUTOR_CONFIG))
+defs = build_definitions(SETTINGS, executor=k8s_job_executor.configured(STEP_EXECUTOR_CONFIG))

@@ -6,19 +6,21 @@
 - Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
   fingerprint matches the one stored with its previous embedding is not decoded again.
 - One bad file never stops a batch: each failure is returned with its reason, and each file has a
-  time limit, so a file that blocks (a stalled mount, a FIFO) cannot hang a worker.
+  time limit, so a file that blocks (a stalled mount, a FIFO) cannot hang a worker. A file whose
+  decoder kills its worker process (a segfault or abort in native code) is found, recorded as
+  failed, and the workers restart over the files not yet done (see clip_assets.decode_faults).
 - Finished rows are flushed every `chunk_rows` images to part files renamed into place, so a run
   killed at any moment resumes from the last completed chunk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
+import math
+import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +30,24 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from clip_assets.clip_model import ClipModel
+from clip_assets.clip_model import ClipModel, batch_size_for
+from clip_assets.settings import default
+from clip_assets.decode_faults import (
+    InFlightFiles,
+    call_with_time_limit,
+    crash_in_isolation,
+    is_worker_death,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FILE_TIMEOUT_S = 60.0
 # JPEGs are decoded at the smallest DCT scale covering twice the model input: the model's resize
 # then works from a sharper image (mean pixel error vs full decoding ~0.003 on ViT-B-32, well
 # under the 0.08-0.19 by which bilinear and bicubic resizing differ; see the tests).
 DRAFT_OVERSAMPLE = 2
-DEFAULT_CHUNK_ROWS = 4096
+MIN_SHARE = 8  # fewest images a decode worker collates at once
 
 FAILURES_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("path", pa.string()), pa.field("error", pa.string())]
@@ -58,29 +66,6 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field("fingerprint", pa.string()),
         ]
     )
-
-
-class FileTimeout(TimeoutError):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None):
-    """Raise FileTimeout if the block runs longer than `seconds` (main thread of a process only)."""
-    if not seconds:
-        yield
-        return
-
-    def _expired(signum, frame):
-        raise FileTimeout(f"gave up after {seconds:g} s (file blocked or too slow to decode)")
-
-    previous = signal.signal(signal.SIGALRM, _expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def fingerprint(data: bytes) -> str:
@@ -133,33 +118,45 @@ UNCHANGED = "unchanged"
 
 
 class _ImageFiles(Dataset):
-    """Reads, fingerprints, decodes and preprocesses one file; never raises."""
+    """Reads, fingerprints, decodes and preprocesses one file; never raises.
+
+    `in_flight` records, for a decode worker, the file it is reading, so a worker that dies on a
+    file leaves its index behind.
+    """
 
     def __init__(self, image_root: Path, paths: list[str], expected: list[str | None], preprocess,
-                 min_size: tuple[int, int] | None, timeout_s: float | None):
+                 min_size: tuple[int, int] | None, timeout_s: float | None, in_flight: InFlightFiles | None = None):
         self.image_root = image_root
         self.paths = paths
         self.expected = expected
         self.preprocess = preprocess
         self.min_size = min_size
         self.timeout_s = timeout_s
+        self.in_flight = in_flight or InFlightFiles(0)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _read(self, index: int):
+        data = (self.image_root / self.paths[index]).read_bytes()
+        digest = fingerprint(data)
+        if digest == self.expected[index]:
+            return None, digest, UNCHANGED
+        if not data:
+            raise ValueError("empty file")
+        return self._pixels(data), digest, None
+
     def __getitem__(self, index: int):
+        self.in_flight.start(index)
         try:
-            with time_limit(self.timeout_s):
-                data = (self.image_root / self.paths[index]).read_bytes()
-                digest = fingerprint(data)
-                if digest == self.expected[index]:
-                    return index, None, digest, UNCHANGED
-                if not data:
-                    raise ValueError("empty file")
-                pixels = self.preprocess(decode_image(data, self.min_size))
-            return index, pixels, digest, None
+            return (index, *call_with_time_limit(lambda: self._read(index), self.timeout_s))
         except Exception as exc:  # one bad file must not stop the batch
             return index, None, None, f"{type(exc).__name__}: {exc}"
+        finally:
+            self.in_flight.finish()
+
+    def _pixels(self, data: bytes):
+        return self.preprocess(decode_image(data, self.min_size))
 
 
 def _collate(items):
@@ -170,8 +167,38 @@ def _collate(items):
     return [i for i, _, _ in ok], [d for _, _, d in ok], pixels, unchanged, failed
 
 
+def merged(batches: Iterator[tuple], n: int) -> Iterator[tuple]:
+    """Every `n` collated shares as one batch: (indices, digests, pixels, unchanged, failed)."""
+    group: list[tuple] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield _merge(group)
+            group = []
+    if group:
+        yield _merge(group)
+
+
+def _merge(group: list[tuple]) -> tuple:
+    if len(group) == 1:
+        return group[0]
+    pixels = [g[2] for g in group if g[2] is not None]
+    return ([i for g in group for i in g[0]], [d for g in group for d in g[1]], torch.cat(pixels) if pixels else None,
+            [u for g in group for u in g[3]], [f for g in group for f in g[4]])
+
+
 def default_num_workers() -> int:
     return max(1, min(16, os.cpu_count() or 2))
+
+
+def decode_workers(num_workers: int, images: int, batch_size: int) -> int:
+    """Decode processes for a job: as configured (-1: from the core count), no more than it has batches.
+
+    0 decodes in the calling process, where a decoder that crashes takes the run down with it; with
+    one worker or more, a crash costs only the file that caused it.
+    """
+    workers = default_num_workers() if num_workers < 0 else num_workers
+    return min(workers, math.ceil(images / batch_size))
 
 
 @dataclass(frozen=True)
@@ -202,8 +229,11 @@ class Progress:
         self.started = self.last = time.monotonic()
 
     def add(self, n: int) -> None:
+        first = self.done == 0 and n > 0
         self.done += n
         now = time.monotonic()
+        if first:  # the run log then shows what starting the decode workers cost
+            self.report(f"first {n:,} images done {now - self.started:.1f} s after encoding began")
         if now - self.last >= self.every_s:
             rate = self.done / (now - self.started)
             eta = (self.total - self.done) / rate if rate else float("inf")
@@ -216,33 +246,54 @@ def encode_images(
     image_root: Path,
     job: EncodeJob,
     write_chunk: Callable[[pa.Table], None],
-    batch_size: int = 64,
-    num_workers: int = -1,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    timeout_s: float | None = DEFAULT_FILE_TIMEOUT_S,
+    batch_size: int = default("batch_size"),
+    num_workers: int = default("num_workers"),
+    chunk_rows: int = default("chunk_rows"),
+    timeout_s: float | None = default("file_timeout_s"),
     report: Callable[[str], None] = log.info,
+    decode: str = "pillow",
 ) -> EncodeResult:
-    """Encode every image of `job`, handing finished rows to `write_chunk` every `chunk_rows`."""
+    """Encode every image of `job`, handing finished rows to `write_chunk` every `chunk_rows`.
+
+    When a decode worker dies, the file it was reading is decoded again in a process of its own;
+    if that crashes too, the file is recorded as failed with how the process ended, and new workers
+    take up the files not yet done. Rows already encoded are kept.
+
+    `decode`: "pillow" (workers decode and preprocess), "tensor" (JPEGs batch-decoded on the model's
+    device, see tensor_decode.py) or "auto" (tensor on CUDA where it measures faster).
+    """
     result = EncodeResult(failures=[])
-    if not job.image_ids:
+    n = len(job.image_ids)
+    if not n:
         return result
-    workers = default_num_workers() if num_workers < 0 else num_workers
-    loader = DataLoader(
-        _ImageFiles(image_root, job.paths, job.expected_fingerprints, clip.preprocess, draft_size(clip), timeout_s),
-        batch_size=batch_size,
-        num_workers=workers if len(job.paths) > batch_size else 0,
-        collate_fn=_collate,
-        pin_memory=clip.device.type == "cuda",
-        persistent_workers=False,
+    batch_size = batch_size_for(clip, batch_size)
+    workers = decode_workers(num_workers, n, batch_size)
+    shares = max(1, min(workers, batch_size // MIN_SHARE))
+    in_flight = InFlightFiles(workers)
+    decoder = None
+    if decode != "pillow":
+        from clip_assets import tensor_decode  # it builds on this module
+
+        decoder = tensor_decode.decoder_for(decode, clip, image_root, job.paths, workers, report)
+    dataset_type, collate = (
+        (tensor_decode.JpegBytesOrPixels, tensor_decode.collate_bytes_or_pixels) if decoder else (_ImageFiles, _collate)
+    )
+    dataset = dataset_type(
+        image_root, job.paths, job.expected_fingerprints, clip.preprocess, draft_size(clip), timeout_s, in_flight
     )
     schema = embeddings_schema(clip.embed_dim)
+    # torch reports a dead worker from its SIGCHLD handler, i.e. in whatever code the main thread is
+    # running. So rows go into `pending` first and are marked done after: an interruption anywhere
+    # can make a file be read twice (the batch file keeps one row per image), never lose it.
     pending: list[tuple[list[int], np.ndarray, list[str]]] = []
-    pending_rows = 0
-    progress = Progress(len(job.paths), report)
+    encoded = np.zeros(n, dtype=bool)
+    unchanged_content = np.zeros(n, dtype=bool)
+    failures: dict[int, str] = {}
+    progress = Progress(n, report)
 
     def flush():
-        nonlocal pending, pending_rows
-        if not pending_rows:
+        nonlocal pending
+        if not pending:
             return
         idx = [i for chunk, _, _ in pending for i in chunk]
         write_chunk(
@@ -260,24 +311,95 @@ def encode_images(
                 schema=schema,
             )
         )
-        pending, pending_rows = [], 0
+        pending = []
 
-    for indices, digests, pixels, unchanged, failed in loader:
-        if pixels is not None:
-            pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
-            pending_rows += len(indices)
-            result.encoded += len(indices)
-        if unchanged:
-            vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i, _ in unchanged])
-            pending.append(([i for i, _ in unchanged], vectors, [d for _, d in unchanged]))
-            pending_rows += len(unchanged)
-            result.unchanged_content += len(unchanged)
-        result.failures.extend((job.image_ids[i], job.paths[i], err) for i, err in failed)
-        progress.add(len(indices) + len(unchanged) + len(failed))
-        if pending_rows >= chunk_rows:
-            flush()
+    def done() -> np.ndarray:
+        mask = encoded | unchanged_content
+        mask[list(failures)] = True
+        return mask
+
+    remaining = list(range(n))
+    done_at_last_crash = -1
+    while remaining:
+        in_flight.clear()
+        batches = iter(
+            DataLoader(
+                dataset,
+                # A worker collates a whole loader batch alone, so each model batch is cut into one
+                # share per worker: the first images are ready when every worker has decoded its
+                # share, not when one worker has decoded the whole batch.
+                batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=clip.device.type == "cuda",
+                # Forked workers start at once with everything imported. The default start method is
+                # the parent's: under `forkserver` or `spawn` every worker would import torch and this
+                # package afresh (seconds each, before the first image).
+                multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
+            )
+        )
+        decoded = tensor_decode.decoded_batches(batches, decoder, ahead=workers > 0) if decoder else batches
+        try:
+            for indices, digests, pixels, unchanged, failed in merged(decoded, shares):
+                if pixels is not None:
+                    pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
+                    encoded[indices] = True
+                if unchanged:
+                    ids = [i for i, _ in unchanged]
+                    vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
+                    pending.append((ids, vectors, [d for _, d in unchanged]))
+                    unchanged_content[ids] = True
+                failures.update(failed)
+                progress.add(len(indices) + len(unchanged) + len(failed))
+                if sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows:
+                    flush()
+            break
+        except RuntimeError as exc:
+            if not is_worker_death(exc):
+                raise
+            _stop_workers(batches)
+            finished = done()
+            culprits = {
+                i: reason
+                for i in in_flight.held()
+                if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
+            }
+            if not culprits and int(finished.sum()) == done_at_last_crash:
+                flush()  # what was done stays in part files for the next run
+                suspects = ", ".join(job.paths[i] for i in in_flight.held() if not finished[i]) or "none"
+                raise RuntimeError(
+                    f"Decode workers keep dying ({exc}) and no file can be blamed: the files they were "
+                    f"reading ({suspects}) decode without a crash on their own, and nothing was done between "
+                    "the last two deaths. Move those files aside, or if the machine is short of memory, use "
+                    "fewer workers (CLIP_ASSETS_NUM_WORKERS)."
+                ) from exc
+            done_at_last_crash = int(finished.sum())
+            failures.update(culprits)
+            for i, reason in culprits.items():
+                report(f"{job.paths[i]}: {reason}; recorded as failed")
+            remaining = np.flatnonzero(~done()).tolist()
+            report(f"a decode worker died ({exc}); new workers take up the {len(remaining):,} images not done yet")
     flush()
+    result.encoded = int(encoded.sum())
+    result.unchanged_content = int(unchanged_content.sum())
+    result.failures = [(job.image_ids[i], job.paths[i], reason) for i, reason in sorted(failures.items())]
     return result
+
+
+def _stop_workers(batches) -> None:
+    """Shut a loader's workers down now, after one died.
+
+    torch would do it when the iterator is collected, which the exception's traceback delays. While
+    it does, torch may report the dead worker once more.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    except RuntimeError as exc:
+        if not is_worker_death(exc):
+            raise
 
 
 def embeddings_matrix(table: pa.Table) -> np.ndarray:

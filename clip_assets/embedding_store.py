@@ -11,17 +11,18 @@ Rows of images no longer in the manifest drop out. Embeddings of another model a
 
 from __future__ import annotations
 
-import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clip_assets.atomic_files import atomic_write, write_parquet_atomically
 from clip_assets.embedding import EncodeJob, embeddings_matrix, iter_slices
 from clip_assets.manifest import STATUS_OK
 
@@ -45,13 +46,9 @@ class PartFiles:
                 path.unlink()
 
     def write(self, table: pa.Table) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.paths()
         number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
-        final = self.directory / f"part-{number:06d}.parquet"
-        tmp = self.directory / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        write_parquet_atomically(table, self.directory / f"part-{number:06d}.parquet")
 
     def stats(self) -> dict[str, tuple[int | None, float | None]]:
         """image_id -> (size, mtime) of every row already in a part file (the newest wins)."""
@@ -67,6 +64,41 @@ class PartFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BackgroundWrites:
+    """Hands each chunk to a writer thread, so the model keeps encoding while parquet is written.
+
+    One write at a time and in order (the next waits for the previous), so part files keep their
+    numbering and a killed run still resumes from the last file renamed into place. A write's error
+    is raised at the next write or when the block ends.
+    """
+
+    def __init__(self, write: Callable[[pa.Table], None]):
+        self._write = write
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-assets-parquet")
+        self._pending: Future | None = None
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __call__(self, table: pa.Table) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._write, table)
+
+    def __enter__(self) -> "BackgroundWrites":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._wait()
+            elif self._pending is not None:
+                self._pending.exception()  # let it finish; the error already in flight wins
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -121,11 +153,9 @@ def plan_encoding(manifest: pa.Table, previous: pa.Table | None, parts: PartFile
 
 def write_final(path: Path, schema: pa.Schema, plan: EncodingPlan, parts: PartFiles, slice_rows: int = 16384) -> int:
     """Stream carried rows and part files into one parquet file, each image once; returns rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     seen: set[str] = set()
     rows = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_write(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for table in parts.tables_newest_first():
             ids = table["image_id"].to_pylist()
             keep = [k for k, i in enumerate(ids) if i in plan.keep_ids and i not in seen]
@@ -140,5 +170,4 @@ def write_final(path: Path, schema: pa.Schema, plan: EncodingPlan, parts: PartFi
                 if keep:
                     writer.write_table(part.take(keep).cast(schema))
                     rows += len(keep)
-    os.replace(tmp, path)
     return rows

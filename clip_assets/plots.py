@@ -56,8 +56,10 @@ def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], fl
     return _png(img)
 
 
-def png_markdown(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def image_markdown(data: bytes, alt: str) -> str:
+    """Markdown showing a PNG or JPEG inline, as a data URI."""
+    kind = "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
+    return f"![{alt}](data:image/{kind};base64,{base64.b64encode(data).decode()})"
 
 
 def precision_recall_png(

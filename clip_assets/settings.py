@@ -1,58 +1,164 @@
-"""Settings read from the environment: where images are, where outputs go, which model encodes.
+"""Settings: every `CLIP_ASSETS_*` environment variable, its type, its default and its meaning.
 
-Every entry point (the Dagster code location, the demo, the tests) builds a `Settings` here, so the
-environment variables documented in the README are read in one place only.
+This is the only module that reads the environment. `Settings.from_env()` reads it (the Dagster code
+location, the CLI); `Settings(...)` takes only the values it is given and the defaults below (the
+demo, the tests). The README's configuration table is generated from this class
+(`python -m clip_assets.settings`) and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, Field
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from clip_assets.gpu_claim import DEFAULT_LOCK_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+ENV_PREFIX = "CLIP_ASSETS_"
 
 
-class Settings(BaseModel):
+class SettingsError(ValueError):
+    """An environment variable holds a value the pipeline cannot use; the message names it."""
+
+
+class Settings(BaseSettings):
     """What the pipeline needs to know about its surroundings."""
 
-    image_root: Path = Field(description="Folder whose direct sub-folders are the image batches.")
-    data_dir: Path = Field(description="Where the per-batch parquet files and the DuckDB file live.")
-    prompts_dir: Path = Field(description="Folder of prompt files (*.toml).")
-    model: str = Field(description="open_clip architecture name, e.g. ViT-B-32.")
-    pretrained: str = Field(
-        description="open_clip pretrained tag, an hf-hub: id, or a path to a local checkpoint."
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", validate_by_name=True
     )
-    device: str | None = Field(default=None, description="torch device override (cuda, mps, cpu).")
-    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
-    num_workers: int = Field(default=-1, description="Decode workers; -1 picks from the core count.")
-    file_timeout_s: float = Field(default=60.0, gt=0, description="Longest a single file may take to read and decode.")
+
+    image_root: Path = Field(default=REPO_ROOT / "images", description="folder whose direct sub-folders are the batches")
+    data_dir: Path = Field(
+        default=REPO_ROOT / "data", description="where the parquet files and `clip_assets.duckdb` go (git-ignored)"
+    )
+    prompts_dir: Path = Field(default=REPO_ROOT / "prompts", description="folder of prompt files (`*.toml`)")
+    model: str = Field(default="ViT-B-32", description="open_clip architecture name")
+    pretrained: str = Field(
+        default="laion2b_s34b_b79k",
+        description="open_clip pretrained tag, `hf-hub:org/repo`, or a checkpoint path",
+    )
+    model_config_dir: Path | None = Field(
+        default=None, description="extra open_clip architecture JSON configs to register"
+    )
+    device: str | None = Field(default=None, description="torch device; unset: `cuda`, then `mps`, else `cpu`")
+    batch_size: int = Field(default=0, ge=0, description="images per forward pass; `0`: from free GPU memory (64 off CUDA)")
+    num_workers: int = Field(
+        default=-1, ge=-1, description="image decode worker processes; `-1`: min(16, cores), `0`: none"
+    )
+    file_timeout_s: float = Field(default=60.0, gt=0, description="longest one file may take to read and decode")
+    chunk_rows: int = Field(
+        default=4096, ge=1, description="images per part file of an embedding run: the most a killed run re-encodes"
+    )
     max_failure_share: float = Field(
-        default=0.05, ge=0, le=1, description="Share of unreadable images above which the batch check warns."
+        default=0.05, ge=0, le=1, description="share of unusable files above which a batch's check warns"
     )
     labels_path: Path | None = Field(
-        default=None, description="Labelled sample (CSV or parquet) for evaluation and calibration."
+        default=None,
+        validation_alias=f"{ENV_PREFIX}LABELS",
+        description="labelled sample (CSV or parquet) for `image_evaluation` and `threshold_calibration`",
     )
-    rescan_cron: str = Field(default="0 * * * *", description="When the re-scan schedule looks for changed batches.")
+    duckdb_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="longest a DuckDB reader or writer waits for another process's lock before it fails",
+    )
+    rescan_cron: str = Field(
+        default="0 * * * *", description="when the `rescan_image_batches` schedule looks for changed batches"
+    )
+    decode: Literal["auto", "pillow", "tensor"] = Field(
+        default="auto",
+        description="`pillow` (CPU workers decode), `tensor` (JPEGs batch-decoded on the model's device), "
+        "`auto` (tensor on CUDA where it measures faster): see [On a GPU](#on-a-gpu)",
+    )
+    channels_last: bool = Field(default=False, description="feed the image tower `channels_last` tensors")
+    compile_model: bool = Field(
+        default=False, validation_alias=f"{ENV_PREFIX}COMPILE", description="`torch.compile` the image tower"
+    )
+    gpu_lock_dir: Path = Field(default=DEFAULT_LOCK_DIR, description="machine-local folder of the per-GPU claim locks")
+    k8s_max_concurrent_steps: int = Field(
+        default=8, ge=1, description="steps of one run at once on Kubernetes (`clip_assets.definitions_k8s`)"
+    )
+    exact_search_below: int = Field(
+        default=2_000_000, ge=0,
+        description="search scores every stored embedding (no index) while the batches searched hold fewer than this",
+    )
+    ann_nprobe: int = Field(default=32, ge=1, description="inverted lists each index shard probes per query")
+    duplicate_threshold: float = Field(
+        default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are near-duplicates"
+    )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
-        env = os.environ if environ is None else environ
-        return cls(
-            image_root=Path(env.get("CLIP_ASSETS_IMAGE_ROOT", str(REPO_ROOT / "images"))),
-            data_dir=Path(env.get("CLIP_ASSETS_DATA_DIR", str(REPO_ROOT / "data"))),
-            prompts_dir=Path(env.get("CLIP_ASSETS_PROMPTS_DIR", str(REPO_ROOT / "prompts"))),
-            model=env.get("CLIP_ASSETS_MODEL", DEFAULT_MODEL),
-            pretrained=env.get("CLIP_ASSETS_PRETRAINED", DEFAULT_PRETRAINED),
-            device=env.get("CLIP_ASSETS_DEVICE") or None,
-            batch_size=int(env.get("CLIP_ASSETS_BATCH_SIZE", "64")),
-            num_workers=int(env.get("CLIP_ASSETS_NUM_WORKERS", "-1")),
-            file_timeout_s=float(env.get("CLIP_ASSETS_FILE_TIMEOUT_S", "60")),
-            max_failure_share=float(env.get("CLIP_ASSETS_MAX_FAILURE_SHARE", "0.05")),
-            labels_path=Path(env["CLIP_ASSETS_LABELS"]) if env.get("CLIP_ASSETS_LABELS") else None,
-            rescan_cron=env.get("CLIP_ASSETS_RESCAN_CRON", "0 * * * *"),
-        )
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings,)  # the environment is read by from_env only
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings the `CLIP_ASSETS_*` variables of `environ` (default: this process's) give."""
+        values = _EnvironSource(cls, os.environ if environ is None else environ)()
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{env_var(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(f"Invalid setting: {problems}. See the configuration table in the README.") from None
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source, over a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable of a settings field (or of its alias)."""
+    if field_name.startswith(ENV_PREFIX):
+        return field_name
+    field = Settings.model_fields[field_name]
+    return field.validation_alias if isinstance(field.validation_alias, str) else ENV_PREFIX + field_name.upper()
+
+
+def default(field_name: str) -> Any:
+    """A setting's default, for functions whose parameters default to it."""
+    return Settings.model_fields[field_name].default
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Path) and value.is_relative_to(tempfile.gettempdir()):  # differs between machines
+        return f"`<temp dir>/{value.relative_to(tempfile.gettempdir()).as_posix()}`"
+    if isinstance(value, Path) and value.is_relative_to(REPO_ROOT):
+        return f"`./{value.relative_to(REPO_ROOT).as_posix()}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def configuration_table() -> str:
+    """The README's configuration table (Markdown), one row per variable, from the fields above."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    lines += [
+        f"| `{env_var(name)}` | {_shown_default(field.default)} | {field.description} |"
+        for name, field in Settings.model_fields.items()
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(configuration_table())

@@ -19,18 +19,18 @@ import pyarrow.parquet as pq
 from clip_assets.centroids import compute_centroids
 from clip_assets.classification import check_same_model, classify_in_chunks
 from clip_assets.clip_model import ClipModel
+from clip_assets.atomic_files import write_parquet_atomically
 from clip_assets.embedding import (
-    DEFAULT_CHUNK_ROWS,
-    DEFAULT_FILE_TIMEOUT_S,
     FAILURES_SCHEMA,
     embeddings_matrix,
     embeddings_schema,
     encode_images,
 )
-from clip_assets.embedding_store import PartFiles, plan_encoding, write_final
-from clip_assets.layout import DataLayout, write_parquet_atomically
+from clip_assets.embedding_store import BackgroundWrites, PartFiles, plan_encoding, write_final
+from clip_assets.layout import DataLayout
 from clip_assets.manifest import STATUS_OK, build_manifest
 from clip_assets.prompts import Category, load_categories, prompt_version
+from clip_assets.settings import default
 from clip_assets.warehouse import read_centroids, replace_batch_classifications, replace_centroids, top_images
 
 
@@ -44,6 +44,7 @@ class ManifestSummary:
 
 
 def write_manifest(image_root: Path, layout: DataLayout, batch: str) -> ManifestSummary:
+    layout.sweep_stale_temp_files()
     table = build_manifest(image_root, batch)
     path = layout.manifest_path(batch)
     write_parquet_atomically(table, path)
@@ -88,13 +89,15 @@ def write_embeddings(
     image_root: Path,
     layout: DataLayout,
     batch: str,
-    batch_size: int = 64,
-    num_workers: int = -1,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    timeout_s: float | None = DEFAULT_FILE_TIMEOUT_S,
+    batch_size: int = default("batch_size"),
+    num_workers: int = default("num_workers"),
+    chunk_rows: int = default("chunk_rows"),
+    timeout_s: float | None = default("file_timeout_s"),
     report: Callable[[str], None] = logging.getLogger(__name__).info,
+    decode: str = "pillow",
 ) -> EmbeddingSummary:
     """Encode what is new or changed since the last run of this model; resume an interrupted run."""
+    layout.sweep_stale_temp_files(batch)
     manifest = pq.read_table(layout.manifest_path(batch))
     path = layout.embeddings_path(batch)
     previous = pq.read_table(path) if path.exists() else None
@@ -107,10 +110,12 @@ def write_embeddings(
         f"{batch}: {len(plan.job.image_ids):,} images to encode, "
         f"{0 if plan.carried is None else plan.carried.num_rows:,} unchanged, {len(plan.resumed_ids):,} resumed"
     )
-    result = encode_images(
-        clip, image_root, plan.job, parts.write,
-        batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
-    )
+    with BackgroundWrites(parts.write) as write_chunk:  # parquet is written while the model goes on
+        result = encode_images(
+            clip, image_root, plan.job, write_chunk,
+            batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
+            decode=decode,
+        )
     failures = pa.table(
         {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
     )

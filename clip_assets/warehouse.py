@@ -1,13 +1,17 @@
 """The DuckDB file: prompt centroids and classifications, written in whole transactions.
 
-DuckDB allows one writing process at a time, so connections are opened briefly, writes wait (with
-a bound) for another process's lock to go, and every write replaces whole units (all centroids, or
-one batch's classifications) inside a single transaction: readers never see a half-written batch.
+Nothing else in the project opens the file: every reader and writer goes through `connect`. DuckDB
+lets a file be open in one read-write process or in any number of read-only ones, never both, so
+connections are opened briefly, both kinds wait (with a bound) for another process's conflicting
+lock to go, and every write replaces whole units (all centroids, or one batch's classifications)
+inside a single transaction: readers never see a half-written batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_assets.centroids import KINDS, CentroidSet
+from clip_assets.settings import Settings
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS prompt_centroids (
@@ -73,6 +78,23 @@ SELECT p.category, p.mode,
 FROM prompt_categories p LEFT JOIN image_classifications c USING (category)
 GROUP BY p.category, p.mode, p.position
 ORDER BY p.position;
+-- Near-duplicate groups across the collection (the near_duplicates asset): one row per image in a group.
+CREATE TABLE IF NOT EXISTS duplicate_groups (
+    group_id VARCHAR NOT NULL,        -- image_id of the group's first image (by batch, then path)
+    position INTEGER NOT NULL,        -- 0 = the first image
+    image_id VARCHAR NOT NULL,
+    path VARCHAR NOT NULL,
+    batch VARCHAR NOT NULL,
+    similarity FLOAT NOT NULL,        -- cosine similarity to the group's first image
+    threshold DOUBLE NOT NULL         -- the threshold the groups were formed with
+);
+-- One row per group: its size, batches, paths (first image first) and the least similar member.
+CREATE OR REPLACE VIEW near_duplicate_groups AS
+SELECT group_id, count(*) AS images, list(DISTINCT batch ORDER BY batch) AS batches,
+       list(path ORDER BY position) AS paths, min(similarity) AS min_similarity
+FROM duplicate_groups
+GROUP BY group_id
+ORDER BY images DESC, group_id;
 """
 
 
@@ -80,21 +102,93 @@ class CentroidsMissingError(LookupError):
     """Classification was asked for before any prompt centroids were stored."""
 
 
-@contextlib.contextmanager
-def connect(path: Path, read_only: bool = False, wait_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the DuckDB file, waiting while another process holds its write lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_s
+class WarehouseLockedError(RuntimeError):
+    """Another process held the DuckDB file for longer than this one could wait; says who and what to do."""
+
+
+class WarehouseVersionError(RuntimeError):
+    """The DuckDB file was written by a DuckDB release whose storage format this one cannot read."""
+
+
+# DuckDB's message names the process holding the lock: "... Conflicting lock is held in <exe> (PID 123) ..."
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+_IS_LOCK_ERROR = re.compile(r"could not set lock|conflicting lock", re.IGNORECASE)
+_STORAGE_VERSION = re.compile(r"database file with version number (\d+)")
+
+
+def _lock_holder(duckdb_message: str) -> str:
+    """'PID 123 (python notebook.py)' from DuckDB's lock error, with the command line where /proc shows it."""
+    found = _LOCK_HOLDER.search(duckdb_message)
+    if not found:
+        return "another process"
+    pid, command = found["pid"], found["exe"]
+    with contextlib.suppress(OSError):  # no /proc, or not ours to read: keep DuckDB's executable name
+        # Only the same process DuckDB saw (a PID from another machine's lock may name a local one).
+        if os.readlink(f"/proc/{pid}/exe") == command:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            command = " ".join(a.decode(errors="replace") for a in args)[:300] or command
+    return f"PID {pid} ({command})"
+
+
+def _holder_mode(read_only: bool, duckdb_message: str) -> str:
+    if read_only:
+        return "for writing"  # only a writer keeps a reader out
+    return "read-only" if "read-only mode" in duckdb_message else "for writing"  # DuckDB hints when readers hold it
+
+
+def _locked_message(path: Path, read_only: bool, waited_s: float, duckdb_message: str) -> str:
+    return (
+        f"{path} is held {_holder_mode(read_only, duckdb_message)} by {_lock_holder(duckdb_message)}: waited "
+        f"{waited_s:.1f} s (CLIP_ASSETS_DUCKDB_WAIT_S) to open it {'read-only' if read_only else 'for writing'}. "
+        "DuckDB lets a file be open in one process that writes, or in any number of processes that only "
+        "read, never both: a connection left open elsewhere, even a read-only one, keeps the pipeline's "
+        "writers out, and a writer keeps every other process out. If it is a notebook or a dashboard, "
+        "close its connection (con.close()), open the file only for the length of a query "
+        "(`with duckdb.connect(path, read_only=True) as con: ...`), or read the per-batch parquet files "
+        "instead. If it is a pipeline step writing a large batch, let it finish, or raise "
+        "CLIP_ASSETS_DUCKDB_WAIT_S."
+    )
+
+
+def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    started = time.monotonic()
     delay = 0.05
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
-            break
+            return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            message = str(exc)
+            version = _STORAGE_VERSION.search(message)
+            if version:
+                raise WarehouseVersionError(
+                    f"{path} was written by a newer DuckDB (storage version {version[1]}) than this project's "
+                    f"DuckDB {duckdb.__version__} reads. It holds only what the parquet files give: move it "
+                    "aside, materialize prompt_centroids and backfill image_classifications (nothing is "
+                    "re-encoded)."
+                ) from exc
+            if not _IS_LOCK_ERROR.search(message):
                 raise
-            time.sleep(delay)
+            waited = time.monotonic() - started
+            if waited >= wait_s:
+                raise WarehouseLockedError(_locked_message(path, read_only, waited, message)) from exc
+            time.sleep(min(delay, wait_s - waited))
             delay = min(delay * 2, 1.0)
+
+
+@contextlib.contextmanager
+def connect(path: Path, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The one way into the DuckDB file, for readers and writers alike: open it, closed on exit.
+
+    While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
+    this waits up to `wait_s` seconds (default: the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
+    WarehouseLockedError naming the process. A writer creates the file and the tables if needed.
+    """
+    path = Path(path)
+    if wait_s is None:
+        wait_s = Settings.from_env().duckdb_wait_s
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(path, read_only, wait_s)
     try:
         if not read_only:
             con.execute(SCHEMA_SQL)
@@ -279,3 +373,28 @@ def score_histograms(path: Path, batch: str, bins: int = 30) -> dict[str, tuple[
             dense[b] = n
         out[category] = (lo, hi, dense, threshold, mode)
     return out
+
+
+def replace_duplicate_groups(path: Path, rows: pa.Table) -> int:
+    """Replace every near-duplicate group at once (groups span batches, so they are replaced whole)."""
+    with connect(path) as con, _transaction(con):
+        con.execute("DELETE FROM duplicate_groups")
+        con.register("new_groups", rows)
+        con.execute("INSERT INTO duplicate_groups BY NAME SELECT * FROM new_groups")
+        con.unregister("new_groups")
+    return rows.num_rows
+
+
+def read_duplicate_groups(path: Path, limit_groups: int) -> list[tuple]:
+    """(group_id, position, image_id, path, batch, similarity) of the `limit_groups` largest groups."""
+    with connect(path, read_only=True) as con:
+        return con.execute(
+            """
+            SELECT d.group_id, d.position, d.image_id, d.path, d.batch, d.similarity
+            FROM duplicate_groups d JOIN (
+                SELECT group_id, images FROM near_duplicate_groups LIMIT ?
+            ) g USING (group_id)
+            ORDER BY g.images DESC, d.group_id, d.position
+            """,
+            [limit_groups],
+        ).fetchall()

@@ -7,7 +7,6 @@ fixed seed and saved as a real checkpoint; DuckDB files and Dagster instances li
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +14,7 @@ import open_clip
 import pytest
 import torch
 
-from clip_assets import steps
+from clip_assets import accepted_warnings, steps
 from clip_assets.clip_model import load_clip_model, register_model_configs
 from clip_assets.demo.shapes import write_collection
 from clip_assets.layout import DataLayout
@@ -24,7 +23,12 @@ from clip_assets.settings import REPO_ROOT, Settings
 TINY = "clip-assets-tiny"
 BATCHES = ["batch-001", "batch-002"]
 
-warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
+accepted_warnings.ignore()
+
+
+def pytest_configure(config):
+    for line in accepted_warnings.pytest_filters():
+        config.addinivalue_line("filterwarnings", line)
 
 
 def save_random_checkpoint(path: Path, seed: int) -> Path:
@@ -73,6 +77,22 @@ def settings(tmp_path, collection, checkpoint) -> Settings:
         batch_size=8,
         num_workers=0,
     )
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    """Points the CLIP_ASSETS_* variables at a Settings, as a user's shell would for the command line."""
+
+    def point_at(settings: Settings) -> Settings:
+        for name, value in {
+            "CLIP_ASSETS_IMAGE_ROOT": settings.image_root, "CLIP_ASSETS_DATA_DIR": settings.data_dir,
+            "CLIP_ASSETS_PROMPTS_DIR": settings.prompts_dir, "CLIP_ASSETS_MODEL": settings.model,
+            "CLIP_ASSETS_PRETRAINED": settings.pretrained, "CLIP_ASSETS_DEVICE": settings.device or "cpu",
+        }.items():
+            monkeypatch.setenv(name, str(value))
+        return settings
+
+    return point_at
 
 
 @pytest.fixture

@@ -66,3 +66,24 @@ def test_contiguous_ranges_never_span_a_batch_that_was_not_asked_for():
     assert contiguous_ranges(order, ["a", "b", "c", "d", "e", "f", "g"], 3) == [("a", "c"), ("d", "f"), ("g", "g")]
     assert contiguous_ranges(order, ["b", "c", "e", "g"], 8) == [("b", "c"), ("e", "e"), ("g", "g")]
     assert contiguous_ranges(order, [], 8) == []
+
+
+def test_a_batch_of_odd_entries_is_unchanged_right_after_its_manifest(tmp_path):
+    """Every entry the manifest records (skipped ones too) is fingerprinted the way the manifest stores it."""
+    root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
+    write_collection(root, batches=1, per_batch=2, seed=1)
+    batch = root / "batch-001"
+    (root / "batch-001" / "empty.png").write_bytes(b"")
+    os.mkfifo(batch / "pipe.jpg")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", batch / "linked-folder")
+    os.symlink(tmp_path / "elsewhere", batch / "link-out.jpg")
+    with open(os.path.join(os.fsencode(batch), b"caf\xe9.png"), "wb") as f:
+        f.write(next(batch.glob("*.png")).read_bytes())
+    steps.write_manifest(root, layout, "batch-001")
+    assert manifest_fingerprint(layout.manifest_path("batch-001")) == files_fingerprint(root, "batch-001")
+    assert changed_batches(root, layout, ["batch-001"]) == []
+    os.utime(os.path.join(os.fsencode(batch), b"caf\xe9.png"), (time.time() + 5, time.time() + 5))
+    assert changed_batches(root, layout, ["batch-001"]) == []  # not listed with a size or mtime
+    (batch / "new.png").write_bytes(b"x")
+    assert changed_batches(root, layout, ["batch-001"]) == ["batch-001"]

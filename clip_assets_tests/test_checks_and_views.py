@@ -3,7 +3,6 @@
 import base64
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +14,7 @@ from clip_assets.defs.execution import BATCH_ASSETS, materialize, materialize_ev
 from clip_assets.definitions import build_definitions
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories
+from clip_assets.warehouse import connect
 from clip_assets_tests.conftest import TINY
 
 
@@ -30,7 +30,7 @@ def done(settings, clip):
 
 
 def sql(layout, query, params=()):
-    with duckdb.connect(str(layout.duckdb_path)) as con:
+    with connect(layout.duckdb_path) as con:
         return con.execute(query, params).fetchall()
 
 
@@ -108,7 +108,9 @@ def test_dagster_records_checks_and_shows_plot_and_preview(settings, instance):
     png = base64.b64decode(meta["score_distribution"].value.split("base64,")[1].rstrip(")"))
     assert png.startswith(b"\x89PNG")
     preview = meta["top_images"].value
-    assert "batch-001/img-" in preview and "| circle |" in preview
+    assert [c.name for c in preview.schema.columns] == ["category", "path", "score", "matched"]
+    assert all(r.data["path"].startswith("batch-001/img-") for r in preview.records)
+    assert "circle" in {r.data["category"] for r in preview.records}
 
 
 def test_blocking_model_check_stops_the_classification(settings, instance, other_checkpoint):

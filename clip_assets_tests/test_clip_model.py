@@ -1,4 +1,10 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -65,3 +71,37 @@ def test_embeddings_are_unit_norm(clip):
     assert texts.shape == (3, clip.embed_dim) == images.shape
     np.testing.assert_allclose(texts.norm(dim=-1).numpy(), 1.0, atol=1e-5)
     np.testing.assert_allclose(images.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_the_search_commands_skip_timm_for_an_architecture_without_it(tmp_path, checkpoint):
+    # A timm architecture, and a checkpoint of it made here (where open_clip has timm).
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny-timm.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "test_resnet", "timm_model_pretrained": False, "timm_pool": "avg",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(configs)
+    torch.save({"state_dict": open_clip.create_model("tiny-timm").state_dict()}, tmp_path / "timm.pt")
+    # A fresh interpreter, started as the search command starts: the tiny architecture loads without
+    # timm; a timm architecture loaded after it in the same process still works.
+    script = f"""
+import sys
+import torch
+from clip_assets.clip_model import has_timm_tower, import_open_clip, load_clip_model
+
+assert has_timm_tower({TINY!r}) is False and has_timm_tower("tiny-timm") is True
+import_open_clip({TINY!r}, skip_unused_timm=True)
+clip = load_clip_model({TINY!r}, {str(checkpoint)!r}, "cpu")
+assert "timm" not in sys.modules, "timm was imported for an architecture without a timm tower"
+assert clip.encode_texts(["a red circle"]).shape == (1, clip.embed_dim)
+timm_clip = load_clip_model("tiny-timm", {str(tmp_path / "timm.pt")!r}, "cpu")
+assert "timm" in sys.modules
+assert timm_clip.encode_image_tensors(torch.rand(1, 3, 64, 64)).shape == (1, 32)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CLIP_ASSETS_MODEL_CONFIG_DIR": str(configs)})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

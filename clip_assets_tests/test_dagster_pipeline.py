@@ -1,12 +1,12 @@
 """The assets through Dagster, on a real DagsterInstance in a temp dir."""
 
+import base64
 import datetime
 import os
 import subprocess
 import sys
 
 import dagster as dg
-import duckdb
 import pytest
 
 from clip_assets.defs.execution import (
@@ -20,6 +20,7 @@ from clip_assets.definitions import build_definitions
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories, prompt_version
 from clip_assets.settings import REPO_ROOT
+from clip_assets.warehouse import connect
 
 BATCHES = ["batch-001", "batch-002"]
 EMBEDDINGS = dg.AssetKey("image_embeddings")
@@ -30,7 +31,7 @@ ALL_KEYS = [PROMPT_FILES, dg.AssetKey("image_manifest"), EMBEDDINGS, CENTROIDS, 
 
 
 def rows(settings, sql):
-    with duckdb.connect(str(DataLayout(settings.data_dir).duckdb_path), read_only=True) as con:
+    with connect(DataLayout(settings.data_dir).duckdb_path, read_only=True) as con:
         return con.execute(sql).fetchall()
 
 
@@ -59,10 +60,11 @@ def test_graph_and_automation_are_wired(settings):
     assert graph.get(CLASSIFICATIONS).parent_keys == {EMBEDDINGS, CENTROIDS}
     for key in (dg.AssetKey("image_manifest"), EMBEDDINGS, CLASSIFICATIONS):
         assert graph.get(key).partitions_def.name == "image_batches"
-    sensor = defs.resolve_sensor_def("clip_assets_automation")
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert PROMPT_FILES in sensor.asset_selection.resolve(graph)  # sources are observed too
-    assert graph.get(PROMPT_FILES).automation_condition is not None
+    for name in ("clip_assets_automation", "prompt_files_observation"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+    # observed by a sensor without a run, never requested as a run by the automation sensor
+    assert graph.get(PROMPT_FILES).automation_condition is None
+    assert graph.get(CENTROIDS).automation_condition is not None
 
 
 def test_full_run_over_two_batches_then_rematerialize(settings, instance):
@@ -90,14 +92,14 @@ def test_full_run_over_two_batches_then_rematerialize(settings, instance):
 
 
 def _run_requested(defs, instance, result):
-    """Do what the daemon would: observe or materialize each requested asset partition, parents first."""
-    if result.get_num_requested(PROMPT_FILES):
-        observe_prompt_files(defs, instance)
+    """Do what the daemon would: materialize what was requested, parents first, each asset's
+    partitions in one run as its backfill policy groups them (two batches here: one range run)."""
     if result.get_num_requested(CENTROIDS):
         materialize(defs, instance, [CENTROIDS])
     for key in BATCH_ASSETS:
-        for partition in sorted(result.get_requested_partitions(key)):
-            materialize(defs, instance, [key], partition_key=partition)
+        partitions = sorted(result.get_requested_partitions(key))
+        if partitions:
+            materialize(defs, instance, [key], partition_range=(partitions[0], partitions[-1]))
 
 
 def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings, instance):
@@ -115,22 +117,29 @@ def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings,
     path.write_text(path.read_text().replace('"a star", "a photo of a star"', '"a star", "a five-pointed star"'))
     new_version = prompt_version(settings.prompts_dir)
 
-    # prompt_files is observed on every cron tick; settled means nothing else is asked for any more.
-    requested, quiet_ticks = set(), 0
-    for minute in range(2, 14):
+    # Each tick: the observation sensor's work (a runless observation when the hash changed), then
+    # the automation sensor's. Settled means nothing is asked for any more.
+    requested, quiet_ticks, observations = set(), 0, []
+    for tick in range(2, 14):
+        observations.append(observe_prompt_files(defs, instance))
         result = dg.evaluate_automation_conditions(
-            defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=minute)
+            defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=tick)
         )
         this_tick = {key for key in ALL_KEYS if result.get_num_requested(key)}
         requested |= this_tick
         _run_requested(defs, instance, result)
-        quiet_ticks = quiet_ticks + 1 if this_tick <= {PROMPT_FILES} and CENTROIDS in requested else 0
-        if quiet_ticks == 3:  # unchanged observations re-run nothing downstream
+        quiet_ticks = quiet_ticks + 1 if not this_tick and CENTROIDS in requested else 0
+        if quiet_ticks == 3:  # unchanged prompt files are not observed again and re-run nothing
             break
     else:
         pytest.fail(f"automation did not settle; requested so far: {requested}")
 
-    assert PROMPT_FILES in requested and CENTROIDS in requested and CLASSIFICATIONS in requested
+    # one observation, of the new version, recorded without a run; nothing else observed since
+    assert [o.data_version for o in observations if o is not None] == [new_version]
+    latest = instance.fetch_observations(PROMPT_FILES, limit=1).records[0]
+    assert latest.asset_observation.data_version == new_version and latest.run_id == ""
+    assert not instance.get_runs(filters=dg.RunsFilter(job_name="observe_prompt_files"))
+    assert CENTROIDS in requested and CLASSIFICATIONS in requested and PROMPT_FILES not in requested
     assert EMBEDDINGS not in requested and dg.AssetKey("image_manifest") not in requested
     assert materialization_count(instance, CENTROIDS) > centroids_before
     for b in BATCHES:
@@ -138,6 +147,16 @@ def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings,
         assert materialization_count(instance, EMBEDDINGS, b) == embeddings_before[b]
     assert rows(settings, "SELECT DISTINCT prompt_version FROM prompt_centroids") == [(new_version,)]
     assert rows(settings, "SELECT DISTINCT prompt_version FROM image_classifications") == [(new_version,)]
+    # the re-run covered both batches in one run; each batch's materialization tells its own story
+    latest = {b: instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=CLASSIFICATIONS, asset_partitions=[b]), limit=1).records[0] for b in BATCHES}
+    assert latest["batch-001"].run_id == latest["batch-002"].run_id
+    n_cats = len(load_categories(settings.prompts_dir))
+    for b, record in latest.items():
+        meta = record.asset_materialization.metadata
+        assert meta["dagster/row_count"].value == 10 * n_cats and meta["images"].value == 10
+        assert meta["batches_in_run"].value == 2 and meta["prompt_version"].value == new_version
+        assert {r.data["path"].split("/")[0] for r in meta["top_images"].value.records} == {b}
 
 
 def test_broken_prompt_file_fails_the_run_and_keeps_results(settings, instance):
@@ -168,3 +187,67 @@ def test_missing_weights_fail_the_embedding_run_with_the_fix(settings, instance,
     text = error.message + (error.cause.message if error.cause else "")
     assert "missing.safetensors" in text and "CLIP_ASSETS_PRETRAINED" in text
     assert not DataLayout(settings.data_dir).embeddings_path("batch-001").exists()
+
+
+def _decoded_picture(value) -> bytes:
+    return base64.b64decode(value.value.split("base64,")[1].rstrip(")"))
+
+
+def test_a_multi_batch_run_records_each_batch_with_its_own_metadata(settings, instance):
+    """A backfill range run (as the UI's partition picker, the discovery sensor and a prompt edit's
+    re-run launch them): each batch gets exactly one materialization per asset, with its own figures."""
+    defs = build_definitions(settings)
+    register_batches(instance, BATCHES)
+    observe_prompt_files(defs, instance)
+    materialize(defs, instance, [CENTROIDS])
+    result = materialize(defs, instance, BATCH_ASSETS, partition_range=("batch-001", "batch-002"))
+    n_cats = len(load_categories(settings.prompts_dir))
+    matched = dict(rows(settings, "SELECT batch || '/' || category, count(*) FILTER (WHERE matched) "
+                                  "FROM image_classifications GROUP BY ALL"))
+
+    def metadata(key: str) -> dict[str, dict]:
+        records = instance.fetch_materializations(dg.AssetKey(key), limit=100).records
+        assert sorted(r.partition_key for r in records) == BATCHES, key  # one per batch, no run totals
+        assert {r.run_id for r in records} == {result.run_id}
+        return {r.partition_key: r.asset_materialization.metadata for r in records}
+
+    manifest = metadata("image_manifest")
+    assert {b: m["dagster/row_count"].value for b, m in manifest.items()} == {"batch-001": 10, "batch-002": 12}
+    assert {b: m["unusable_files"].value for b, m in manifest.items()} == {"batch-001": 0, "batch-002": 2}
+    assert manifest["batch-001"]["unusable_examples"].value.records == []
+    assert {r.data["path"] for r in manifest["batch-002"]["unusable_examples"].value.records} == {
+        "batch-002/broken-empty.jpg", "batch-002/notes-not-an-image.png"}
+    assert all(m["path"].value.endswith(f"{b}.parquet") for b, m in manifest.items())
+    assert manifest["batch-001"]["files_fingerprint"].value != manifest["batch-002"]["files_fingerprint"].value
+
+    embeddings = metadata("image_embeddings")
+    assert {b: (m["dagster/row_count"].value, m["encoded"].value) for b, m in embeddings.items()} == {
+        "batch-001": (10, 10), "batch-002": (10, 10)}
+    assert {b: m["unusable_in_manifest"].value for b, m in embeddings.items()} == {"batch-001": 0, "batch-002": 2}
+
+    classifications = metadata("image_classifications")
+    for batch, meta in classifications.items():
+        assert meta["dagster/row_count"].value == 10 * n_cats and meta["images"].value == 10
+        assert meta["batches_in_run"].value == 2
+        table = meta["matches_per_category"].value
+        assert [c.name for c in table.schema.columns] == ["category", "images_matched", "share"]
+        assert {r.data["category"]: r.data["images_matched"] for r in table.records} == {
+            c.name: matched[f"{batch}/{c.name}"] for c in load_categories(settings.prompts_dir)}
+        assert {r.data["path"].split("/")[0] for r in meta["top_images"].value.records} == {batch}
+        assert _decoded_picture(meta["score_distribution"]).startswith(b"\x89PNG")
+        sheet = _decoded_picture(meta["contact_sheet"])
+        assert sheet.startswith(b"\xff\xd8\xff") and len(sheet) < 100_000
+
+
+def test_a_batch_without_a_folder_fails_its_manifest_saying_so(settings, instance):
+    defs = build_definitions(settings)
+    register_batches(instance, ["batch-001", "batch-00l"])  # a typo in the materialize dialog
+    result = materialize(defs, instance, [dg.AssetKey("image_manifest")], partition_range=("batch-001", "batch-00l"),
+                         raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.user_failure_data.description
+    assert message == (f"Batch folder batch-00l does not exist under {settings.image_root}; "
+                       "folders there: batch-001, batch-002.")
+    # nothing was written for the batch that does exist either: the run is refused before any work
+    assert not DataLayout(settings.data_dir).manifest_path("batch-001").exists()

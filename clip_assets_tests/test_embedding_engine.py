@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -275,3 +276,92 @@ def test_a_killed_run_resumes_from_its_last_chunk(tmp_path, clip, checkpoint):
     for image_id, vector in zip(ids, embeddings_matrix(table)):
         np.testing.assert_allclose(vector, ref[image_id], atol=1e-5)
     print(f"killed after {done_before} of 240 images; resumed run encoded {summary.encoded}")
+
+
+@pytest.fixture
+def crashing_decoder():
+    """The test-only Pillow format whose decoder aborts, in this process and the workers it forks."""
+    from clip_assets_tests import crashing_decoder as plugin
+
+    plugin.register()
+    yield plugin
+    plugin.unregister()
+
+
+def usable_ids(layout: DataLayout, batch: str) -> set[str]:
+    table = pq.read_table(layout.manifest_path(batch))
+    return {r["image_id"] for r in table.to_pylist() if r["status"] == "ok"}
+
+
+def test_a_decoder_that_kills_its_worker_costs_only_its_file(tmp_path, clip, crashing_decoder):
+    """Files whose decoder aborts (SIGABRT, a real worker death) are recorded; every other image is encoded once."""
+    root = tmp_path / "images"
+    write_collection(root, batches=1, per_batch=30, seed=4)
+    # First, last, in the middle, and two side by side (the same DataLoader batch of 4).
+    culprits = ["a-first.png", "img-0012-crash.png", "img-0020-a.png", "img-0020-b.png", "z-last.png"]
+    for name in culprits:
+        (root / "batch-001" / name).write_bytes(crashing_decoder.crashing_file_bytes())
+    layout = DataLayout(tmp_path / "data")
+    steps.write_manifest(root, layout, "batch-001")
+    usable = usable_ids(layout, "batch-001")
+    culprit_ids = {image_id_for(f"batch-001/{name}") for name in culprits}
+    assert culprit_ids <= usable  # the header parses: only decoding crashes
+
+    summary = steps.write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=2, chunk_rows=8)
+    failures = pq.read_table(layout.embedding_failures_path("batch-001")).to_pylist()
+    assert {r["image_id"]: r["error"] for r in failures} == dict.fromkeys(
+        culprit_ids, "decoder crashed the worker process (signal SIGABRT)")
+    ids = pq.read_table(layout.embeddings_path("batch-001"))["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == usable - culprit_ids
+    assert (summary.encoded, summary.failed, summary.rows) == (len(usable) - 5, 5, len(usable) - 5)
+    assert not layout.embedding_parts_dir("batch-001").exists()
+
+
+def test_a_worker_death_no_file_explains_stops_with_the_suspect_named(tmp_path, clip, crashing_decoder):
+    """A worker that dies on a file that decodes fine on its own: a clear error naming it, not a restart
+    loop, and whatever was done is kept in part files for the next run."""
+    root = tmp_path / "images"
+    write_collection(root, batches=1, per_batch=24, seed=5)
+    (root / "batch-001" / "img-0010-odd.png").write_bytes(crashing_decoder.crashing_file_bytes(worker_only=True))
+    layout = DataLayout(tmp_path / "data")
+    steps.write_manifest(root, layout, "batch-001")
+    usable = usable_ids(layout, "batch-001")
+
+    with pytest.raises(RuntimeError, match="no file can be blamed") as raised:
+        steps.write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=2, chunk_rows=1000)
+    assert "batch-001/img-0010-odd.png" in str(raised.value)
+    parts = layout.embedding_parts_dir("batch-001").glob("part-*.parquet")
+    kept = [i for p in parts for i in pq.read_table(p)["image_id"].to_pylist()]
+    assert len(kept) == len(set(kept)) and set(kept) <= usable - {image_id_for("batch-001/img-0010-odd.png")}
+    print(f"\nstopped with {len(kept)} of {len(usable)} images kept in part files")
+
+
+def test_the_file_time_limit_holds_off_the_main_thread(tmp_path, clip):
+    """With 0 workers the files are read on the calling thread; SIGALRM only works on a main thread."""
+    root = tmp_path / "images"
+    write_collection(root, batches=1, per_batch=6, seed=6)
+    layout = DataLayout(tmp_path / "data")
+    steps.write_manifest(root, layout, "batch-001")
+    fifo = root / "batch-001" / "img-0001.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)  # listed as a usable image; reading it now blocks until someone writes
+    outcome = {}
+
+    def encode():
+        try:
+            outcome["summary"] = steps.write_embeddings(clip, root, layout, "batch-001", batch_size=4,
+                                                        num_workers=0, timeout_s=2)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=encode)
+    thread.start()
+    thread.join(300)
+    try:
+        assert not thread.is_alive() and "error" not in outcome, outcome
+        summary = outcome["summary"]
+        failures = {r["path"]: r["error"] for r in pq.read_table(layout.embedding_failures_path("batch-001")).to_pylist()}
+        assert failures == {"batch-001/img-0001.jpg": "FileTimeout: gave up after 2 s (file blocked or too slow to decode)"}
+        assert summary.rows == summary.encoded == len(usable_ids(layout, "batch-001")) - 1
+    finally:  # release the read left blocked on the FIFO
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

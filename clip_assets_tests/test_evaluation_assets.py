@@ -27,13 +27,15 @@ def test_evaluation_and_calibration_assets(settings, instance):
     evaluation = latest_metadata(instance, EVALUATION)
     assert evaluation["labelled_images"].value == 20
     assert "data:image/png;base64," in evaluation["precision_recall"].value
-    assert "| circle |" in evaluation["per_category"].value
+    per_category = {r.data["category"]: r.data for r in evaluation["per_category"].value.records}
+    assert "circle" in per_category and 0 <= per_category["circle"]["F1"] <= 1
 
     layout = DataLayout(settings.data_dir)
     report = calibrate(load_labelled_scores(layout, read_labels_file(labelled.labels_path)))
     calibrated = latest_metadata(instance, CALIBRATION)
     assert calibrated["heldout_macro_f1_after"].value == pytest.approx(round(report.macro_f1_after, 4))
-    proposal = layout.data_dir / "calibration" / "calibrated_thresholds.toml"
+    assert [r.data["F1"] for r in calibrated["heldout_after"].value.records] == [round(s.f1, 4) for s in report.after]
+    proposal = layout.calibration_proposal_path
     assert proposal.read_text() == report.overrides_toml()
 
 

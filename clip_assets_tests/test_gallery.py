@@ -1,8 +1,7 @@
 """The gallery page: written from real classifications, opened in headless Chromium."""
 
+import io
 import re
-import shutil
-import subprocess
 
 import dagster as dg
 import pytest
@@ -10,9 +9,21 @@ from PIL import Image
 
 from clip_assets.defs.execution import materialize, materialize_everything
 from clip_assets.definitions import build_definitions
-from clip_assets.gallery import THUMBNAIL_PX, gallery_rows, write_gallery
+from clip_assets import steps
+from clip_assets.gallery import (
+    NOT_ABOVE_NEUTRAL,
+    SHEET_THUMB_PX,
+    THUMBNAIL_PX,
+    UNDER_THRESHOLD,
+    category_settings,
+    contact_sheet,
+    gallery_rows,
+    write_gallery,
+)
+from clip_assets.layout import DataLayout
+from clip_assets.warehouse import connect
+from clip_assets_tests.chromium import CHROMIUM, chromium_dump_dom
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def test_gallery_shows_matches_and_near_misses_as_small_thumbnails(settings, classified, tmp_path):
@@ -20,7 +31,8 @@ def test_gallery_shows_matches_and_near_misses_as_small_thumbnails(settings, cla
     for images in rows.values():
         matched = [i for i in images if i.matched]
         misses = [i for i in images if not i.matched]
-        assert len(matched) <= 3 and len(misses) <= 2 and matched + misses == images
+        assert len(matched) <= 3 and matched + misses == images
+        assert all(sum(i.failed == kind for i in misses) <= 2 for kind in (UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL))
         assert [i.score for i in matched] == sorted((i.score for i in matched), reverse=True)
     page = write_gallery(classified, settings.image_root, tmp_path / "gallery", matched_per_category=3, near_misses=2)
     text = page.read_text()
@@ -34,16 +46,64 @@ def test_gallery_shows_matches_and_near_misses_as_small_thumbnails(settings, cla
     assert text.count("<figure") == sum(len(v) for v in rows.values())
 
 
-def chromium_dump_dom(page, tmp_path) -> str:
-    done = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+def _unmatched(layout, category):
+    """Every unmatched image of a category: (image_id, score, threshold, pos_sim, neutral_sim, margin)."""
+    with connect(layout.duckdb_path, read_only=True) as con:
+        return con.execute(
+            "SELECT image_id, score, threshold, pos_sim, neutral_sim, neutral_margin FROM image_classifications "
+            "WHERE category = ? AND NOT matched", [category]).fetchall()
+
+
+def _median(layout, sql_value, category):
+    with connect(layout.duckdb_path, read_only=True) as con:
+        return con.execute(
+            f"SELECT median({sql_value}) FROM image_classifications WHERE category = ?", [category]).fetchone()[0]
+
+
+def test_near_misses_are_split_by_the_condition_that_failed(settings, classified, clip, tmp_path):
+    """Thresholds set from the data (calibrated_thresholds.toml): circle's threshold below every score
+    and its neutral margin at the median, so half its images fail the neutral condition only; square's
+    threshold at its median score and no margin, so half fail the threshold only."""
+    margin = _median(classified, "pos_sim - neutral_sim", "circle")
+    threshold = _median(classified, "score", "square")
+    (settings.prompts_dir / "calibrated_thresholds.toml").write_text(
+        f"[categories.circle]\nthreshold = -2.0\nneutral_margin = {margin}\n"
+        f"[categories.square]\nthreshold = {threshold}\nneutral_margin = -2.0\n")
+    steps.write_centroids(clip, settings.prompts_dir, classified)
+    for batch in ("batch-001", "batch-002"):
+        steps.write_classifications(classified, batch)
+
+    rows = gallery_rows(classified, matched_per_category=3, near_misses=50)
+    for name, kind in (("circle", NOT_ABOVE_NEUTRAL), ("square", UNDER_THRESHOLD)):
+        unmatched = _unmatched(classified, name)
+        assert len(unmatched) >= 5  # about half of 20 images
+        assert {i.image_id for i in rows[name] if not i.matched} == {r[0] for r in unmatched}
+        assert {i.failed for i in rows[name] if not i.matched} == {kind}
+    for name, images in rows.items():  # every near miss is filed under the condition it failed
+        facts = {r[0]: r for r in _unmatched(classified, name)}
+        for image in (i for i in images if not i.matched):
+            _, score, threshold, pos, neutral, margin = facts[image.image_id]
+            assert image.failed == (UNDER_THRESHOLD if score < threshold else NOT_ABOVE_NEUTRAL), (name, facts[image.image_id])
+
+    text = write_gallery(classified, settings.image_root, tmp_path / "gallery", near_misses=50).read_text()
+    assert "best scores under the threshold" not in text
+    neutral_heading = "near misses: score reaches the threshold, but the image is not above the neutral descriptions"
+    for name, kind in (("circle", NOT_ABOVE_NEUTRAL), ("square", UNDER_THRESHOLD)):
+        section = text.split(f'<section id="{name}">')[1].split("</section>")[0]
+        under, neutral = section.split("near misses: score under the threshold")[1].split(neutral_heading)
+        unmatched = len(_unmatched(classified, name))
+        assert (under.count("<figure"), neutral.count("<figure")) == (
+            (0, unmatched) if kind == NOT_ABOVE_NEUTRAL else (unmatched, 0))
+
+
+def test_contact_sheet_shows_a_batch_in_a_few_tens_of_kilobytes(settings, classified):
+    sheet = contact_sheet(classified, settings.image_root, "batch-001")
+    assert sheet.startswith(b"\xff\xd8\xff") and len(sheet) < 60_000
+    with Image.open(io.BytesIO(sheet)) as img:
+        categories = len(category_settings(classified))
+        assert img.height >= categories * SHEET_THUMB_PX and img.width < 1000
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 20) or []
+        assert len(colours) > 100  # thumbnails drawn, not an empty grid
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
@@ -54,10 +114,10 @@ def test_gallery_asset_page_loads_with_its_images_in_chromium(settings, tmp_path
         defs = build_definitions(settings)
         materialize_everything(defs, instance, ["batch-001"])
         result = materialize(defs, instance, [dg.AssetKey("classification_gallery")])
-        page = settings.data_dir / "gallery" / result.run_id / "index.html"
+        page = DataLayout(settings.data_dir).gallery_dir(result.run_id) / "index.html"
         assert page.is_file()
-    dom = chromium_dump_dom(page, tmp_path)
+    dom = chromium_dump_dom(page.as_uri(), tmp_path)
     total = int(re.search(r'data-images-total="(\d+)"', dom)[1])
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom)[1])
     assert total > 0 and loaded == total
-    assert "near misses" in dom
+    assert "near misses: score under the threshold" in dom

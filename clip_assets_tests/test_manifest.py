@@ -1,6 +1,7 @@
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -56,3 +57,36 @@ def test_image_ids_are_stable_and_map_back_to_paths(root):
     for row in first.to_pylist():
         assert second[row["path"]]["image_id"] == row["image_id"] == image_id_for(row["path"])
     assert len({r["image_id"] for r in second.values()}) == len(second)
+
+
+def test_names_that_are_not_utf8_are_recorded_and_the_rest_listed(root):
+    """Linux allows any bytes in a name; parquet strings are UTF-8. Such files are skipped with the reason."""
+    batch = os.fsencode(root / "b1")
+    Image.new("RGB", (8, 8)).save(os.path.join(batch, b"caf\xe9.jpg"), "JPEG")
+    os.mkdir(os.path.join(batch, b"d\xff"))
+    Image.new("RGB", (8, 8)).save(os.path.join(batch, b"d\xff", b"inside.jpg"), "JPEG")
+    table = build_manifest(root, "b1")
+    pq.write_table(table, root.parent / "manifest.parquet")  # the whole table is valid UTF-8
+    rows = rows_by_path(pq.read_table(root.parent / "manifest.parquet"))
+    assert rows["b1/a.jpg"]["status"] == STATUS_OK and rows["b1/sub/b.png"]["status"] == STATUS_OK
+    odd = {p: r for p, r in rows.items() if "\\x" in p}
+    assert set(odd) == {"b1/caf\\xe9.jpg", "b1/d\\xff/inside.jpg"}
+    for path, row in odd.items():
+        assert row["status"] == STATUS_SKIPPED and "not valid UTF-8" in row["error"], row
+        assert f"b'{path}'" in row["error"]  # the bytes on disk, shown escaped
+    # ids hash the bytes on disk: one per file, and unlike the id of a file literally named 'caf\xe9.jpg'
+    assert len({r["image_id"] for r in rows.values()}) == len(rows)
+    assert odd["b1/caf\\xe9.jpg"]["image_id"] != image_id_for("b1/caf\\xe9.jpg")
+
+
+def test_symlinked_folders_are_recorded_not_followed(root, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "x.jpg")
+    os.symlink(elsewhere, root / "b1" / "linked-out")
+    os.symlink(root / "b1" / "sub", root / "b1" / "linked-in")  # inside the root: still not followed
+    rows = rows_by_path(build_manifest(root, "b1"))
+    for name in ("b1/linked-out", "b1/linked-in"):
+        assert rows[name]["status"] == STATUS_SKIPPED and rows[name]["error"] == "symlinked folder: not followed"
+    assert not any(p.startswith(("b1/linked-out/", "b1/linked-in/")) for p in rows)
+    assert rows["b1/sub/b.png"]["status"] == STATUS_OK

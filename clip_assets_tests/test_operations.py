@@ -8,7 +8,6 @@ import datetime
 import shutil
 
 import dagster as dg
-import duckdb
 import pytest
 
 from clip_assets.defs.execution import QUIET_CONSOLE
@@ -18,6 +17,7 @@ from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import write_collection
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories
+from clip_assets.warehouse import connect
 
 BATCH_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "image_classifications")]
 
@@ -60,7 +60,7 @@ def evaluate_schedule(schedule, defs, instance):
 
 
 def classification_counts(settings):
-    with duckdb.connect(str(DataLayout(settings.data_dir).duckdb_path), read_only=True) as con:
+    with connect(DataLayout(settings.data_dir).duckdb_path, read_only=True) as con:
         return con.execute(
             "SELECT batch, count(*), count(DISTINCT (image_id, category)) FROM image_classifications "
             "GROUP BY batch ORDER BY batch"
@@ -147,7 +147,7 @@ def test_rescan_cron_comes_from_the_environment(ops_settings):
 def test_every_asset_shows_description_group_kinds_owner_and_code_version(ops_settings):
     graph = build_definitions(ops_settings).resolve_asset_graph()
     keys = graph.get_all_asset_keys()
-    assert len(keys) == 8  # the four-asset pipeline with prompt_files, and evaluation, calibration, gallery
+    assert len(keys) == 10  # the four-asset pipeline with prompt_files; evaluation, calibration, gallery; search index, near-duplicates
     for key in keys:
         node = graph.get(key)
         shown = {"description": node.description, "group": node.group_name, "kinds": node.kinds,

@@ -2,7 +2,6 @@
 
 import json
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,12 +9,16 @@ import pytest
 
 from clip_assets.cli import main
 from clip_assets.embedding import embeddings_matrix, embeddings_schema
+from clip_assets import steps
+from clip_assets.layout import DataLayout
 from clip_assets.search import (
     NothingToSearchError,
     SearchModelMismatchError,
+    SearchQueryError,
     search,
     top_k_streaming,
 )
+from clip_assets.warehouse import connect
 
 BATCHES = ["batch-001", "batch-002"]
 
@@ -53,11 +56,54 @@ def test_image_search_finds_the_query_image_first(settings, clip, classified):
     assert hits[0].score >= hits[1].score >= hits[2].score
 
 
+def test_an_image_query_takes_a_path_as_search_prints_it(settings, clip, classified, tmp_path, monkeypatch):
+    printed = search(settings, text="a red circle", k=1, clip=clip)[0].path  # relative to the image root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the image root: the path resolves against CLIP_ASSETS_IMAGE_ROOT
+    assert search(settings, image=printed, k=1, clip=clip)[0].path == printed
+    monkeypatch.chdir(settings.image_root.parent)  # relative to the current directory
+    relative_to_cwd = f"{settings.image_root.name}/{printed}"
+    assert search(settings, image=relative_to_cwd, k=1, clip=clip)[0].path == printed
+    assert search(settings, image=str(settings.image_root / printed), k=1, clip=clip)[0].path == printed
+    with pytest.raises(SearchQueryError, match="No image file nowhere/x.png .*looked in") as missing:
+        search(settings, image="nowhere/x.png", clip=clip)
+    assert "\n" not in str(missing.value)
+    with pytest.raises(SearchQueryError, match="is a folder"):
+        search(settings, image="batch-001", clip=clip)
+
+
+def test_ties_break_by_image_id_so_a_smaller_k_is_a_prefix_of_a_larger(tmp_path):
+    # Three distinct vectors, each stored several times across two files: every score is exact
+    # (dyadic entries), so copies tie exactly, and ties must come out by image_id at every k.
+    dim = 8
+    basis = np.eye(dim, dtype=np.float32)
+    copies = {"b0": [0, 1, 2, 0, 1, 2, 0, 1, 2, 1], "b1": [2, 1, 0, 1, 2]}
+    files, ids_of = [], {}
+    for batch, which in copies.items():
+        ids = [f"{batch}-{n:02d}-{'xyz'[w]}" for n, w in enumerate(which)][::-1]  # ids not in row order
+        vectors = basis[which]
+        path = tmp_path / "embeddings" / f"{batch}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        write_random_embeddings(path, ids, vectors)
+        files.append(path)
+        ids_of.update({i: w for i, w in zip(ids, which)})
+    query = np.array([0.5, 0.25, 0.125, 0, 0, 0, 0, 0], dtype=np.float32)
+    expected = sorted(ids_of, key=lambda i: (-query[ids_of[i]], i))
+    for use_index in (True, False):
+        for chunk in (2, 3, 64):
+            full = top_k_streaming(query, files, len(expected), record_batch_rows=chunk, use_index=use_index, threads=2)
+            assert [h[1] for h in full] == expected
+            for k in range(1, len(expected)):
+                got = top_k_streaming(query, files, k, record_batch_rows=chunk, use_index=use_index, threads=2)
+                assert got == full[:k], (k, chunk, use_index)
+
+
 def test_batch_and_category_filters(settings, clip, classified):
     only_two = search(settings, text="a shape", k=50, batches=["batch-002"], clip=clip)
     assert len(only_two) == 10 and {h.batch for h in only_two} == {"batch-002"}
 
-    with duckdb.connect(str(classified.duckdb_path), read_only=True) as con:
+    with connect(classified.duckdb_path, read_only=True) as con:
         category, = con.execute(
             "SELECT category FROM image_classifications WHERE matched GROUP BY category "
             "ORDER BY count(*) BETWEEN 1 AND 19 DESC, count(*) DESC LIMIT 1"
@@ -130,13 +176,8 @@ def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
     assert (tmp_path / "search_index" / "batch.f32").stat().st_size == 30 * 8 * 4
 
 
-def test_cli_prints_json_lines_and_a_table(settings, classified, monkeypatch, capsys):
-    for name, value in {
-        "CLIP_ASSETS_IMAGE_ROOT": settings.image_root, "CLIP_ASSETS_DATA_DIR": settings.data_dir,
-        "CLIP_ASSETS_PROMPTS_DIR": settings.prompts_dir, "CLIP_ASSETS_MODEL": settings.model,
-        "CLIP_ASSETS_PRETRAINED": settings.pretrained, "CLIP_ASSETS_DEVICE": "cpu",
-    }.items():
-        monkeypatch.setenv(name, str(value))
+def test_cli_prints_json_lines_and_a_table(settings, classified, cli_env, monkeypatch, capsys):
+    cli_env(settings)
     assert main(["search", "a blue square", "-k", "4", "--json", "--batch", "batch-001"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 4 and all(set(x) == {"image_id", "path", "batch", "score"} for x in lines)
@@ -150,3 +191,24 @@ def test_cli_prints_json_lines_and_a_table(settings, classified, monkeypatch, ca
     monkeypatch.setenv("CLIP_ASSETS_DATA_DIR", str(settings.data_dir.parent / "empty"))
     assert main(["search", "a blue square"]) == 1
     assert "materialize image_embeddings" in capsys.readouterr().err
+
+
+def test_the_table_keeps_one_line_per_hit_whatever_the_file_names(settings, tmp_path, clip, cli_env, capsys):
+    from PIL import Image
+
+    root = tmp_path / "odd-root"
+    (root / "odd").mkdir(parents=True)
+    names = ["line\nbreak.png", "tab\there.png", "plain.png"]
+    for n, name in enumerate(names):
+        Image.new("RGB", (32, 32), (80 * n, 40, 200 - 60 * n)).save(root / "odd" / name)
+    layout = DataLayout(settings.data_dir)
+    steps.write_manifest(root, layout, "odd")
+    steps.write_embeddings(clip, root, layout, "odd", batch_size=4, num_workers=0)
+    cli_env(settings.model_copy(update={"image_root": root}))
+    assert main(["search", "--image", "odd/line\nbreak.png", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    assert any("odd/line\\nbreak.png" in line for line in lines)
+    assert any("odd/tab\\there.png" in line for line in lines)
+    assert main(["search", "--image", "odd/line\nbreak.png", "-k", "3", "--json"]) == 0
+    assert {json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()} == {f"odd/{n}" for n in names}

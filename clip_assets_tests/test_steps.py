@@ -1,6 +1,5 @@
 """Each step on its own, without Dagster: real model, real parquet files, real DuckDB file."""
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +13,7 @@ from clip_assets.embedding import embeddings_matrix
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import STATUS_OK
 from clip_assets.prompts import PromptFileError, load_categories
+from clip_assets.warehouse import connect
 from clip_assets_tests.conftest import TINY
 
 
@@ -23,7 +23,7 @@ def layout(settings):
 
 
 def query(layout, sql, params=()):
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         return con.execute(sql, params).fetchall()
 
 

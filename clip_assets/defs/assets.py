@@ -6,13 +6,15 @@ import dagster as dg
 
 from clip_assets import checks, steps
 from clip_assets.batch_discovery import manifest_fingerprint
-from clip_assets.plots import png_markdown, score_histograms_png
-from clip_assets.warehouse import score_histograms
+from clip_assets.defs.automation import PROMPT_FILES, prompt_files_observation
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
+from clip_assets.defs.metadata import picture, reasons_table, table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
-from clip_assets.prompts import prompt_files as list_prompt_files
-from clip_assets.prompts import prompt_version
+from clip_assets.gallery import contact_sheet
+from clip_assets.manifest import missing_batch_message
+from clip_assets.plots import score_histograms_png
+from clip_assets.warehouse import score_histograms
 
 OWNER = "team:clip-assets"
 # Backfills: batches per run for the manifest and the embeddings (the model loads once per run);
@@ -21,8 +23,10 @@ BATCHES_PER_RUN = 8
 # Concurrency pools (limits in dagster.yaml): DuckDB has one writer; the GPU takes one encoder.
 DUCKDB_WRITER_POOL = "duckdb_writer"
 GPU_POOL = "gpu"
-# How often the automation sensor looks at the prompt files for edits.
-PROMPT_OBSERVE_CRON = "* * * * *"
+# What an asset does with the DuckDB file, as a tag the UI shows and filters on
+# (`tag:clip_assets/duckdb=read-only`): readers and writers each wait for the other's lock.
+DUCKDB_READER = {"clip_assets/duckdb": "read-only"}
+DUCKDB_WRITER = {"clip_assets/duckdb": "read-write"}
 
 
 def _check_result(name: str, outcome: checks.CheckOutcome, warn: bool = False) -> dg.AssetCheckResult:
@@ -47,41 +51,33 @@ def _combined(outcomes: dict[str, checks.CheckOutcome]) -> checks.CheckOutcome:
     )
 
 
-def _markdown_table(rows: list[dict]) -> dg.MarkdownMetadataValue:
-    if not rows:
-        return dg.MetadataValue.md("none")
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]).replace("|", "/") for h in header) + " |" for r in rows]
-    return dg.MetadataValue.md("\n".join(lines))
-
-
-def _reasons_table(reasons: dict[str, str]) -> dg.MarkdownMetadataValue:
-    lines = ["| path | reason |", "| --- | --- |"]
-    lines += [f"| {path} | {reason.replace('|', '/')[:200]} |" for path, reason in reasons.items()]
-    return dg.MetadataValue.md("\n".join(lines) if reasons else "none")
-
-
 @dg.multi_observable_source_asset(
     specs=[
         dg.AssetSpec(
-            "prompt_files",
-            description="The human-edited prompt files (prompts/*.toml). Data version: a hash of their content.",
+            PROMPT_FILES,
+            description="The human-edited prompt files (prompts/*.toml). Data version: a hash of their content. "
+            "Observed by the prompt_files_observation sensor without a run.",
             group_name="prompts",
             kinds={"toml"},
             owners=[OWNER],
             code_version="1",
-            automation_condition=dg.AutomationCondition.cron_tick_passed(PROMPT_OBSERVE_CRON),
         )
     ],
 )
 def prompt_files(collection: ImageCollection):
-    prompts_dir = Path(collection.prompts_dir)
+    """Observed in a run only when asked for (the UI's Observe button, the centroids' first build)."""
+    observation = prompt_files_observation(Path(collection.prompts_dir))
     yield dg.ObserveResult(
-        asset_key="prompt_files",
-        data_version=dg.DataVersion(prompt_version(prompts_dir)),
-        metadata={"files": [p.name for p in list_prompt_files(prompts_dir)], "folder": str(prompts_dir)},
+        asset_key=PROMPT_FILES, data_version=dg.DataVersion(observation.data_version), metadata=observation.metadata
     )
+
+
+def _check_batch_folders(image_root: Path, batches: list[str]) -> None:
+    """Before anything is written: every batch of the run has its folder, else the step fails saying so."""
+    missing = [b for b in batches if not (image_root / b).is_dir()]
+    if missing:
+        raise dg.Failure(description=" ".join(missing_batch_message(image_root, b) for b in missing[:3])
+                         + (f" ({len(missing)} batches of this run have no folder.)" if len(missing) > 3 else ""))
 
 
 @dg.asset(
@@ -94,24 +90,25 @@ def prompt_files(collection: ImageCollection):
 )
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Every file of an image batch: stable image_id, path, size, mtime, format, width, height, status, error."""
-    summaries = {b: steps.write_manifest(Path(collection.image_root), collection.layout, b)
-                 for b in context.partition_keys}
-    # of (path, size, mtime): what the re-scan schedule compares the files on disk with
-    fingerprints = {b: manifest_fingerprint(s.path) for b, s in summaries.items()}
-    single = len(summaries) == 1
+    image_root, batches = Path(collection.image_root), context.partition_keys
+    _check_batch_folders(image_root, batches)
+    fingerprints = {}
+    for batch in batches:
+        summary = steps.write_manifest(image_root, collection.layout, batch)
+        # of (path, size, mtime): what the re-scan schedule compares the files on disk with
+        fingerprints[batch] = manifest_fingerprint(summary.path)
+        context.add_asset_metadata(partition_key=batch, metadata={
+            "files_fingerprint": fingerprints[batch],
+            "dagster/row_count": summary.files,
+            "usable_images": summary.usable,
+            "unusable_files": summary.unusable,
+            "unusable_examples": reasons_table(summary.errors),
+            "path": dg.MetadataValue.path(str(summary.path)),
+        })
+    # Dagster takes one data version per step: the fingerprint where the run has one batch.
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(next(iter(fingerprints.values()))) if single else None,
-        metadata={
-            "files_fingerprint": next(iter(fingerprints.values())) if single else _markdown_table(
-                [{"batch": b, "fingerprint": f} for b, f in fingerprints.items()]),
-            "dagster/row_count": sum(s.files for s in summaries.values()),
-            "usable_images": sum(s.usable for s in summaries.values()),
-            "unusable_files": sum(s.unusable for s in summaries.values()),
-            "unusable_examples": _reasons_table(
-                dict(kv for s in summaries.values() for kv in s.errors.items())),
-            "path": dg.MetadataValue.path(str(next(iter(summaries.values())).path if single
-                                              else next(iter(summaries.values())).path.parent)),
-        }
+        data_version=dg.DataVersion(fingerprints[batches[0]]) if len(batches) == 1 else None,
+        metadata={"batches_in_run": len(batches)},
     )
 
 
@@ -123,6 +120,7 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
     owners=[OWNER],
     code_version="1",
     op_tags={"clip_assets/gpu": "true", "dagster-k8s/config": GPU_STEP_K8S_CONFIG},
+    tags=DUCKDB_READER,  # the same_model_as_centroids check reads the stored centroids' model
     pool=GPU_POOL,
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
     check_specs=[
@@ -140,10 +138,11 @@ def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
-    clip = clip_model.load()  # once per run, however many batches a backfill run covers
+    clip = clip_model.load(claim_gpu=True)  # once per run, however many batches a backfill run covers
     layout, batches = collection.layout, context.partition_keys
-    summaries = [
-        steps.write_embeddings(
+    norms, shares, models = {}, {}, {}
+    for batch in batches:
+        s = steps.write_embeddings(
             clip,
             Path(collection.image_root),
             layout,
@@ -151,37 +150,38 @@ def image_embeddings(
             batch_size=clip_model.batch_size,
             num_workers=clip_model.num_workers,
             timeout_s=clip_model.file_timeout_s,
+            chunk_rows=clip_model.chunk_rows,
             report=context.log.info,
+            decode=clip_model.decode,
         )
-        for batch in batches
-    ]
-    unusable = {b: steps.unusable_in_manifest(layout, b) for b in batches}
+        unusable = steps.unusable_in_manifest(layout, batch)
+        norms[batch] = checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim)
+        shares[batch] = checks.failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share)
+        models[batch] = checks.embeddings_match_centroid_model(layout, batch)
+        context.add_asset_metadata(partition_key=batch, metadata={
+            "dagster/row_count": s.rows,
+            "encoded": s.encoded,
+            "carried_over": s.carried_over,
+            "unchanged_content": s.unchanged_content,
+            "resumed": s.resumed,
+            "dropped": s.dropped,
+            "failed_images": s.failed,
+            "unusable_in_manifest": unusable,
+            "failure_examples": reasons_table(s.failures),
+            "path": dg.MetadataValue.path(str(s.path)),
+        })
     return dg.MaterializeResult(
         check_results=[
-            _check_result("unit_norm_with_model_dimension", _combined(
-                {b: checks.embeddings_are_unit_norm(layout, b, clip.embed_dim) for b in batches})),
-            _check_result("failure_share", _combined(
-                {b: checks.failure_share_within_limit(s.usable, s.failed, unusable[b], collection.max_failure_share)
-                 for b, s in zip(batches, summaries)}), warn=True),
-            _check_result("same_model_as_centroids", _combined(
-                {b: checks.embeddings_match_centroid_model(layout, b) for b in batches})),
+            _check_result("unit_norm_with_model_dimension", _combined(norms)),
+            _check_result("failure_share", _combined(shares), warn=True),
+            _check_result("same_model_as_centroids", _combined(models)),
         ],
         metadata={
-            "dagster/row_count": sum(s.rows for s in summaries),
-            "batches": len(batches),
-            "encoded": sum(s.encoded for s in summaries),
-            "carried_over": sum(s.carried_over for s in summaries),
-            "unchanged_content": sum(s.unchanged_content for s in summaries),
-            "resumed": sum(s.resumed for s in summaries),
-            "dropped": sum(s.dropped for s in summaries),
-            "failed_images": sum(s.failed for s in summaries),
-            "unusable_in_manifest": sum(unusable.values()),
-            "failure_examples": _reasons_table(dict(kv for s in summaries for kv in s.failures.items())),
-            "model": summaries[0].model,
-            "dimension": summaries[0].dim,
+            "batches_in_run": len(batches),
+            "model": clip.identity,
+            "dimension": clip.embed_dim,
             "device": str(clip.device),
-            "path": dg.MetadataValue.path(str(summaries[0].path if len(summaries) == 1 else summaries[0].path.parent)),
-        }
+        },
     )
 
 
@@ -192,6 +192,7 @@ def image_embeddings(
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    tags=DUCKDB_WRITER,
     pool=DUCKDB_WRITER_POOL,
     check_specs=[
         dg.AssetCheckSpec("every_category_has_centroids", asset="prompt_centroids",
@@ -209,11 +210,11 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
         ],
         metadata={
             "dagster/row_count": summary.centroid_rows,
-            "categories": _markdown_table(
+            "categories": table(
                 [
                     {"category": c.name, "file": c.source, "mode": c.mode, "positive": len(c.positive),
-                     "negative": len(c.negative), "neutral": len(c.neutral), "threshold": c.threshold,
-                     "neutral_margin": c.neutral_margin}
+                     "negative": len(c.negative), "neutral": len(c.neutral), "threshold": float(c.threshold),
+                     "neutral_margin": float(c.neutral_margin)}
                     for c in summary.categories
                 ]
             ),
@@ -232,6 +233,7 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
     owners=[OWNER],
     code_version="1",
     automation_condition=dg.AutomationCondition.eager(),
+    tags=DUCKDB_WRITER,
     pool=DUCKDB_WRITER_POOL,
     backfill_policy=dg.BackfillPolicy.single_run(),
     check_specs=[
@@ -240,33 +242,36 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
     ],
 )
 def image_classifications(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
-    """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag."""
-    layout, batches = collection.layout, context.partition_keys
-    summaries = [steps.write_classifications(layout, batch) for batch in batches]
-    images = sum(s.images for s in summaries)
-    matches = {k: sum(s.matches.get(k, 0) for s in summaries) for k in summaries[0].matches}
-    per_batch_views = {}
-    if len(batches) == 1:  # previews of one batch; a range run reports totals
-        plot = score_histograms_png(score_histograms(layout.duckdb_path, batches[0]))
-        per_batch_views = {
-            "top_images": _markdown_table(steps.top_images_table(layout, batches[0])),
-            "score_distribution": dg.MetadataValue.md(png_markdown(plot, "score distribution per category")),
-        }
-    return dg.MaterializeResult(
-        check_results=[
-            _check_result("one_row_per_image_and_category", _combined(
-                {b: checks.one_row_per_image_and_category(layout, b) for b in batches})),
-        ],
-        metadata={
-            "dagster/row_count": sum(s.rows for s in summaries),
-            "batches": len(batches),
-            "images": images,
-            "matches_per_category": _markdown_table(
-                [{"category": k, "images matched": v, "share": f"{v / max(1, images):.1%}"}
-                 for k, v in matches.items()]
+    """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag.
+
+    Each batch's materialization shows its matches per category, its score distribution, its top
+    images and a contact sheet (thumbnails of its best matches and near misses per category).
+    """
+    layout, image_root, batches = collection.layout, Path(collection.image_root), context.partition_keys
+    outcomes, summary = {}, None
+    for batch in batches:
+        summary = steps.write_classifications(layout, batch)
+        outcomes[batch] = checks.one_row_per_image_and_category(layout, batch)
+        context.add_asset_metadata(partition_key=batch, metadata={
+            "dagster/row_count": summary.rows,
+            "images": summary.images,
+            "matches_per_category": table(
+                [{"category": k, "images_matched": v, "share": round(v / max(1, summary.images), 4)}
+                 for k, v in summary.matches.items()],
+                {"category": "string", "images_matched": "int", "share": "float"},
             ),
-            **per_batch_views,
-            "model": summaries[0].model,
-            "prompt_version": summaries[0].prompt_version,
-        }
+            "score_distribution": picture(
+                score_histograms_png(score_histograms(layout.duckdb_path, batch)), f"{batch}: score distribution per category"),
+            "contact_sheet": picture(
+                contact_sheet(layout, image_root, batch), f"{batch}: best matches and near misses per category"),
+            "top_images": table(steps.top_images_table(layout, batch),
+                                {"category": "string", "path": "string", "score": "float", "matched": "bool"}),
+        })
+    return dg.MaterializeResult(
+        check_results=[_check_result("one_row_per_image_and_category", _combined(outcomes))],
+        metadata={
+            "batches_in_run": len(batches),
+            "model": summary.model,
+            "prompt_version": summary.prompt_version,
+        },
     )

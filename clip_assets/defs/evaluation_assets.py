@@ -4,17 +4,27 @@ The bodies call `clip_assets.calibration` and turn its results into metadata a p
 table per category, the macro F1, and a precision-recall plot.
 """
 
+import shlex
 from pathlib import Path
 
 import dagster as dg
 
 from clip_assets import calibration
-from clip_assets.defs.assets import OWNER, _markdown_table
+from clip_assets.atomic_files import write_text_atomically
+from clip_assets.defs.assets import DUCKDB_READER, OWNER
+from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.evaluation import macro_f1
 from clip_assets.gallery import write_gallery
-from clip_assets.layout import write_text_atomically
-from clip_assets.plots import png_markdown
+
+
+SERVE_PORT = 8765
+SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}/"
+
+
+def serve_command(folder: Path) -> str:
+    """One command that serves a gallery folder on SERVE_URL (Python's own static file server)."""
+    return f"python3 -m http.server {SERVE_PORT} --bind 127.0.0.1 --directory {shlex.quote(str(folder))}"
 
 
 class LabelledSample(dg.ConfigurableResource):
@@ -35,11 +45,13 @@ class LabelledSample(dg.ConfigurableResource):
         )
 
 
-def _scores_table(scores) -> dg.MarkdownMetadataValue:
-    return _markdown_table(
-        [{"category": s.category, "precision": f"{s.precision:.3f}", "recall": f"{s.recall:.3f}",
-          "F1": f"{s.f1:.3f}", "TP": s.true_positives, "FP": s.false_positives, "FN": s.false_negatives}
-         for s in scores]
+def _scores_table(scores) -> dg.TableMetadataValue:
+    return table(
+        [{"category": s.category, "precision": round(s.precision, 4), "recall": round(s.recall, 4),
+          "F1": round(s.f1, 4), "TP": s.true_positives, "FP": s.false_positives, "FN": s.false_negatives}
+         for s in scores],
+        {"category": "string", "precision": "float", "recall": "float", "F1": "float", "TP": "int", "FP": "int",
+         "FN": "int"},
     )
 
 
@@ -47,6 +59,7 @@ def _scores_table(scores) -> dg.MarkdownMetadataValue:
     deps=["image_classifications"],
     group_name="evaluation",
     kinds={"duckdb"},
+    tags=DUCKDB_READER,
     owners=[OWNER],
     code_version="1",
 )
@@ -59,9 +72,7 @@ def image_evaluation(collection: ImageCollection, labelled_sample: LabelledSampl
             "macro_f1": round(macro_f1(scores), 4),
             "labelled_images": len(data.image_ids),
             "per_category": _scores_table(scores),
-            "precision_recall": dg.MetadataValue.md(
-                png_markdown(calibration.precision_recall_plot(data), "precision-recall per category")
-            ),
+            "precision_recall": picture(calibration.precision_recall_plot(data), "precision-recall per category"),
             "labels_without_classifications": len(data.unmatched_labels),
             "unknown_categories": ", ".join(data.unknown_categories) or "none",
         }
@@ -71,7 +82,8 @@ def image_evaluation(collection: ImageCollection, labelled_sample: LabelledSampl
 @dg.asset(
     deps=["image_classifications"],
     group_name="evaluation",
-    kinds={"toml"},
+    kinds={"duckdb", "toml"},
+    tags=DUCKDB_READER,
     owners=[OWNER],
     code_version="1",
 )
@@ -80,7 +92,7 @@ def threshold_calibration(collection: ImageCollection, labelled_sample: Labelled
     before and after on the rest; the proposal is written as a calibrated_thresholds.toml to review."""
     data = labelled_sample.load(collection)
     report = calibration.calibrate(data, labelled_sample.target_precision, labelled_sample.heldout_fraction)
-    proposal = collection.layout.data_dir / "calibration" / "calibrated_thresholds.toml"
+    proposal = collection.layout.calibration_proposal_path
     write_text_atomically(report.overrides_toml(), proposal)
     return dg.MaterializeResult(
         metadata={
@@ -90,9 +102,8 @@ def threshold_calibration(collection: ImageCollection, labelled_sample: Labelled
             "heldout_images": report.heldout_images,
             "heldout_after": _scores_table(report.after),
             "heldout_before": _scores_table(report.before),
-            "precision_recall": dg.MetadataValue.md(
-                png_markdown(calibration.precision_recall_plot(data, report), "precision-recall, now and calibrated")
-            ),
+            "precision_recall": picture(
+                calibration.precision_recall_plot(data, report), "precision-recall, now and calibrated"),
             "proposal": dg.MetadataValue.path(str(proposal)),
             "apply": dg.MetadataValue.md(
                 f"Review, then copy `{proposal}` into the prompts folder ({collection.prompts_dir}) "
@@ -106,20 +117,27 @@ def threshold_calibration(collection: ImageCollection, labelled_sample: Labelled
 @dg.asset(
     deps=["image_classifications"],
     group_name="evaluation",
-    kinds={"html"},
+    kinds={"duckdb", "html"},
+    tags=DUCKDB_READER,
     owners=[OWNER],
     code_version="1",
 )
 def classification_gallery(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
-    """A static HTML page per run: per category, thumbnails of the best matched images and of the
-    near misses just under the threshold, with their scores."""
-    out_dir = collection.layout.data_dir / "gallery" / context.run.run_id
+    """A static HTML page per run: per category, thumbnails of the best matched images and of the near
+    misses, grouped by the condition they failed, with their scores. The materialization says how
+    to open it: the file's URL, or one command that serves the folder on http://127.0.0.1:8765/."""
+    out_dir = collection.layout.gallery_dir(context.run.run_id)
     page = write_gallery(collection.layout, Path(collection.image_root), out_dir,
                          title=f"clip-assets gallery, run {context.run.run_id[:8]}")
+    serve = serve_command(out_dir)
     return dg.MaterializeResult(
         metadata={
             "page": dg.MetadataValue.path(str(page)),
-            "open": dg.MetadataValue.md(f"Open `file://{page}` in a browser."),
+            "open": dg.MetadataValue.url(page.as_uri()),
+            "serve": dg.MetadataValue.md(
+                f"Browsers do not follow `file://` links from this page: copy the `open` URL into the address "
+                f"bar, or serve the folder and open {SERVE_URL}:\n\n```bash\n{serve}\n```"
+            ),
             "thumbnails": len(list((out_dir / "thumbs").glob("*.jpg"))),
         }
     )

@@ -6,13 +6,30 @@ for scripts that want a whole pipeline run recorded in an instance without a web
 
 from __future__ import annotations
 
-import dagster as dg
+from pathlib import Path
 
-from clip_assets.defs.automation import OBSERVE_PROMPTS_JOB
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from clip_assets.defs.automation import new_prompt_observation
 from clip_assets.defs.partitions import image_batches
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+# A throwaway instance for scripts and tests that run the `dagster` CLI: sqlite storage under its
+# DAGSTER_HOME, no telemetry, and pools of one as in the repo's dagster.yaml.
+SCRATCH_INSTANCE_YAML = """\
+storage:
+  sqlite:
+    base_dir: {home}/storage
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    granularity: op
+    default_limit: 1
+"""
 
 BATCH_ASSETS = [dg.AssetKey("image_manifest"), dg.AssetKey("image_embeddings"), dg.AssetKey("image_classifications")]
 
@@ -26,8 +43,13 @@ def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[s
     return new
 
 
-def observe_prompt_files(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
-    return defs.resolve_job_def(OBSERVE_PROMPTS_JOB).execute_in_process(instance=instance, run_config=QUIET_CONSOLE)
+def observe_prompt_files(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
+    """What the prompt_files_observation sensor does on a tick: record an observation, without a run,
+    when the prompt files changed since the last one. Returns it, or None when nothing changed."""
+    observation = new_prompt_observation(instance, Path(defs.resources["collection"].prompts_dir))
+    if observation is not None:
+        instance.report_runless_asset_event(observation)
+    return observation
 
 
 def materialize(
@@ -36,14 +58,22 @@ def materialize(
     keys: list[dg.AssetKey],
     partition_key: str | None = None,
     raise_on_error: bool = True,
+    partition_range: tuple[str, str] | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """One run of `keys`: unpartitioned, one partition, or a range of partitions (first, last) as a
+    backfill run covers them."""
     job = defs.resolve_implicit_global_asset_job_def()
+    tags = (
+        {ASSET_PARTITION_RANGE_START_TAG: partition_range[0], ASSET_PARTITION_RANGE_END_TAG: partition_range[1]}
+        if partition_range else None
+    )
     return job.execute_in_process(
         instance=instance,
         asset_selection=keys,
         partition_key=partition_key,
         raise_on_error=raise_on_error,
         run_config=QUIET_CONSOLE,
+        tags=tags,
     )
 
 

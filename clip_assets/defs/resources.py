@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.clip_model import ClipModel, load_clip_model
+from clip_assets.clip_model import ClipModel, load_clip_model, tuned_for_inference
+from clip_assets.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
 from clip_assets.layout import DataLayout
+from clip_assets.settings import default
 
 
 class ImageCollection(dg.ConfigurableResource):
@@ -17,7 +20,8 @@ class ImageCollection(dg.ConfigurableResource):
     image_root: str
     prompts_dir: str
     data_dir: str
-    max_failure_share: float = 0.05  # the failure-rate check warns above this share of a batch
+    max_failure_share: float = default("max_failure_share")  # the failure-rate check warns above this share of a batch
+    duplicate_threshold: float = default("duplicate_threshold")  # cosine similarity for near_duplicates
 
     @property
     def layout(self) -> DataLayout:
@@ -25,8 +29,9 @@ class ImageCollection(dg.ConfigurableResource):
 
 
 @functools.lru_cache(maxsize=2)
-def _load_once_per_process(model: str, pretrained: str, device: str | None) -> ClipModel:
-    return load_clip_model(model, pretrained, device)
+def _load_once_per_process(model: str, pretrained: str, device: str | None, channels_last: bool,
+                           compile_model: bool) -> ClipModel:
+    return tuned_for_inference(load_clip_model(model, pretrained, device), channels_last, compile_model)
 
 
 class ClipModelResource(dg.ConfigurableResource):
@@ -35,9 +40,18 @@ class ClipModelResource(dg.ConfigurableResource):
     model: str
     pretrained: str
     device: str | None = None
-    batch_size: int = 64
-    num_workers: int = -1
-    file_timeout_s: float = 60.0
+    batch_size: int = default("batch_size")
+    num_workers: int = default("num_workers")
+    file_timeout_s: float = default("file_timeout_s")
+    chunk_rows: int = default("chunk_rows")  # images per part file: what a killed run re-encodes at most
+    decode: str = default("decode")  # auto, pillow or tensor (tensor_decode.py)
+    channels_last: bool = default("channels_last")
+    compile_model: bool = default("compile_model")
+    gpu_lock_dir: str = str(default("gpu_lock_dir"))
 
-    def load(self) -> ClipModel:
-        return _load_once_per_process(self.model, self.pretrained, self.device)
+    def load(self, claim_gpu: bool = False) -> ClipModel:
+        """`claim_gpu`: for the embedding step, which takes a GPU of its own where there are several."""
+        device = self.device
+        if claim_gpu:
+            device = device_for_embedding_step(device, Path(self.gpu_lock_dir), logging.getLogger(__name__).info)
+        return _load_once_per_process(self.model, self.pretrained, device, self.channels_last, self.compile_model)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 
 from clip_assets.calibration import CalibrationReport, calibrate, load_labelled_scores, read_labels_file
 from clip_assets.defs.execution import materialize_everything
@@ -21,7 +20,8 @@ from clip_assets.definitions import build_definitions
 from clip_assets.evaluation import macro_f1, score_labels
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import list_batches
-from clip_assets.settings import REPO_ROOT, Settings
+from clip_assets.settings import REPO_ROOT, Settings, env_var
+from clip_assets.warehouse import connect
 
 DEMO_DIR = REPO_ROOT / ".demo"
 
@@ -33,37 +33,32 @@ def demo_settings(demo_dir: Path, checkpoint: Path) -> Settings:
         prompts_dir=REPO_ROOT / "prompts",
         model=DEMO_MODEL,
         pretrained=str(checkpoint),
-        device=os.environ.get("CLIP_ASSETS_DEVICE") or None,
+        device=Settings.from_env().device,
     )
 
 
 def write_env_file(path: Path, settings: Settings) -> None:
     path.write_text(
         "".join(
-            f"{k}={v}\n"
-            for k, v in {
-                "CLIP_ASSETS_IMAGE_ROOT": settings.image_root,
-                "CLIP_ASSETS_DATA_DIR": settings.data_dir,
-                "CLIP_ASSETS_MODEL": settings.model,
-                "CLIP_ASSETS_PRETRAINED": settings.pretrained,
-            }.items()
+            f"{env_var(name)}={getattr(settings, name)}\n"
+            for name in ("image_root", "data_dir", "model", "pretrained")
         )
     )
 
 
 def matched_labels(layout: DataLayout) -> dict[str, set[str]]:
     """Matched categories per image path, read back from DuckDB and the manifests."""
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         rows = con.execute(
             "SELECT m.path, list(c.category) FILTER (WHERE c.matched) "
             "FROM image_classifications c JOIN read_parquet(?) m USING (image_id) GROUP BY m.path",
-            [str(layout.data_dir / "manifest" / "*.parquet")],
+            [layout.manifests_glob],
         ).fetchall()
     return {path: set(cats or []) for path, cats in rows}
 
 
 def category_summary(layout: DataLayout) -> list[tuple]:
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         return con.execute(
             """
             SELECT c.category, count(DISTINCT c.image_id) AS images, count(*) FILTER (WHERE matched) AS matched,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import open_clip
 import torch
 
+from clip_assets.atomic_files import atomic_write
 from clip_assets.clip_model import register_model_configs
 from clip_assets.demo.shapes import caption_variants, make_sample
 
@@ -93,9 +93,7 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
             running += loss.item()
             step += 1
         log(f"epoch {epoch + 1}/{recipe['epochs']}: contrastive loss {running / steps_per_epoch:.3f} ({time.monotonic() - started:.0f} s)")
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "recipe": recipe}, tmp)
-    os.replace(tmp, checkpoint)
+    with atomic_write(checkpoint) as tmp:
+        torch.save({"state_dict": model.state_dict(), "recipe": recipe}, tmp)
     log(f"trained {recipe['model']} in {time.monotonic() - started:.0f} s -> {checkpoint}")
     return checkpoint

@@ -1,0 +1,85 @@
+"""The approximate-nearest-neighbour index shards (one per batch) and the near-duplicate groups, as assets.
+
+The bodies call clip_assets.ann_index and clip_assets.near_duplicates and report what they wrote.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from clip_assets import ann_index, near_duplicates as duplicates
+from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
+from clip_assets.defs.metadata import table
+from clip_assets.defs.partitions import image_batches
+from clip_assets.defs.resources import ImageCollection
+from clip_assets.gallery import write_duplicates_page
+
+
+@dg.asset(
+    partitions_def=image_batches,
+    deps=["image_embeddings"],
+    group_name="search",
+    kinds={"faiss"},
+    owners=[OWNER],
+    code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
+    backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
+)
+def image_search_index(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
+    """The batch's shard of the approximate-nearest-neighbour index (faiss IVF-PQ; a small batch is
+    searched exactly instead). Only this batch's shard is built: the other batches' are untouched."""
+    layout, batches = collection.layout, context.partition_keys
+    versions = {}
+    for batch in batches:
+        s = ann_index.build_batch_shard(layout, batch)
+        versions[batch] = s.version
+        context.add_asset_metadata(partition_key=batch, metadata={
+            "dagster/row_count": s.rows,
+            "kind": s.kind,
+            "factory": s.factory or "-",
+            "bytes_per_vector": round(s.bytes_per_vector, 1),
+            "build_s": round(s.build_s, 2),
+            "index_bytes": s.index_bytes,
+            "model": s.model,
+            "path": dg.MetadataValue.path(str(layout.ann_shard_path(batch))),
+        })
+    # Dagster takes one data version per step: the shard's where the run has one batch.
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(versions[batches[0]]) if len(batches) == 1 else None,
+        metadata={"batches_in_run": len(batches)},
+    )
+
+
+@dg.asset(
+    deps=[image_search_index],
+    group_name="search",
+    kinds={"faiss", "duckdb", "html"},
+    owners=[OWNER],
+    code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
+    tags=DUCKDB_WRITER,
+    pool=DUCKDB_WRITER_POOL,
+)
+def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
+    """Groups of near-duplicate images across the whole collection (cosine similarity at or above
+    CLIP_ASSETS_DUPLICATE_THRESHOLD) in DuckDB's duplicate_groups, and a gallery page of them. Only
+    batches whose index shard changed are queried again."""
+    layout = collection.layout
+    batches = sorted(context.instance.get_dynamic_partitions(image_batches.name))
+    summary = duplicates.update_duplicate_groups(layout, batches, collection.duplicate_threshold)
+    page = write_duplicates_page(layout, Path(collection.image_root), layout.duplicates_page_dir(context.run.run_id))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": summary.images_in_groups,
+            "groups": summary.groups,
+            "pairs": summary.pairs,
+            "threshold": summary.threshold,
+            "recomputed_batches": len(summary.recomputed),
+            "reused_batches": len(summary.reused),
+            "recomputed": ", ".join(summary.recomputed) or "none",
+            "waiting_for_index": ", ".join(summary.waiting_for_index) or "none",
+            "largest_groups": table(summary.largest, {"first_path": "string", "images": "int"}),
+            "seconds": round(summary.seconds, 2),
+            "page": dg.MetadataValue.path(str(page)),
+        },
+    )
