@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # under the 0.08-0.19 by which bilinear and bicubic resizing differ; see the tests).
 DRAFT_OVERSAMPLE = 2
 MIN_SHARE = 8  # fewest images a decode worker collates at once
+WORKER_DEATH_WAIT_S = 2.0  # how long an odd loader error waits for a worker's death to show
 
 FAILURES_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("path", pa.string()), pa.field("error", pa.string())]
@@ -354,9 +355,11 @@ def encode_images(
                 if sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows:
                     flush()
             break
-        except RuntimeError as exc:
-            if not is_worker_death(exc):
+        except Exception as exc:
+            death = worker_death(exc, batches)
+            if death is None:
                 raise
+            exc = death
             _stop_workers(batches)
             finished = done()
             culprits = {
@@ -384,6 +387,33 @@ def encode_images(
     result.unchanged_content = int(unchanged_content.sum())
     result.failures = [(job.image_ids[i], job.paths[i], reason) for i, reason in sorted(failures.items())]
     return result
+
+
+def worker_death(exc: Exception, batches) -> Exception | None:
+    """`exc` (or torch's own report that follows it) when a decode worker died, else None.
+
+    A worker that dies while its batch is being handed over shows first as that handover failing
+    (a reset connection or a truncated pipe while the main process unpickles shared memory); torch
+    names the dead worker only once the process is reaped, from its SIGCHLD handler, which may
+    raise while this looks.
+    """
+    if is_worker_death(exc):
+        return exc
+    workers = getattr(batches, "_workers", None)
+    if not workers:
+        return None
+    try:
+        deadline = time.monotonic() + WORKER_DEATH_WAIT_S
+        while True:
+            if any(not w.is_alive() for w in workers):
+                return exc
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+    except RuntimeError as report:
+        if is_worker_death(report):
+            return report
+        raise
 
 
 def _stop_workers(batches) -> None:
