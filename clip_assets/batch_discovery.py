@@ -20,6 +20,8 @@ from typing import Callable, Iterable
 
 import pyarrow.parquet as pq
 
+from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
+
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import list_batches, list_files
 
@@ -51,6 +53,7 @@ class Discovery:
     new: list[str]          # batch folders not registered before: add them as partitions
     listed: bool            # False when the root had not changed and was not listed at all
     cursor: DiscoveryCursor
+    refused: dict[str, str] = field(default_factory=dict)  # folders that can't be batches, and why
 
 
 def discover_new_batches(
@@ -64,8 +67,14 @@ def discover_new_batches(
     if cursor.root_mtime_ns == root_mtime_ns:
         return Discovery(new=[], listed=False, cursor=cursor)
     registered = set(known())
-    new = [b for b in list_batches(image_root) if b not in registered]
-    return Discovery(new=new, listed=True, cursor=DiscoveryCursor(root_mtime_ns, cursor.pending))
+    found = [b for b in list_batches(image_root) if b not in registered]
+    refused = {b: reason for b in found if (reason := refused_batch_name(b))}
+    return Discovery(
+        new=[b for b in found if b not in refused],
+        listed=True,
+        cursor=DiscoveryCursor(root_mtime_ns, cursor.pending),
+        refused=refused,
+    )
 
 
 def _fingerprint(rows: Iterable[tuple[str, int | None, float | None]]) -> str:
@@ -88,18 +97,44 @@ def manifest_fingerprint(manifest_path: Path) -> str | None:
     return _fingerprint(zip(*(table[c].to_pylist() for c in ("path", "size", "mtime"))))
 
 
-def changed_batches(image_root: Path, layout: DataLayout, batches: Iterable[str]) -> list[str]:
+def changed_batches(
+    image_root: Path, layout: DataLayout, batches: Iterable[str], report: Callable[[str], None] = lambda _: None
+) -> list[str]:
     """Registered batches whose files differ from their last manifest (or that have none yet).
 
-    Batches whose folder is gone are left out: there is nothing to re-scan.
+    Batches whose folder is gone are left out: there is nothing to re-scan. One batch never stops
+    the others: a manifest that can't be read counts as changed (listing the batch again rewrites
+    it), and a folder that can't be listed is left out; both are reported with their reason.
     """
     out = []
     for batch in batches:
         if not (image_root / batch).is_dir():
             continue
-        if files_fingerprint(image_root, batch) != manifest_fingerprint(layout.manifest_path(batch)):
+        try:
+            on_disk = files_fingerprint(image_root, batch)
+        except OSError as exc:
+            report(f"{batch}: its folder could not be listed ({exc}); left out of this re-scan")
+            continue
+        try:
+            listed = manifest_fingerprint(layout.manifest_path(batch))
+        except Exception as exc:  # a truncated or foreign file: pyarrow raises its own errors
+            report(f"{batch}: its manifest could not be read ({type(exc).__name__}: {exc}); listed again")
+            listed = None
+        if on_disk != listed:
             out.append(batch)
     return out
+
+
+def refused_batch_name(name: str) -> str | None:
+    """Why a folder name can't be a batch (a Dagster partition key), or None when it can."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename the folder"
+    bad = [s for s in INVALID_PARTITION_SUBSTRINGS if s in name]
+    if bad:
+        return f"its name contains {', '.join(repr(s) for s in bad)}, which Dagster refuses in a partition key; rename the folder"
+    return None
 
 
 def contiguous_ranges(order: list[str], wanted: Iterable[str], max_per_run: int) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from clip_assets.defs.evaluation_assets import (
 from clip_assets.defs.index_assets import image_search_index, near_duplicates
 from clip_assets.defs.jobs import classify_image_batch_job, prompt_centroids_job
 from clip_assets.defs.schedules import build_rescan_schedule
-from clip_assets.defs.sensors import image_batch_discovery
+from clip_assets.defs.sensors import image_batch_discovery, split_failed_batch_runs
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
 from clip_assets.settings import Settings
 
@@ -37,7 +37,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
     return dg.Definitions(
         executor=executor or IN_PROCESS_EXECUTOR,
         assets=ASSETS + EVALUATION_ASSETS + INDEX_ASSETS,
-        sensors=[observe_prompt_files, automation_sensor, image_batch_discovery],
+        sensors=[observe_prompt_files, automation_sensor, image_batch_discovery, split_failed_batch_runs],
         schedules=[build_rescan_schedule(settings.rescan_cron)],
         jobs=[classify_image_batch_job, prompt_centroids_job],
         resources={

@@ -141,10 +141,10 @@ def _shown_default(value: Any) -> str:
         return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
-    if isinstance(value, Path) and value.is_relative_to(tempfile.gettempdir()):  # differs between machines
-        return f"`<temp dir>/{value.relative_to(tempfile.gettempdir()).as_posix()}`"
     if isinstance(value, Path) and value.is_relative_to(REPO_ROOT):
         return f"`./{value.relative_to(REPO_ROOT).as_posix()}`"
+    if isinstance(value, Path) and value.is_relative_to(tempfile.gettempdir()):  # differs between machines
+        return f"`<temp dir>/{value.relative_to(tempfile.gettempdir()).as_posix()}`"
     if isinstance(value, float):
         return f"`{value:g}`"
     return f"`{value}`"

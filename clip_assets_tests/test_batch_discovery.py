@@ -87,3 +87,28 @@ def test_a_batch_of_odd_entries_is_unchanged_right_after_its_manifest(tmp_path):
     assert changed_batches(root, layout, ["batch-001"]) == []  # not listed with a size or mtime
     (batch / "new.png").write_bytes(b"x")
     assert changed_batches(root, layout, ["batch-001"]) == ["batch-001"]
+
+
+def test_folders_that_cannot_be_batches_are_refused_with_why_and_the_others_are_found(tmp_path):
+    root = tmp_path / "images"
+    for name in ("batch-001", "two\nlines", "a...b", "batch-002"):
+        (root / name).mkdir(parents=True)
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))  # a name Linux allows that is not UTF-8
+    found = discover_new_batches(root, lambda: [], DiscoveryCursor())
+    assert found.new == ["batch-001", "batch-002"]
+    assert sorted(found.refused) == sorted(["two\nlines", "a...b", os.fsdecode(b"caf\xe9")])
+    assert "'\\n'" in found.refused["two\nlines"] and "'...'" in found.refused["a...b"]
+    assert "not valid UTF-8" in found.refused[os.fsdecode(b"caf\xe9")]
+
+
+def test_a_manifest_that_cannot_be_read_counts_as_changed_and_the_others_are_still_compared(tmp_path):
+    root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
+    write_collection(root, batches=3, per_batch=2, seed=1)
+    batches = ["batch-001", "batch-002", "batch-003"]
+    for b in batches:
+        steps.write_manifest(root, layout, b)
+    layout.manifest_path("batch-002").write_bytes(b"PAR1 truncated by a full disk")
+    (root / "batch-003" / "new.png").write_bytes(b"x")
+    reports = []
+    assert changed_batches(root, layout, batches, reports.append) == ["batch-002", "batch-003"]
+    assert len(reports) == 1 and reports[0].startswith("batch-002: its manifest could not be read")

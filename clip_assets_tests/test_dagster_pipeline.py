@@ -16,6 +16,8 @@ from clip_assets.defs.execution import (
     observe_prompt_files,
     register_batches,
 )
+from clip_assets.defs.execution import QUIET_CONSOLE
+from clip_assets.defs.sensors import SPLIT_SENSOR, split_failed_batch_runs
 from clip_assets.definitions import build_definitions
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories, prompt_version
@@ -239,15 +241,50 @@ def test_a_multi_batch_run_records_each_batch_with_its_own_metadata(settings, in
         assert sheet.startswith(b"\xff\xd8\xff") and len(sheet) < 100_000
 
 
-def test_a_batch_without_a_folder_fails_its_manifest_saying_so(settings, instance):
+def test_a_bad_batch_fails_alone_and_the_good_ones_of_its_run_are_done(settings, instance):
+    """A range with a batch that can't be done (a typo in the materialize dialog: no folder behind it).
+    The run does the other batches, fails naming the bad one, and the split sensor runs each batch alone."""
     defs = build_definitions(settings)
-    register_batches(instance, ["batch-001", "batch-00l"])  # a typo in the materialize dialog
-    result = materialize(defs, instance, [dg.AssetKey("image_manifest")], partition_range=("batch-001", "batch-00l"),
-                         raise_on_error=False)
+    layout = DataLayout(settings.data_dir)
+    register_batches(instance, ["batch-001", "batch-00l", "batch-002"])
+    observe_prompt_files(defs, instance)
+    materialize(defs, instance, [CENTROIDS])
+    result = materialize(defs, instance, BATCH_ASSETS, partition_range=("batch-001", "batch-002"), raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
-    message = failure.step_failure_data.user_failure_data.description
-    assert message == (f"Batch folder batch-00l does not exist under {settings.image_root}; "
-                       "folders there: batch-001, batch-002.")
-    # nothing was written for the batch that does exist either: the run is refused before any work
-    assert not DataLayout(settings.data_dir).manifest_path("batch-001").exists()
+    assert failure.step_key == "image_manifest"
+    missing = f"Batch folder batch-00l does not exist under {settings.image_root}; folders there: batch-001, batch-002."
+    data = failure.step_failure_data.user_failure_data
+    assert data.description.startswith(f"1 of 3 batches failed, the other 2 were done: batch-00l: {missing}")
+    assert [r.data for r in data.metadata["failed_batches"].value.records] == [{"batch": "batch-00l", "reason": missing}]
+    assert layout.manifest_path("batch-001").exists() and layout.manifest_path("batch-002").exists()
+
+    sensor = defs.resolve_sensor_def(SPLIT_SENSOR)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    requests = split_failed_batch_runs(failure_context(instance, result))
+    assert [r.partition_key for r in requests] == ["batch-001", "batch-00l", "batch-002"]
+    assert all(list(r.asset_selection) == BATCH_ASSETS and r.job_name == "classify_image_batch" for r in requests)
+    outcomes = {
+        r.partition_key: defs.resolve_job_def(r.job_name).execute_in_process(
+            instance=instance, partition_key=r.partition_key, asset_selection=r.asset_selection,
+            tags=r.tags, run_config=QUIET_CONSOLE, raise_on_error=False)
+        for r in requests
+    }
+    assert {b: r.success for b, r in outcomes.items()} == {"batch-001": True, "batch-00l": False, "batch-002": True}
+    alone = next(e for e in outcomes["batch-00l"].all_events if e.is_step_failure)
+    assert alone.step_failure_data.user_failure_data.description == missing
+    n_cats = len(load_categories(settings.prompts_dir))
+    assert rows(settings, "SELECT batch, count(*) FROM image_classifications GROUP BY batch ORDER BY batch") == [
+        ("batch-001", 10 * n_cats), ("batch-002", 10 * n_cats)]
+    assert [materialization_count(instance, CLASSIFICATIONS, b) for b in ("batch-001", "batch-002")] == [1, 1]
+
+    # A failed run of one batch is not split again: nothing loops.
+    assert isinstance(split_failed_batch_runs(failure_context(instance, outcomes["batch-00l"])), dg.SkipReason)
+
+
+def failure_context(instance, result):
+    """What the daemon hands a run-failure sensor for this failed run."""
+    return dg.build_run_status_sensor_context(
+        sensor_name=SPLIT_SENSOR, dagster_event=result.get_run_failure_event(), dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id),
+    ).for_run_failure()

@@ -153,3 +153,18 @@ def test_every_asset_shows_description_group_kinds_owner_and_code_version(ops_se
         shown = {"description": node.description, "group": node.group_name, "kinds": node.kinds,
                  "owners": node.owners, "code_version": node.code_version}
         assert all(shown.values()), (key, shown)
+
+
+def test_a_folder_dagster_refuses_as_a_partition_key_does_not_stop_the_tick(ops_settings, instance):
+    """Before, adding 'a...b' as a partition raised in every tick, so no new batch was ever registered."""
+    (ops_settings.image_root / "a...b").mkdir()
+    defs = build_definitions(ops_settings)
+    first = tick(defs, instance, None)
+    assert sorted(instance.get_dynamic_partitions("image_batches")) == ["batch-001", "batch-002", "batch-003"]
+    second = tick(defs, instance, first.cursor)
+    assert [r.partition_key_range for r in second.run_requests] == [dg.PartitionKeyRange("batch-001", "batch-003")]
+    third = tick(defs, instance, second.cursor)
+    assert not third.run_requests
+    (ops_settings.image_root / "new...folder").mkdir()  # the root changed: listed again, the refusal is said
+    fourth = tick(defs, instance, third.cursor)
+    assert "Not a batch: 'new...folder'" in fourth.skip_message

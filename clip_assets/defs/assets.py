@@ -7,6 +7,7 @@ import dagster as dg
 from clip_assets import checks, steps
 from clip_assets.batch_discovery import manifest_fingerprint
 from clip_assets.defs.automation import PROMPT_FILES, prompt_files_observation
+from clip_assets.defs.batch_isolation import each_batch
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import picture, reasons_table, table
 from clip_assets.defs.partitions import image_batches
@@ -72,12 +73,10 @@ def prompt_files(collection: ImageCollection):
     )
 
 
-def _check_batch_folders(image_root: Path, batches: list[str]) -> None:
-    """Before anything is written: every batch of the run has its folder, else the step fails saying so."""
-    missing = [b for b in batches if not (image_root / b).is_dir()]
-    if missing:
-        raise dg.Failure(description=" ".join(missing_batch_message(image_root, b) for b in missing[:3])
-                         + (f" ({len(missing)} batches of this run have no folder.)" if len(missing) > 3 else ""))
+def _check_batch_folder(image_root: Path, batch: str) -> None:
+    """Before anything is written for a batch: its folder exists, else its work fails saying so."""
+    if not (image_root / batch).is_dir():
+        raise dg.Failure(description=missing_batch_message(image_root, batch))
 
 
 @dg.asset(
@@ -90,25 +89,28 @@ def _check_batch_folders(image_root: Path, batches: list[str]) -> None:
 )
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Every file of an image batch: stable image_id, path, size, mtime, format, width, height, status, error."""
-    image_root, batches = Path(collection.image_root), context.partition_keys
-    _check_batch_folders(image_root, batches)
-    fingerprints = {}
-    for batch in batches:
+    image_root = Path(collection.image_root)
+
+    def list_batch(batch: str) -> str:
+        _check_batch_folder(image_root, batch)
         summary = steps.write_manifest(image_root, collection.layout, batch)
         # of (path, size, mtime): what the re-scan schedule compares the files on disk with
-        fingerprints[batch] = manifest_fingerprint(summary.path)
+        fingerprint = manifest_fingerprint(summary.path)
         context.add_asset_metadata(partition_key=batch, metadata={
-            "files_fingerprint": fingerprints[batch],
+            "files_fingerprint": fingerprint,
             "dagster/row_count": summary.files,
             "usable_images": summary.usable,
             "unusable_files": summary.unusable,
             "unusable_examples": reasons_table(summary.errors),
             "path": dg.MetadataValue.path(str(summary.path)),
         })
+        return fingerprint
+
+    fingerprints = each_batch(context, list_batch)
     # Dagster takes one data version per step: the fingerprint where the run has one batch.
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(fingerprints[batches[0]]) if len(batches) == 1 else None,
-        metadata={"batches_in_run": len(batches)},
+        data_version=dg.DataVersion(next(iter(fingerprints.values()))) if len(fingerprints) == 1 else None,
+        metadata={"batches_in_run": len(fingerprints)},
     )
 
 
@@ -139,9 +141,9 @@ def image_embeddings(
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
     clip = clip_model.load(claim_gpu=True)  # once per run, however many batches a backfill run covers
-    layout, batches = collection.layout, context.partition_keys
-    norms, shares, models = {}, {}, {}
-    for batch in batches:
+    layout = collection.layout
+
+    def encode_batch(batch: str) -> tuple[checks.CheckOutcome, checks.CheckOutcome, checks.CheckOutcome]:
         s = steps.write_embeddings(
             clip,
             Path(collection.image_root),
@@ -155,9 +157,6 @@ def image_embeddings(
             decode=clip_model.decode,
         )
         unusable = steps.unusable_in_manifest(layout, batch)
-        norms[batch] = checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim)
-        shares[batch] = checks.failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share)
-        models[batch] = checks.embeddings_match_centroid_model(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": s.rows,
             "encoded": s.encoded,
@@ -170,6 +169,14 @@ def image_embeddings(
             "failure_examples": reasons_table(s.failures),
             "path": dg.MetadataValue.path(str(s.path)),
         })
+        return (
+            checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim),
+            checks.failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share),
+            checks.embeddings_match_centroid_model(layout, batch),
+        )
+
+    outcomes = each_batch(context, encode_batch)
+    norms, shares, models = ({b: o[i] for b, o in outcomes.items()} for i in range(3))
     return dg.MaterializeResult(
         check_results=[
             _check_result("unit_norm_with_model_dimension", _combined(norms)),
@@ -177,7 +184,7 @@ def image_embeddings(
             _check_result("same_model_as_centroids", _combined(models)),
         ],
         metadata={
-            "batches_in_run": len(batches),
+            "batches_in_run": len(outcomes),
             "model": clip.identity,
             "dimension": clip.embed_dim,
             "device": str(clip.device),
@@ -247,11 +254,10 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     Each batch's materialization shows its matches per category, its score distribution, its top
     images and a contact sheet (thumbnails of its best matches and near misses per category).
     """
-    layout, image_root, batches = collection.layout, Path(collection.image_root), context.partition_keys
-    outcomes, summary = {}, None
-    for batch in batches:
+    layout, image_root = collection.layout, Path(collection.image_root)
+
+    def classify_batch(batch: str) -> tuple[checks.CheckOutcome, steps.ClassificationSummary]:
         summary = steps.write_classifications(layout, batch)
-        outcomes[batch] = checks.one_row_per_image_and_category(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": summary.rows,
             "images": summary.images,
@@ -267,10 +273,15 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
             "top_images": table(steps.top_images_table(layout, batch),
                                 {"category": "string", "path": "string", "score": "float", "matched": "bool"}),
         })
+        return checks.one_row_per_image_and_category(layout, batch), summary
+
+    done = each_batch(context, classify_batch)
+    outcomes = {b: outcome for b, (outcome, _) in done.items()}
+    summary = next(iter(done.values()))[1]
     return dg.MaterializeResult(
         check_results=[_check_result("one_row_per_image_and_category", _combined(outcomes))],
         metadata={
-            "batches_in_run": len(batches),
+            "batches_in_run": len(done),
             "model": summary.model,
             "prompt_version": summary.prompt_version,
         },

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets import ann_index, near_duplicates as duplicates
+from clip_assets.defs.batch_isolation import each_batch
 from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import image_batches
@@ -28,11 +29,10 @@ from clip_assets.gallery import write_duplicates_page
 def image_search_index(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """The batch's shard of the approximate-nearest-neighbour index (faiss IVF-PQ; a small batch is
     searched exactly instead). Only this batch's shard is built: the other batches' are untouched."""
-    layout, batches = collection.layout, context.partition_keys
-    versions = {}
-    for batch in batches:
+    layout = collection.layout
+
+    def index_batch(batch: str) -> str:
         s = ann_index.build_batch_shard(layout, batch)
-        versions[batch] = s.version
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": s.rows,
             "kind": s.kind,
@@ -43,10 +43,13 @@ def image_search_index(context: dg.AssetExecutionContext, collection: ImageColle
             "model": s.model,
             "path": dg.MetadataValue.path(str(layout.ann_shard_path(batch))),
         })
+        return s.version
+
+    versions = each_batch(context, index_batch)
     # Dagster takes one data version per step: the shard's where the run has one batch.
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(versions[batches[0]]) if len(batches) == 1 else None,
-        metadata={"batches_in_run": len(batches)},
+        data_version=dg.DataVersion(next(iter(versions.values()))) if len(versions) == 1 else None,
+        metadata={"batches_in_run": len(versions)},
     )
 
 

@@ -28,7 +28,7 @@ def build_rescan_schedule(cron: str) -> dg.ScheduleDefinition:
     )
     def rescan_image_batches(context: dg.ScheduleEvaluationContext, collection: ImageCollection):
         batches = context.instance.get_dynamic_partitions(image_batches.name)
-        changed = changed_batches(Path(collection.image_root), collection.layout, batches)
+        changed = changed_batches(Path(collection.image_root), collection.layout, batches, context.log.warning)
         if not changed:
             return dg.SkipReason(f"None of {len(batches)} batches changed.")
         return [dg.RunRequest(partition_key=b, tags={"clip_assets/trigger": "rescan"}) for b in changed]

@@ -56,9 +56,12 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
     found = discover_new_batches(
         image_root, lambda: context.instance.get_dynamic_partitions(image_batches.name), cursor
     )
+    for batch, reason in found.refused.items():
+        context.log.warning(f"Folder {batch!r} under {image_root} is not a batch: {reason}.")
     pending = found.cursor.pending + found.new
     if not pending:
-        return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason="No new batch folders.")
+        refused = "".join(f" Not a batch: {b!r} ({r})." for b, r in found.refused.items())
+        return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason="No new batch folders." + refused)
     add = [image_batches.build_add_request(found.new)] if found.new else []
     if context.instance.get_latest_materialization_event(CENTROIDS) is None:
         # run_key: requested once; if it fails (a broken prompt file), the automation sensor builds
@@ -74,3 +77,53 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
         dynamic_partitions_requests=add,
         cursor=DiscoveryCursor(found.cursor.root_mtime_ns, []).serialize(),
     )
+
+
+SPLIT_SENSOR = "split_failed_batch_runs"
+SPLIT_FROM_TAG = "clip_assets/split_from"
+BATCH_JOB_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "image_classifications")]
+
+
+def split_run_requests(run: dg.DagsterRun, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
+    """One run per batch of a failed run that covered several: the same assets, each batch alone.
+
+    A failed multi-batch step has done its other batches' work (clip_assets.defs.batch_isolation),
+    so their runs finish from what is on disk; the batch that failed fails again alone, and its
+    partition shows why. Runs of one batch are not split, so nothing loops.
+    """
+    first, last = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    if not first or not last or first == last:
+        return []
+    selection = [k for k in BATCH_JOB_KEYS if run.asset_selection is None or k in run.asset_selection]
+    if not selection:
+        return []
+    order = list(instance.get_dynamic_partitions(image_batches.name))  # a range covers the keys between its ends
+    if first not in order or last not in order:
+        return []
+    batches = order[order.index(first): order.index(last) + 1]
+    return [
+        dg.RunRequest(
+            run_key=f"split:{run.run_id}:{batch}",
+            job_name=CLASSIFY_BATCH_JOB,
+            partition_key=batch,
+            asset_selection=selection,
+            tags={SPLIT_FROM_TAG: run.run_id},
+        )
+        for batch in batches
+    ]
+
+
+@dg.run_failure_sensor(
+    name=SPLIT_SENSOR,
+    request_job=classify_image_batch_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="When a run over several batches fails, runs each of its batches on its own, so one bad "
+    "batch does not hold back the good ones.",
+)
+def split_failed_batch_runs(context: dg.RunFailureSensorContext):
+    requests = split_run_requests(context.dagster_run, context.instance)
+    if not requests:
+        return dg.SkipReason(f"Run {context.dagster_run.run_id} covered one batch (or none): nothing to split.")
+    context.log.info(f"run {context.dagster_run.run_id} failed over {len(requests)} batches: each runs alone now")
+    return requests
