@@ -114,12 +114,18 @@ def groups_in_duckdb(layout) -> dict[str, list[tuple[str, str, float]]]:
     return out
 
 
-def test_copies_are_grouped_with_their_original_and_different_images_are_not(copies, tmp_path):
-    root, expected = copies
+def indexed_batches(root, tmp_path) -> DataLayout:
+    """Both batches' descriptor embeddings written and their search-index shards built."""
     layout = DataLayout(tmp_path / "data")
     for batch in ("batch-a", "batch-b"):
         write_descriptor_embeddings(root, layout, batch)
         ann_index.build_batch_shard(layout, batch)
+    return layout
+
+
+def test_copies_are_grouped_with_their_original_and_different_images_are_not(copies, tmp_path):
+    root, expected = copies
+    layout = indexed_batches(root, tmp_path)
     summary = update_duplicate_groups(layout, ["batch-a", "batch-b"], threshold=0.95)
 
     groups = groups_in_duckdb(layout)
@@ -139,10 +145,7 @@ def test_copies_are_grouped_with_their_original_and_different_images_are_not(cop
 
 def test_only_changed_batches_are_queried_again(copies, tmp_path):
     root, expected = copies
-    layout = DataLayout(tmp_path / "data")
-    for batch in ("batch-a", "batch-b"):
-        write_descriptor_embeddings(root, layout, batch)
-        ann_index.build_batch_shard(layout, batch)
+    layout = indexed_batches(root, tmp_path)
     update_duplicate_groups(layout, ["batch-a", "batch-b"], threshold=0.95)
     pairs_a = layout.duplicate_pairs_path("batch-a").stat().st_mtime_ns
 
@@ -251,10 +254,7 @@ def test_assets_through_dagster_build_shards_then_groups_and_rerun_only_what_cha
 
 def test_duplicates_page_shows_groups_side_by_side(copies, tmp_path):
     root, expected = copies
-    layout = DataLayout(tmp_path / "data")
-    for batch in ("batch-a", "batch-b"):
-        write_descriptor_embeddings(root, layout, batch)
-        ann_index.build_batch_shard(layout, batch)
+    layout = indexed_batches(root, tmp_path)
     update_duplicate_groups(layout, ["batch-a", "batch-b"], threshold=0.95)
     page = write_duplicates_page(layout, root, tmp_path / "page")
     text = page.read_text()
