@@ -56,6 +56,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
                 num_workers=settings.num_workers,
                 file_timeout_s=settings.file_timeout_s,
                 chunk_rows=settings.chunk_rows,
+                flush_interval_s=settings.flush_interval_s,
                 decode=settings.decode,
                 channels_last=settings.channels_last,
                 compile_model=settings.compile_model,

@@ -9,8 +9,9 @@
   time limit, so a file that blocks (a stalled mount, a FIFO) cannot hang a worker. A file whose
   decoder kills its worker process (a segfault or abort in native code) is found, recorded as
   failed, and the workers restart over the files not yet done (see clip_assets.decode_faults).
-- Finished rows are flushed every `chunk_rows` images to part files renamed into place, so a run
-  killed at any moment resumes from the last completed chunk.
+- Finished rows are flushed every `chunk_rows` images, or every `flush_interval_s` seconds if that
+  comes first, to part files renamed into place, so a run killed at any moment resumes from the
+  last completed chunk and loses at most about that many seconds of work.
 """
 
 from __future__ import annotations
@@ -253,8 +254,10 @@ def encode_images(
     timeout_s: float | None = default("file_timeout_s"),
     report: Callable[[str], None] = log.info,
     decode: str = "pillow",
+    flush_interval_s: float = default("flush_interval_s"),
 ) -> EncodeResult:
-    """Encode every image of `job`, handing finished rows to `write_chunk` every `chunk_rows`.
+    """Encode every image of `job`, handing finished rows to `write_chunk` every `chunk_rows`, or
+    after `flush_interval_s` seconds of work if that comes first (a slow model on a CPU).
 
     When a decode worker dies, the file it was reading is decoded again in a process of its own;
     if that crashes too, the file is recorded as failed with how the process ended, and new workers
@@ -292,8 +295,11 @@ def encode_images(
     failures: dict[int, str] = {}
     progress = Progress(n, report)
 
+    last_flush = time.monotonic()
+
     def flush():
-        nonlocal pending
+        nonlocal pending, last_flush
+        last_flush = time.monotonic()
         if not pending:
             return
         idx = [i for chunk, _, _ in pending for i in chunk]
@@ -352,7 +358,10 @@ def encode_images(
                     unchanged_content[ids] = True
                 failures.update(failed)
                 progress.add(len(indices) + len(unchanged) + len(failed))
-                if sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows:
+                if pending and (
+                    sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
+                    or time.monotonic() - last_flush >= flush_interval_s
+                ):
                     flush()
             break
         except Exception as exc:

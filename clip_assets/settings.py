@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     chunk_rows: int = Field(
         default=4096, ge=1, description="images per part file of an embedding run: the most a killed run re-encodes"
     )
+    flush_interval_s: float = Field(
+        default=60.0, gt=0, description="seconds of encoding after which finished rows are written even short of "
+        "a chunk: the most work a killed run loses, whatever the model's speed"
+    )
     max_failure_share: float = Field(
         default=0.05, ge=0, le=1, description="share of unusable files above which a batch's check warns"
     )

@@ -95,6 +95,7 @@ def write_embeddings(
     timeout_s: float | None = default("file_timeout_s"),
     report: Callable[[str], None] = logging.getLogger(__name__).info,
     decode: str = "pillow",
+    flush_interval_s: float = default("flush_interval_s"),
 ) -> EmbeddingSummary:
     """Encode what is new or changed since the last run of this model; resume an interrupted run."""
     layout.sweep_stale_temp_files(batch)
@@ -114,6 +115,7 @@ def write_embeddings(
         result = encode_images(
             clip, image_root, plan.job, write_chunk,
             batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
+                flush_interval_s=flush_interval_s,
             decode=decode,
         )
     failures = pa.table(

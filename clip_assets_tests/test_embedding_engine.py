@@ -365,3 +365,24 @@ def test_the_file_time_limit_holds_off_the_main_thread(tmp_path, clip):
         assert summary.rows == summary.encoded == len(usable_ids(layout, "batch-001")) - 1
     finally:  # release the read left blocked on the FIFO
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_finished_rows_are_written_by_elapsed_time_as_well_as_by_count(tmp_path, clip):
+    """A slow model never holds more than flush_interval_s of work unwritten, however large a chunk is."""
+    from clip_assets.embedding import encode_images
+    from clip_assets.embedding_store import PartFiles, plan_encoding
+
+    root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
+    write_collection(root, batches=1, per_batch=24, seed=5)
+    steps.write_manifest(root, layout, "batch-001")
+    manifest = pq.read_table(layout.manifest_path("batch-001"))
+    job = plan_encoding(manifest, None, PartFiles(layout.embedding_parts_dir("batch-001"), clip.identity)).job
+    n = len(job.image_ids)
+    written = {}
+    for interval in (3600.0, 1e-9):
+        chunks = []
+        encode_images(clip, root, job, chunks.append, batch_size=4, num_workers=0, chunk_rows=10**6,
+                      flush_interval_s=interval)
+        written[interval] = [c.num_rows for c in chunks]
+    assert written[3600.0] == [n]  # neither the count nor the time was reached: one write at the end
+    assert written[1e-9] == [4] * (n // 4) + ([n % 4] if n % 4 else [])  # every model batch is past the time

@@ -153,6 +153,7 @@ def image_embeddings(
             num_workers=clip_model.num_workers,
             timeout_s=clip_model.file_timeout_s,
             chunk_rows=clip_model.chunk_rows,
+            flush_interval_s=clip_model.flush_interval_s,
             report=context.log.info,
             decode=clip_model.decode,
         )

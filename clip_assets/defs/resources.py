@@ -44,6 +44,7 @@ class ClipModelResource(dg.ConfigurableResource):
     num_workers: int = default("num_workers")
     file_timeout_s: float = default("file_timeout_s")
     chunk_rows: int = default("chunk_rows")  # images per part file: what a killed run re-encodes at most
+    flush_interval_s: float = default("flush_interval_s")  # ... or this many seconds of work, if sooner
     decode: str = default("decode")  # auto, pillow or tensor (tensor_decode.py)
     channels_last: bool = default("channels_last")
     compile_model: bool = default("compile_model")
