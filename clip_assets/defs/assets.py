@@ -7,7 +7,7 @@ import dagster as dg
 from clip_assets import checks, steps
 from clip_assets.batch_discovery import manifest_fingerprint
 from clip_assets.defs.automation import PROMPT_FILES, prompt_files_observation
-from clip_assets.defs.batch_isolation import each_batch
+from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import picture, reasons_table, table
 from clip_assets.defs.partitions import image_batches
@@ -107,9 +107,8 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
         return fingerprint
 
     fingerprints = each_batch(context, list_batch)
-    # Dagster takes one data version per step: the fingerprint where the run has one batch.
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(next(iter(fingerprints.values()))) if len(fingerprints) == 1 else None,
+        data_version=one_batch_data_version(fingerprints),
         metadata={"batches_in_run": len(fingerprints)},
     )
 

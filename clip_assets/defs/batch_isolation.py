@@ -51,6 +51,12 @@ def each_batch(context: dg.AssetExecutionContext, work: Callable[[str], T]) -> d
     return done
 
 
+def one_batch_data_version(versions: dict[str, str]) -> dg.DataVersion | None:
+    """The step's data version: the batch's own where the run had one batch. Dagster takes one data
+    version per step, so a multi-batch run's partitions get Dagster's computed one."""
+    return dg.DataVersion(next(iter(versions.values()))) if len(versions) == 1 else None
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, dg.Failure) and exc.description:
         return exc.description

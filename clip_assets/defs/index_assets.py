@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets import ann_index, near_duplicates as duplicates
-from clip_assets.defs.batch_isolation import each_batch
+from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import image_batches
@@ -46,9 +46,8 @@ def image_search_index(context: dg.AssetExecutionContext, collection: ImageColle
         return s.version
 
     versions = each_batch(context, index_batch)
-    # Dagster takes one data version per step: the shard's where the run has one batch.
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(next(iter(versions.values()))) if len(versions) == 1 else None,
+        data_version=one_batch_data_version(versions),
         metadata={"batches_in_run": len(versions)},
     )
 
