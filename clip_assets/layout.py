@@ -103,6 +103,11 @@ class DataLayout:
     def duplicates_page_dir(self, run_id: str) -> Path:
         return self.data_dir / "gallery" / "near_duplicates" / run_id
 
+    @property
+    def text_query_encoder_dir(self) -> Path:
+        """Text towers saved for fast search start-up (clip_assets.text_query_encoder)."""
+        return self.data_dir / "text_query_encoders"
+
     def search_index_path(self, batch: str) -> Path:
         """The batch's embeddings as raw float32 rows; its note is the same path with `.json`."""
         return self.search_index_dir / f"{batch_stem(batch)}.f32"
@@ -118,7 +123,7 @@ class DataLayout:
         """Remove temp files abandoned by dead writers in every output folder (and the batch's parts)."""
         folders = [
             self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_index_dir,
-            self.calibration_proposal_path.parent,
+            self.text_query_encoder_dir, self.calibration_proposal_path.parent,
         ]
         if batch is not None:
             folders.append(self.embedding_parts_dir(batch))

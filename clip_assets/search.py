@@ -396,6 +396,24 @@ def encode_image_query(clip: "ClipModel", image: "Image.Image") -> np.ndarray:
     return clip.encode_image_tensors(pixels).numpy()[0]
 
 
+def query_encoder(settings: Settings, layout: DataLayout, identity: str, text_only: bool):
+    """What encodes the query: for a text, the text tower saved by an earlier search when there is one
+    (no open_clip import, see clip_assets.text_query_encoder); else the model, whose text tower is
+    then saved for the next text search."""
+    from clip_assets import text_query_encoder
+    from clip_assets.clip_model import import_open_clip, load_clip_model
+
+    if text_only and settings.device in (None, "", "cpu"):
+        saved = text_query_encoder.load_text_query_encoder(layout.text_query_encoder_dir, identity)
+        if saved is not None:
+            return saved
+    import_open_clip(settings.model, skip_unused_timm=True)  # timm only for a timm tower (see there)
+    clip = load_clip_model(settings.model, settings.pretrained, settings.device)
+    if text_only and clip.identity == identity:
+        text_query_encoder.save_text_query_encoder(clip, layout.text_query_encoder_dir)
+    return clip
+
+
 def check_query(text: str | None, image: object, k: int) -> None:
     """Refuse a query that cannot be searched for, before anything is read or loaded."""
     if (text is None) == (image is None):
@@ -438,7 +456,7 @@ def search(
             f"No embeddings under {layout.embeddings_dir}: materialize image_embeddings first "
             "(CLIP_ASSETS_DATA_DIR says where to look)."
         )
-    from clip_assets.clip_model import load_clip_model, model_identity
+    from clip_assets.clip_model import model_identity
 
     identity = clip.identity if clip is not None else model_identity(settings.model, settings.pretrained)
     check_query_model(files, identity)
@@ -446,7 +464,7 @@ def search(
     timings = {} if timings is None else timings
     started = time.perf_counter()
     if clip is None:
-        clip = load_clip_model(settings.model, settings.pretrained, settings.device)
+        clip = query_encoder(settings, layout, identity, text_only=image is None)
     loaded = time.perf_counter()
     query = encode_text_query(clip, text) if text is not None else encode_image_query(clip, image)
     encoded = time.perf_counter()

@@ -115,7 +115,7 @@ def write_embeddings(
         result = encode_images(
             clip, image_root, plan.job, write_chunk,
             batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
-                flush_interval_s=flush_interval_s,
+            flush_interval_s=flush_interval_s,
             decode=decode,
         )
     failures = pa.table(
