@@ -20,6 +20,7 @@ from clip_assets.definitions import build_definitions
 from clip_assets.evaluation import macro_f1, score_labels
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import list_batches
+from clip_assets.search import format_table, search
 from clip_assets.settings import REPO_ROOT, Settings, env_var
 from clip_assets.warehouse import connect
 
@@ -112,6 +113,8 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print) -> float:
     f1 = macro_f1(scores)
     log(f"\nmacro F1 of matched labels against the ground truth ({len(truth)} images): {f1:.3f}")
     show_calibration(layout, images / LABELS_FILE, log)
+    # The first text search loads the model and saves its text tower, so the reader's next search starts fast.
+    log(f'\nclip-assets search "a red circle" -k 3:\n{format_table(search(settings, text="a red circle", k=3))}\n')
     log(f"DuckDB file: {layout.duckdb_path}")
     log(f"To browse in the UI: set -a; . {demo_dir / 'demo.env'}; set +a; DAGSTER_HOME=$PWD uv run dagster dev")
     log(f"demo finished in {time.monotonic() - started:.0f} s")
