@@ -296,7 +296,8 @@ def main() -> None:
         label, run = runs[key]
         whole = run("photos")
         start_up = run("one")
-        steady = (len(names) - 1) / max(1e-9, whole - start_up)
+        # A one-image run slower than the whole one means the machine was busy: no steady rate then.
+        steady = (len(names) - 1) / (whole - start_up) if whole > start_up else float("nan")
         results[key] = (label, whole, start_up, steady)
         print(f"  {label:<42} {len(names)} images {whole:6.1f} s ({len(names) / whole:5.1f} images/s)   "
               f"start-up {start_up:5.1f} s   steady {steady:6.1f} images/s", flush=True)
