@@ -1,7 +1,10 @@
 """Asset jobs the sensors and schedules launch: one batch end to end, and the centroids from the prompts."""
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from clip_assets.batch_discovery import contiguous_ranges
+from clip_assets.defs.assets import BATCHES_PER_RUN
 
 CLASSIFY_BATCH_JOB = "classify_image_batch"
 PROMPT_CENTROIDS_JOB = "prompt_centroids_from_prompt_files"
@@ -20,3 +23,19 @@ prompt_centroids_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("prompt_files", "prompt_centroids"),
     description="Observe prompts/ and build the prompt centroids.",
 )
+
+
+def batch_run_requests(
+    order: list[str], batches: list[str], run_key_prefix: str, tags: dict[str, str] | None = None
+) -> list[dg.RunRequest]:
+    """Runs of `classify_image_batch` over up to BATCHES_PER_RUN consecutive batches each, as a backfill
+    groups them: one model load per run. `order` is the partitions' order in the instance. Each run's
+    key is `<prefix>:<first>..<last>` (a sensor requests a key once; a schedule once per tick)."""
+    return [
+        dg.RunRequest(
+            run_key=f"{run_key_prefix}:{first}..{last}",
+            job_name=CLASSIFY_BATCH_JOB,
+            tags={**(tags or {}), ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        )
+        for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
+    ]

@@ -3,7 +3,8 @@
 Running by default on `CLIP_ASSETS_RESCAN_CRON` (hourly). The tick compares each registered batch's
 files (stat only) with its last manifest (clip_assets.batch_discovery.changed_batches) and requests
 runs for the changed ones only: an unchanged batch gets no run, so nothing downstream of it
-re-materializes.
+re-materializes. Changed batches that are neighbours in the partition order share a run (up to
+BATCHES_PER_RUN), as the discovery sensor's are: one model load per run, not per batch.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets.batch_discovery import changed_batches
-from clip_assets.defs.jobs import classify_image_batch_job
+from clip_assets.defs.jobs import batch_run_requests, classify_image_batch_job
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
 
@@ -31,6 +32,6 @@ def build_rescan_schedule(cron: str) -> dg.ScheduleDefinition:
         changed = changed_batches(Path(collection.image_root), collection.layout, batches, context.log.warning)
         if not changed:
             return dg.SkipReason(f"None of {len(batches)} batches changed.")
-        return [dg.RunRequest(partition_key=b, tags={"clip_assets/trigger": "rescan"}) for b in changed]
+        return batch_run_requests(batches, changed, run_key_prefix="rescan", tags={"clip_assets/trigger": "rescan"})
 
     return rescan_image_batches

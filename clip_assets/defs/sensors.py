@@ -14,11 +14,11 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.batch_discovery import DiscoveryCursor, contiguous_ranges, discover_new_batches
-from clip_assets.defs.assets import BATCHES_PER_RUN
+from clip_assets.batch_discovery import DiscoveryCursor, discover_new_batches
 from clip_assets.defs.jobs import (
     CLASSIFY_BATCH_JOB,
     PROMPT_CENTROIDS_JOB,
+    batch_run_requests,
     classify_image_batch_job,
     prompt_centroids_job,
 )
@@ -27,18 +27,6 @@ from clip_assets.defs.resources import ImageCollection
 
 BATCH_DISCOVERY_SENSOR = "image_batch_discovery"
 CENTROIDS = dg.AssetKey("prompt_centroids")
-
-
-def batch_run_requests(order: list[str], batches: list[str]) -> list[dg.RunRequest]:
-    """Runs of up to BATCHES_PER_RUN consecutive batches each, as a backfill groups them: one model load per run."""
-    return [
-        dg.RunRequest(
-            run_key=f"batches:{first}..{last}",
-            job_name=CLASSIFY_BATCH_JOB,
-            tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-        )
-        for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
-    ]
 
 
 @dg.sensor(
@@ -73,7 +61,7 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
         )
     order = list(context.instance.get_dynamic_partitions(image_batches.name)) + found.new
     return dg.SensorResult(
-        run_requests=batch_run_requests(order, pending),
+        run_requests=batch_run_requests(order, pending, run_key_prefix="batches"),
         dynamic_partitions_requests=add,
         cursor=DiscoveryCursor(found.cursor.root_mtime_ns, []).serialize(),
     )
