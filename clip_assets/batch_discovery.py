@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
 
+from clip_assets.atomic_files import write_text_atomically
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import list_batches, list_files
 
@@ -97,6 +99,24 @@ def manifest_fingerprint(manifest_path: Path) -> str | None:
     return _fingerprint(zip(*(table[c].to_pylist() for c in ("path", "size", "mtime"))))
 
 
+def batch_changed(image_root: Path, layout: DataLayout, batch: str, report: Callable[[str], None]) -> bool:
+    """Whether a batch's files differ from its last manifest (or it has none). A folder that is gone or
+    can't be listed is not changed (nothing to re-scan; reported); a manifest that can't be read is."""
+    if not (image_root / batch).is_dir():
+        return False
+    try:
+        on_disk = files_fingerprint(image_root, batch)
+    except OSError as exc:
+        report(f"{batch}: its folder could not be listed ({exc}); left out of this re-scan")
+        return False
+    try:
+        listed = manifest_fingerprint(layout.manifest_path(batch))
+    except Exception as exc:  # a truncated or foreign file: pyarrow raises its own errors
+        report(f"{batch}: its manifest could not be read ({type(exc).__name__}: {exc}); listed again")
+        listed = None
+    return on_disk != listed
+
+
 def changed_batches(
     image_root: Path, layout: DataLayout, batches: Iterable[str], report: Callable[[str], None] = lambda _: None
 ) -> list[str]:
@@ -106,23 +126,51 @@ def changed_batches(
     the others: a manifest that can't be read counts as changed (listing the batch again rewrites
     it), and a folder that can't be listed is left out; both are reported with their reason.
     """
-    out = []
-    for batch in batches:
-        if not (image_root / batch).is_dir():
-            continue
-        try:
-            on_disk = files_fingerprint(image_root, batch)
-        except OSError as exc:
-            report(f"{batch}: its folder could not be listed ({exc}); left out of this re-scan")
-            continue
-        try:
-            listed = manifest_fingerprint(layout.manifest_path(batch))
-        except Exception as exc:  # a truncated or foreign file: pyarrow raises its own errors
-            report(f"{batch}: its manifest could not be read ({type(exc).__name__}: {exc}); listed again")
-            listed = None
-        if on_disk != listed:
-            out.append(batch)
-    return out
+    return [batch for batch in batches if batch_changed(image_root, layout, batch, report)]
+
+
+@dataclass
+class RescanSlice:
+    changed: list[str]  # batches found changed, in partition order
+    checked: int  # batches compared in this slice
+    next_start: str | None  # where the next slice begins; None when this one reached the last batch
+
+
+def rescan_slice(
+    image_root: Path, layout: DataLayout, batches: list[str], start: str | None, budget_s: float,
+    report: Callable[[str], None] = lambda _: None, clock: Callable[[], float] = time.monotonic,
+) -> RescanSlice:
+    """Compare batches with their manifests from `start` on (the first when None or gone), until the
+    last one or until `budget_s` is spent.
+
+    Each batch costs a `stat` of its files and a read of its manifest's three columns: with tens of
+    thousands of batches, or batches of a million files, one pass takes longer than a schedule tick
+    may (Dagster gives a tick 60 s), so each tick takes the next slice and says where the next begins.
+    At least one batch is compared per slice, so every pass ends.
+    """
+    first = batches.index(start) if start in batches else 0
+    order = batches[first:]
+    deadline = clock() + budget_s
+    changed, checked = [], 0
+    for batch in order:
+        if checked and clock() >= deadline:
+            return RescanSlice(changed, checked, batch)
+        if batch_changed(image_root, layout, batch, report):
+            changed.append(batch)
+        checked += 1
+    return RescanSlice(changed, checked, None)
+
+
+def read_rescan_position(layout: DataLayout) -> str | None:
+    """The batch the next re-scan slice begins with (None: the first), as the last slice left it."""
+    try:
+        return json.loads(layout.rescan_position_path.read_text()).get("next")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_rescan_position(layout: DataLayout, next_start: str | None) -> None:
+    write_text_atomically(json.dumps({"next": next_start}), layout.rescan_position_path)
 
 
 def refused_batch_name(name: str) -> str | None:

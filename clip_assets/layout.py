@@ -104,6 +104,11 @@ class DataLayout:
         return self.data_dir / "gallery" / "near_duplicates" / run_id
 
     @property
+    def rescan_position_path(self) -> Path:
+        """Where the re-scan schedule's next slice begins (clip_assets.batch_discovery.rescan_slice)."""
+        return self.data_dir / "rescan_position.json"
+
+    @property
     def text_query_encoder_dir(self) -> Path:
         """Text towers saved for fast search start-up (clip_assets.text_query_encoder)."""
         return self.data_dir / "text_query_encoders"

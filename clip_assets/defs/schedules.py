@@ -3,20 +3,25 @@
 Running by default on `CLIP_ASSETS_RESCAN_CRON` (hourly). The tick compares each registered batch's
 files (stat only) with its last manifest (clip_assets.batch_discovery.changed_batches) and requests
 runs for the changed ones only: an unchanged batch gets no run, so nothing downstream of it
-re-materializes. Changed batches that are neighbours in the partition order share a run (up to
-BATCHES_PER_RUN), as the discovery sensor's are: one model load per run, not per batch.
+re-materializes. With more batches than a tick can compare in TICK_BUDGET_S, each tick takes the
+next slice (clip_assets.batch_discovery.rescan_slice), so a full pass spans several ticks. Changed
+batches that are neighbours in the partition order share a run (up to BATCHES_PER_RUN), as the
+discovery sensor's do: one model load per run, not per batch.
 """
 
 from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.batch_discovery import changed_batches
+from clip_assets.batch_discovery import read_rescan_position, rescan_slice, write_rescan_position
 from clip_assets.defs.jobs import batch_run_requests, classify_image_batch_job
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
 
 RESCAN_SCHEDULE = "rescan_image_batches"
+# Dagster gives a schedule tick 60 s by default (DAGSTER_SCHEDULE_GRPC_TIMEOUT_SECONDS): a tick compares
+# batches for this long at most, and the next tick goes on from where it stopped.
+TICK_BUDGET_S = 40.0
 
 
 def build_rescan_schedule(cron: str) -> dg.ScheduleDefinition:
@@ -28,10 +33,17 @@ def build_rescan_schedule(cron: str) -> dg.ScheduleDefinition:
         description="Re-lists every batch; batches whose files changed are encoded and classified again.",
     )
     def rescan_image_batches(context: dg.ScheduleEvaluationContext, collection: ImageCollection):
-        batches = context.instance.get_dynamic_partitions(image_batches.name)
-        changed = changed_batches(Path(collection.image_root), collection.layout, batches, context.log.warning)
-        if not changed:
-            return dg.SkipReason(f"None of {len(batches)} batches changed.")
-        return batch_run_requests(batches, changed, run_key_prefix="rescan", tags={"clip_assets/trigger": "rescan"})
+        batches = list(context.instance.get_dynamic_partitions(image_batches.name))
+        layout = collection.layout
+        found = rescan_slice(Path(collection.image_root), layout, batches, read_rescan_position(layout),
+                             TICK_BUDGET_S, context.log.warning)
+        write_rescan_position(layout, found.next_start)
+        rest = (f" Checked {found.checked} of {len(batches)} batches in this tick's {TICK_BUDGET_S:.0f} s; "
+                f"the next tick goes on from {found.next_start}." if found.next_start else "")
+        if not found.changed:
+            return dg.SkipReason(f"None of {found.checked} batches changed.{rest}")
+        if rest:
+            context.log.info(rest.strip())
+        return batch_run_requests(batches, found.changed, run_key_prefix="rescan", tags={"clip_assets/trigger": "rescan"})
 
     return rescan_image_batches
