@@ -80,17 +80,21 @@ def centroid_columns(c: CentroidSet) -> tuple[np.ndarray, dict[str, np.ndarray]]
 
 
 def score_matrices(
-    embeddings: np.ndarray, c: CentroidSet, columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+    embeddings: np.ndarray,
+    c: CentroidSet,
+    columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
 ) -> dict[str, np.ndarray | None]:
     """Every per-(image, category) number of both rules, as (n, C) arrays.
 
-    `probability` and `rank` are None when no prompt file is single_label.
+    `adapters` (a clip_assets.adapters.AdapterSet): its correction is added to the positive
+    similarities and its thresholds and margins replace the centroids'. `probability` and `rank`
+    are None when no prompt file is single_label.
     """
     if embeddings.shape[1:] != (c.dim,):
         raise ModelMismatchError(
             f"Embedding dimension {embeddings.shape[1:]} does not match centroid dimension {c.dim}."
         )
-    n = embeddings.shape[0]
     multi = np.array([mode != SINGLE_LABEL for mode in c.modes])
     # One matrix product against the distinct centroid vectors: a neutral set shared by every
     # category of a file is multiplied once, not once per category.
@@ -103,10 +107,22 @@ def score_matrices(
     if not uses_negative.all():
         neg[:, ~uses_negative] = 0
     neutral = sims[:, cols["neutral"]]
+    thresholds, margins = c.thresholds, c.neutral_margins
+    if adapters is not None:
+        pos = adapters.corrected_positive(embeddings, pos)
+        thresholds, margins = adapters.settings(c)
+    return apply_rules(pos, neg, neutral, c, thresholds, margins)
+
+
+def apply_rules(
+    pos: np.ndarray, neg: np.ndarray, neutral: np.ndarray, c: CentroidSet, thresholds: np.ndarray, margins: np.ndarray
+) -> dict[str, np.ndarray | None]:
+    """Both rules on (n, C) similarities: multi_label's threshold and neutral margin, single_label's softmax."""
+    n = pos.shape[0]
     score = pos - neg
-    matched = score >= c.thresholds.astype(np.float32)
+    matched = score >= thresholds.astype(np.float32)
     if c.has_neutral.any():
-        neutral_ok = pos >= neutral + c.neutral_margins.astype(np.float32)
+        neutral_ok = pos >= neutral + margins.astype(np.float32)
         neutral_ok[:, ~c.has_neutral] = True
         matched &= neutral_ok
     groups = single_label_groups(c)
@@ -124,9 +140,9 @@ def score_matrices(
         ranks = np.empty_like(order)
         ranks[np.arange(n)[:, None], order] = np.arange(1, len(group) + 1)
         rank[:, group] = ranks
-        matched[:, group] = (ranks <= c.top_k[group]) & (p >= c.thresholds[group])
+        matched[:, group] = (ranks <= c.top_k[group]) & (p >= thresholds[group])
     return {"pos": pos, "neg": neg, "neutral": neutral, "score": score, "matched": matched,
-            "probability": probability, "rank": rank}
+            "probability": probability, "rank": rank, "thresholds": thresholds, "neutral_margins": margins}
 
 
 def _repeated(value: str, count: int) -> pa.DictionaryArray:
