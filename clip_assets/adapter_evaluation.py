@@ -49,14 +49,14 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
         try:
             con.register("labelled", pa.table({"key": list(labels.labels)}))
             match = "e.image_id" if labels.key == "image_id" else "m.path"
-            table = con.execute(
+            table = con.sql(
                 f"""
                 SELECT l.key, e.image_id, e.embedding
                 FROM read_parquet(?) e JOIN read_parquet(?) m USING (image_id) JOIN labelled l ON l.key = {match}
                 WHERE e.model = ? ORDER BY e.image_id
                 """,
-                [files, layout.manifests_glob, centroids.model],
-            ).fetch_record_batch().read_all()
+                params=[files, layout.manifests_glob, centroids.model],
+            ).to_arrow_table()
         finally:
             con.close()
         if table.num_rows:

@@ -21,7 +21,8 @@ import pyarrow as pa
 from clip_assets.centroids import CentroidSet
 from clip_assets.prompts import SINGLE_LABEL
 
-DEFAULT_CHUNK_IMAGES = 8_192  # (n, C) matrices of a chunk stay in cache
+DEFAULT_CHUNK_IMAGES = 8_192
+NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache
 
 
 class ModelMismatchError(ValueError):
@@ -47,6 +48,7 @@ CLASSIFICATION_SCHEMA = pa.schema(
         pa.field("matched", pa.bool_()),
         pa.field("model", _LABEL),
         pa.field("prompt_version", _LABEL),
+        pa.field("adapter_version", _LABEL),
     ]
 )
 
@@ -159,9 +161,14 @@ def classify_batch(
     embeddings: np.ndarray,
     centroids: CentroidSet,
     columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
 ) -> pa.Table:
-    """One row per (image, category), images in input order, categories in centroid order."""
-    m = score_matrices(embeddings, centroids, columns)
+    """One row per (image, category), images in input order, categories in centroid order.
+
+    `adapters` (clip_assets.adapters.AdapterSet, or None for zero-shot): pos_sim, score, probability,
+    threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
+    """
+    m = score_matrices(embeddings, centroids, columns, adapters)
     n, c = m["pos"].shape
     is_single = np.array([mode == SINGLE_LABEL for mode in centroids.modes])
     if m["probability"] is None:
@@ -189,13 +196,14 @@ def classify_batch(
             "score": pa.array(m["score"].reshape(-1)),
             "probability": probability,
             "rank": rank,
-            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.thresholds)).cast(pa.float64()),
+            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(m["thresholds"])).cast(pa.float64()),
             "neutral_margin": pa.DictionaryArray.from_arrays(
-                category_codes, pa.array(centroids.neutral_margins)
+                category_codes, pa.array(m["neutral_margins"])
             ).cast(pa.float64()),
             "matched": pa.array(m["matched"].reshape(-1)),
             "model": _repeated(centroids.model, n * c),
             "prompt_version": _repeated(centroids.prompt_version, n * c),
+            "adapter_version": _repeated(NO_ADAPTER if adapters is None else adapters.version, n * c),
         },
         schema=CLASSIFICATION_SCHEMA,
     )
@@ -207,9 +215,10 @@ def classify_in_chunks(
     embeddings: np.ndarray,
     centroids: CentroidSet,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    adapters=None,
 ) -> Iterator[pa.Table]:
     """The rows of `classify_batch`, a bounded number of images at a time."""
     columns = centroid_columns(centroids)
     for start in range(0, len(image_ids), chunk_images):
         stop = start + chunk_images
-        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns)
+        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns, adapters)

@@ -234,7 +234,7 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
 
 @dg.asset(
     partitions_def=image_batches,
-    deps=[image_embeddings, prompt_centroids],
+    deps=[image_embeddings, prompt_centroids, "category_adapters"],
     group_name="classification",
     kinds={"duckdb"},
     owners=[OWNER],
@@ -284,5 +284,6 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
             "batches_in_run": len(done),
             "model": summary.model,
             "prompt_version": summary.prompt_version,
+            "adapter_version": summary.adapter_version,
         },
     )
