@@ -14,7 +14,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from clip_assets.adapters import AdapterSet, fit_adapters, select_shots
+from clip_assets.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
 from clip_assets.calibration import (
     DEFAULT_HELDOUT_FRACTION, LabelledScores, LabelRows, LabelsFileError, calibrate, category_scores, is_heldout,
 )
@@ -83,10 +83,12 @@ def tuning_sample(data: LabelledEmbeddings, shots: int | None) -> np.ndarray:
     return tuning[select_shots([data.image_ids[i] for i in tuning], data.truth[tuning], shots)]
 
 
-def fit_on_tuning_half(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None, version: str) -> AdapterSet:
+def fit_on_tuning_half(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None, version: str,
+                       candidates=CANDIDATES) -> AdapterSet:
     """Adapters from the tuning half only: the held-out half never feeds a choice or a fit."""
     rows = tuning_sample(data, shots)
-    return fit_adapters([data.image_ids[i] for i in rows], data.embeddings[rows], data.truth[rows], centroids, version)
+    return fit_adapters([data.image_ids[i] for i in rows], data.embeddings[rows], data.truth[rows], centroids, version,
+                        candidates)
 
 
 def scored(data: LabelledEmbeddings, centroids: CentroidSet, adapters: AdapterSet | None = None) -> LabelledScores:
@@ -136,14 +138,14 @@ class AdapterComparison:
 
 
 def compare(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None, version: str = "evaluation",
-            heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> AdapterComparison:
+            heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, candidates=CANDIDATES) -> AdapterComparison:
     if data.heldout.all() or not data.heldout.any():
         raise LabelsFileError(
             f"{len(data.image_ids)} labelled images with embeddings cannot be split into tuning and held-out "
             "parts; label more images.")
     zero_shot = scored(data, centroids)
     report = calibrate(zero_shot, heldout_fraction=heldout_fraction)
-    adapters = fit_on_tuning_half(data, centroids, shots, version)
+    adapters = fit_on_tuning_half(data, centroids, shots, version, candidates)
     adapted = scored(data, centroids, adapters)
     held = data.heldout
     rows = tuning_sample(data, shots)

@@ -98,8 +98,9 @@ class Candidate:
         return NONE
 
 
+NONE_CANDIDATE = Candidate(NONE)
 CANDIDATES = (
-    [Candidate(NONE)]
+    [NONE_CANDIDATE]
     + [Candidate(CACHE, beta=b, alpha=a) for b in CACHE_BETAS for a in CACHE_ALPHAS]
     + [Candidate(HEAD, decay=d) for d in HEAD_DECAYS]
 )
@@ -346,9 +347,9 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
         if f1 > best_f1:
             best, best_f1 = candidate, f1
     fitted = _fit_candidate(best, x, s, truth, g.start, g.mode, logit_scale, shell)
-    if g.mode != SINGLE_LABEL and best.kind != NONE:
+    if g.mode != SINGLE_LABEL and best.kind != NONE and NONE_CANDIDATE in columns_f1:
         # Categories are independent under the multi_label rule: one the correction did not help keeps zero-shot.
-        fitted.applies = (columns_f1[best] > columns_f1[CANDIDATES[0]]).astype(np.float32)
+        fitted.applies = (columns_f1[best] > columns_f1[NONE_CANDIDATE]).astype(np.float32)
     all_folds = np.array([int(stable_fraction(i, "fold") * FOLDS) for i in image_ids])
     oof = _out_of_fold(best, g, x, s, truth, all_folds, logit_scale, shell)
     if fitted.applies is not None:
@@ -391,11 +392,12 @@ class AdapterSet:
 
 
 def fit_adapters(image_ids: list[str], embeddings: np.ndarray, truth: np.ndarray, centroids: CentroidSet,
-                 version: str) -> AdapterSet:
+                 version: str, candidates=CANDIDATES) -> AdapterSet:
     """One adapter per prompt file from these labelled images (pass the tuning half only)."""
     matrices = score_matrices(np.ascontiguousarray(embeddings, dtype=np.float32), centroids)
     files = []
     for g in prompt_file_groups(centroids):
         s = group_scores(matrices, g.columns, centroids.has_neutral)
-        files.append(fit_file_adapter(g, image_ids, embeddings, s, truth[:, g.columns], centroids.logit_scale))
+        files.append(fit_file_adapter(g, image_ids, embeddings, s, truth[:, g.columns], centroids.logit_scale,
+                                      candidates))
     return AdapterSet(files, centroids.model, centroids.prompt_version, version)
