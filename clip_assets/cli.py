@@ -201,13 +201,17 @@ def run_serve(args) -> int:
 # --- calibrate ------------------------------------------------------------------------------------
 
 
+def add_labels_option(p) -> None:
+    p.add_argument("--labels", type=Path, required=True,
+                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+
+
 def add_calibrate_parser(sub) -> None:
     p = sub.add_parser(
         "calibrate",
         help="score the current thresholds against labelled images and propose calibrated ones",
     )
-    p.add_argument("--labels", type=Path, required=True,
-                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+    add_labels_option(p)
     p.add_argument("--target-precision", type=precision_target,
                    help="the most recall at this precision, instead of the best F1")
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.5,
@@ -249,8 +253,7 @@ def add_adapt_parser(sub) -> None:
         "adapt",
         help="fit few-shot adapters on labelled images' embeddings and score zero-shot, calibrated and adapted",
     )
-    p.add_argument("--labels", type=Path, required=True,
-                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+    add_labels_option(p)
     p.add_argument("--shots", type=lambda t: _number(t, int, lambda v: v >= 0, "an integer >= 0"), default=None,
                    help="learn from at most this many labelled images per category of the tuning half "
                    "(default: CLIP_ASSETS_ADAPTER_SHOTS; 0: all)")
