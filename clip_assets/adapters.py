@@ -305,15 +305,25 @@ def _subset(s: GroupScores, rows: np.ndarray) -> GroupScores:
 
 
 def _out_of_fold(candidate: Candidate, g: _Group, x: np.ndarray, s: GroupScores, truth: np.ndarray,
-                 folds: np.ndarray, logit_scale: float, shell: FileAdapter) -> np.ndarray:
-    """Corrected positive similarities of every image, each from the candidate fitted without its fold."""
+                 folds: np.ndarray, logit_scale: float, shell: FileAdapter, memo: dict | None = None) -> np.ndarray:
+    """Corrected positive similarities of every image, each from the candidate fitted without its fold.
+
+    `memo`: cache corrections of one fold and beta, kept at alpha 1, so every alpha reuses them."""
     pos = s.pos.copy()
     if candidate.kind == NONE:
         return pos
     for f in np.unique(folds):
         train, test = folds != f, folds == f
-        fitted = _fit_candidate(candidate, x[train], _subset(s, train), truth[train], g.start, g.mode, logit_scale, shell)
-        pos[test] += fitted.positive_correction(x[test])
+        key = (f, candidate.beta)
+        if candidate.kind == CACHE and memo is not None and key in memo:
+            pos[test] += candidate.alpha * memo[key]
+            continue
+        fit = Candidate(CACHE, beta=candidate.beta, alpha=1.0) if candidate.kind == CACHE else candidate
+        fitted = _fit_candidate(fit, x[train], _subset(s, train), truth[train], g.start, g.mode, logit_scale, shell)
+        correction = fitted.positive_correction(x[test])
+        if candidate.kind == CACHE and memo is not None:
+            memo[key] = correction
+        pos[test] += (candidate.alpha if candidate.kind == CACHE else 1.0) * correction
     return pos
 
 
@@ -338,9 +348,9 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
     select = np.sort(by_hash(image_ids, "selection")[:MAX_SELECTION_IMAGES])
     xs, ss, ts = x[select], _subset(s, select), truth[select]
     folds = np.array([int(stable_fraction(image_ids[i], "fold") * FOLDS) for i in select])
-    best, best_f1, per_kind, columns_f1 = None, -1.0, {}, {}
+    best, best_f1, per_kind, columns_f1, memo = None, -1.0, {}, {}, {}
     for candidate in candidates:
-        oof = _out_of_fold(candidate, g, xs, ss, ts, folds, logit_scale, shell)
+        oof = _out_of_fold(candidate, g, xs, ss, ts, folds, logit_scale, shell, memo)
         columns_f1[candidate] = _cross_validated_f1(g, oof, ss, ts, folds, logit_scale)
         f1 = float(columns_f1[candidate].mean())
         per_kind[candidate.kind] = max(per_kind.get(candidate.kind, -1.0), f1)
