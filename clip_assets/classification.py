@@ -21,7 +21,8 @@ import pyarrow as pa
 from clip_assets.centroids import CentroidSet
 from clip_assets.prompts import SINGLE_LABEL
 
-DEFAULT_CHUNK_IMAGES = 8_192  # (n, C) matrices of a chunk stay in cache
+DEFAULT_CHUNK_IMAGES = 8_192
+NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache
 
 
 class ModelMismatchError(ValueError):
@@ -47,6 +48,7 @@ CLASSIFICATION_SCHEMA = pa.schema(
         pa.field("matched", pa.bool_()),
         pa.field("model", _LABEL),
         pa.field("prompt_version", _LABEL),
+        pa.field("adapter_version", _LABEL),
     ]
 )
 
@@ -80,17 +82,21 @@ def centroid_columns(c: CentroidSet) -> tuple[np.ndarray, dict[str, np.ndarray]]
 
 
 def score_matrices(
-    embeddings: np.ndarray, c: CentroidSet, columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+    embeddings: np.ndarray,
+    c: CentroidSet,
+    columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
 ) -> dict[str, np.ndarray | None]:
     """Every per-(image, category) number of both rules, as (n, C) arrays.
 
-    `probability` and `rank` are None when no prompt file is single_label.
+    `adapters` (a clip_assets.adapters.AdapterSet): its correction is added to the positive
+    similarities and its thresholds and margins replace the centroids'. `probability` and `rank`
+    are None when no prompt file is single_label.
     """
     if embeddings.shape[1:] != (c.dim,):
         raise ModelMismatchError(
             f"Embedding dimension {embeddings.shape[1:]} does not match centroid dimension {c.dim}."
         )
-    n = embeddings.shape[0]
     multi = np.array([mode != SINGLE_LABEL for mode in c.modes])
     # One matrix product against the distinct centroid vectors: a neutral set shared by every
     # category of a file is multiplied once, not once per category.
@@ -103,10 +109,22 @@ def score_matrices(
     if not uses_negative.all():
         neg[:, ~uses_negative] = 0
     neutral = sims[:, cols["neutral"]]
+    thresholds, margins = c.thresholds, c.neutral_margins
+    if adapters is not None:
+        pos = adapters.corrected_positive(embeddings, pos)
+        thresholds, margins = adapters.settings(c)
+    return apply_rules(pos, neg, neutral, c, thresholds, margins)
+
+
+def apply_rules(
+    pos: np.ndarray, neg: np.ndarray, neutral: np.ndarray, c: CentroidSet, thresholds: np.ndarray, margins: np.ndarray
+) -> dict[str, np.ndarray | None]:
+    """Both rules on (n, C) similarities: multi_label's threshold and neutral margin, single_label's softmax."""
+    n = pos.shape[0]
     score = pos - neg
-    matched = score >= c.thresholds.astype(np.float32)
+    matched = score >= thresholds.astype(np.float32)
     if c.has_neutral.any():
-        neutral_ok = pos >= neutral + c.neutral_margins.astype(np.float32)
+        neutral_ok = pos >= neutral + margins.astype(np.float32)
         neutral_ok[:, ~c.has_neutral] = True
         matched &= neutral_ok
     groups = single_label_groups(c)
@@ -124,9 +142,9 @@ def score_matrices(
         ranks = np.empty_like(order)
         ranks[np.arange(n)[:, None], order] = np.arange(1, len(group) + 1)
         rank[:, group] = ranks
-        matched[:, group] = (ranks <= c.top_k[group]) & (p >= c.thresholds[group])
+        matched[:, group] = (ranks <= c.top_k[group]) & (p >= thresholds[group])
     return {"pos": pos, "neg": neg, "neutral": neutral, "score": score, "matched": matched,
-            "probability": probability, "rank": rank}
+            "probability": probability, "rank": rank, "thresholds": thresholds, "neutral_margins": margins}
 
 
 def _repeated(value: str, count: int) -> pa.DictionaryArray:
@@ -143,9 +161,14 @@ def classify_batch(
     embeddings: np.ndarray,
     centroids: CentroidSet,
     columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
 ) -> pa.Table:
-    """One row per (image, category), images in input order, categories in centroid order."""
-    m = score_matrices(embeddings, centroids, columns)
+    """One row per (image, category), images in input order, categories in centroid order.
+
+    `adapters` (clip_assets.adapters.AdapterSet, or None for zero-shot): pos_sim, score, probability,
+    threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
+    """
+    m = score_matrices(embeddings, centroids, columns, adapters)
     n, c = m["pos"].shape
     is_single = np.array([mode == SINGLE_LABEL for mode in centroids.modes])
     if m["probability"] is None:
@@ -173,13 +196,14 @@ def classify_batch(
             "score": pa.array(m["score"].reshape(-1)),
             "probability": probability,
             "rank": rank,
-            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.thresholds)).cast(pa.float64()),
+            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(m["thresholds"])).cast(pa.float64()),
             "neutral_margin": pa.DictionaryArray.from_arrays(
-                category_codes, pa.array(centroids.neutral_margins)
+                category_codes, pa.array(m["neutral_margins"])
             ).cast(pa.float64()),
             "matched": pa.array(m["matched"].reshape(-1)),
             "model": _repeated(centroids.model, n * c),
             "prompt_version": _repeated(centroids.prompt_version, n * c),
+            "adapter_version": _repeated(NO_ADAPTER if adapters is None else adapters.version, n * c),
         },
         schema=CLASSIFICATION_SCHEMA,
     )
@@ -191,9 +215,10 @@ def classify_in_chunks(
     embeddings: np.ndarray,
     centroids: CentroidSet,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    adapters=None,
 ) -> Iterator[pa.Table]:
     """The rows of `classify_batch`, a bounded number of images at a time."""
     columns = centroid_columns(centroids)
     for start in range(0, len(image_ids), chunk_images):
         stop = start + chunk_images
-        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns)
+        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns, adapters)

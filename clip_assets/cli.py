@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"search": run_search, "serve": run_serve, "calibrate": run_calibrate, "demo": run_demo}
+    commands = {"search": run_search, "serve": run_serve, "calibrate": run_calibrate, "adapt": run_adapt,
+                "demo": run_demo}
     try:
         return commands[args.command](args)
     except UsageError as exc:
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(sub)
     add_serve_parser(sub)
     add_calibrate_parser(sub)
+    add_adapt_parser(sub)
     return parser
 
 
@@ -198,13 +200,17 @@ def run_serve(args) -> int:
 # --- calibrate ------------------------------------------------------------------------------------
 
 
+def add_labels_option(p) -> None:
+    p.add_argument("--labels", type=Path, required=True,
+                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+
+
 def add_calibrate_parser(sub) -> None:
     p = sub.add_parser(
         "calibrate",
         help="score the current thresholds against labelled images and propose calibrated ones",
     )
-    p.add_argument("--labels", type=Path, required=True,
-                   help="CSV or parquet: path (or image_id) and labels (categories separated by ';', or none)")
+    add_labels_option(p)
     p.add_argument("--target-precision", type=precision_target,
                    help="the most recall at this precision, instead of the best F1")
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.5,
@@ -235,6 +241,48 @@ def run_calibrate(args) -> int:
     else:
         print("\n" + report.overrides_toml())
         print("(re-run with --write to save this as calibrated_thresholds.toml in the prompts folder)")
+    return 0
+
+
+# --- adapt ----------------------------------------------------------------------------------------
+
+
+def add_adapt_parser(sub) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="fit few-shot adapters on labelled images' embeddings and score zero-shot, calibrated and adapted",
+    )
+    add_labels_option(p)
+    p.add_argument("--shots", type=lambda t: _number(t, int, lambda v: v >= 0, "an integer >= 0"), default=None,
+                   help="learn from at most this many labelled images per category of the tuning half "
+                   "(default: CLIP_ASSETS_ADAPTER_SHOTS; 0: all)")
+    p.add_argument("--heldout-fraction", type=open_fraction, default=0.5,
+                   help="share of the labelled images kept out of every choice and fit, to score on (default 0.5)")
+
+
+def run_adapt(args) -> int:
+    from clip_assets.adapter_evaluation import compare, load_labelled_embeddings
+    from clip_assets.calibration import read_labels_file
+    from clip_assets.layout import DataLayout
+    from clip_assets.warehouse import read_centroids
+
+    settings = load_settings()
+    layout = DataLayout(settings.data_dir)
+    labels = read_labels_file(args.labels)
+    centroids = read_centroids(layout.duckdb_path)
+    shots = settings.adapter_shots if args.shots is None else args.shots
+    data = load_labelled_embeddings(layout, labels, centroids, args.heldout_fraction)
+    if data.without_embeddings:
+        print(f"note: {len(data.without_embeddings)} labelled images have no embeddings of '{centroids.model}' and "
+              f"were left out, e.g. {data.without_embeddings[0]}")
+    if data.unknown_categories:
+        print(f"note: labels name categories no prompt file defines: {', '.join(data.unknown_categories)}")
+    started = time.process_time()
+    report = compare(data, centroids, shots or None, heldout_fraction=args.heldout_fraction)
+    print(report.table())
+    print(f"(at most {shots} labelled images per category; " if shots else "(every tuning label; ", end="")
+    print(f"choosing and fitting took {time.process_time() - started:.1f} CPU s. Set CLIP_ASSETS_LABELS and "
+          "materialize category_adapters to classify with them.)")
     return 0
 
 

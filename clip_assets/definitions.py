@@ -5,9 +5,9 @@ from __future__ import annotations
 import dagster as dg
 
 from clip_assets.defs.assets import image_classifications, image_embeddings, image_manifest, prompt_centroids, prompt_files
-from clip_assets.defs.automation import automation_sensor, observe_prompt_files
+from clip_assets.defs.adapter_assets import category_adapters, labels_file
+from clip_assets.defs.automation import automation_sensor, observe_labels_file, observe_prompt_files
 from clip_assets.defs.evaluation_assets import (
-    LabelledSample,
     classification_gallery,
     image_evaluation,
     threshold_calibration,
@@ -16,10 +16,11 @@ from clip_assets.defs.index_assets import image_search_index, near_duplicates
 from clip_assets.defs.jobs import classify_image_batch_job, prompt_centroids_job
 from clip_assets.defs.schedules import build_rescan_schedule
 from clip_assets.defs.sensors import image_batch_discovery, split_failed_batch_runs
-from clip_assets.defs.resources import ClipModelResource, ImageCollection
+from clip_assets.defs.resources import ClipModelResource, ImageCollection, LabelledSample
 from clip_assets.settings import Settings
 
-ASSETS = [prompt_files, image_manifest, image_embeddings, prompt_centroids, image_classifications]
+ASSETS = [prompt_files, labels_file, image_manifest, image_embeddings, prompt_centroids, category_adapters,
+          image_classifications]
 EVALUATION_ASSETS = [image_evaluation, threshold_calibration, classification_gallery]
 INDEX_ASSETS = [image_search_index, near_duplicates]
 
@@ -37,7 +38,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
     return dg.Definitions(
         executor=executor or IN_PROCESS_EXECUTOR,
         assets=ASSETS + EVALUATION_ASSETS + INDEX_ASSETS,
-        sensors=[observe_prompt_files, automation_sensor, image_batch_discovery, split_failed_batch_runs],
+        sensors=[observe_prompt_files, observe_labels_file, automation_sensor, image_batch_discovery, split_failed_batch_runs],
         schedules=[build_rescan_schedule(settings.rescan_cron)],
         jobs=[classify_image_batch_job, prompt_centroids_job],
         resources={
@@ -63,7 +64,8 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
                 gpu_lock_dir=str(settings.gpu_lock_dir),
             ),
             "labelled_sample": LabelledSample(
-                labels_path=str(settings.labels_path) if settings.labels_path else None
+                labels_path=str(settings.labels_path) if settings.labels_path else None,
+                adapter_shots=settings.adapter_shots,
             ),
         },
     )

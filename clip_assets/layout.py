@@ -118,6 +118,11 @@ class DataLayout:
         return self.search_index_dir / f"{batch_stem(batch)}.f32"
 
     @property
+    def adapters_path(self) -> Path:
+        """The category_adapters asset's output; absent: classification is zero-shot."""
+        return self.data_dir / "adapters" / "category_adapters.npz"
+
+    @property
     def calibration_proposal_path(self) -> Path:
         return self.data_dir / "calibration" / "calibrated_thresholds.toml"
 

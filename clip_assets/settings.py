@@ -67,7 +67,11 @@ class Settings(BaseSettings):
     labels_path: Path | None = Field(
         default=None,
         validation_alias=f"{ENV_PREFIX}LABELS",
-        description="labelled sample (CSV or parquet) for `image_evaluation` and `threshold_calibration`",
+        description="labelled sample (CSV or parquet) for `image_evaluation`, `threshold_calibration` and `category_adapters`",
+    )
+    adapter_shots: int = Field(
+        default=0, ge=0,
+        description="`category_adapters` learn from at most this many labelled images per category of the tuning half; `0`: all",
     )
     duckdb_wait_s: float = Field(
         default=120.0,

@@ -17,7 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import compute_centroids
-from clip_assets.classification import check_same_model, classify_in_chunks
+from clip_assets.adapter_evaluation import fit_on_tuning_half, load_labelled_embeddings
+from clip_assets.adapter_store import adapter_version, adapters_for, content_hash, remove_adapters, write_adapter_file
+from clip_assets.adapters import AdapterSet
+from clip_assets.calibration import read_labels_file
+from clip_assets.classification import NO_ADAPTER, check_same_model, classify_in_chunks
 from clip_assets.clip_model import ClipModel
 from clip_assets.atomic_files import write_parquet_atomically
 from clip_assets.embedding import (
@@ -160,18 +164,47 @@ def write_centroids(clip: ClipModel, prompts_dir: Path, layout: DataLayout) -> C
 
 
 @dataclass
+class AdapterSummary:
+    version: str  # NO_ADAPTER without labels
+    adapters: AdapterSet | None = None
+    labelled_images: int = 0  # labelled images with embeddings of the centroids' model
+    heldout_images: int = 0  # never used to fit or choose
+    without_embeddings: int = 0  # label rows naming no embedded image (not embedded yet, or a wrong path)
+    unknown_categories: list[str] = field(default_factory=list)
+
+
+def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | None = None) -> AdapterSummary:
+    """Fit each prompt file's adapter on the tuning half of the labelled images and store it; without
+    labels, remove any stored adapters so classification is zero-shot. Bad labels raise before the
+    stored adapters are touched."""
+    if labels_path is None:
+        remove_adapters(layout.adapters_path)
+        return AdapterSummary(NO_ADAPTER)
+    labels = read_labels_file(labels_path)
+    centroids = read_centroids(layout.duckdb_path)
+    data = load_labelled_embeddings(layout, labels, centroids)
+    version = adapter_version(content_hash(labels_path), centroids, shots)
+    adapters = fit_on_tuning_half(data, centroids, shots, version)
+    write_adapter_file(adapters, layout.adapters_path)
+    return AdapterSummary(version, adapters, len(data.image_ids), int(data.heldout.sum()),
+                          len(data.without_embeddings), data.unknown_categories)
+
+
+@dataclass
 class ClassificationSummary:
     images: int
     rows: int
     matches: dict[str, int]
     model: str
     prompt_version: str
+    adapter_version: str = NO_ADAPTER
 
 
 def write_classifications(layout: DataLayout, batch: str) -> ClassificationSummary:
     embeddings = pq.read_table(layout.embeddings_path(batch))
     centroids = read_centroids(layout.duckdb_path)
     check_same_model(set(embeddings["model"].unique().to_pylist()), centroids.model)
+    adapters = adapters_for(layout.adapters_path, centroids)
     counts = dict.fromkeys(centroids.categories, 0)
 
     def counted(chunks):
@@ -184,7 +217,8 @@ def write_classifications(layout: DataLayout, batch: str) -> ClassificationSumma
     rows = replace_batch_classifications(
         layout.duckdb_path,
         batch,
-        counted(classify_in_chunks(batch, embeddings["image_id"].to_pylist(), embeddings_matrix(embeddings), centroids)),
+        counted(classify_in_chunks(batch, embeddings["image_id"].to_pylist(), embeddings_matrix(embeddings), centroids,
+                                   adapters=adapters)),
     )
     return ClassificationSummary(
         images=embeddings.num_rows,
@@ -192,6 +226,7 @@ def write_classifications(layout: DataLayout, batch: str) -> ClassificationSumma
         matches=counts,
         model=centroids.model,
         prompt_version=centroids.prompt_version,
+        adapter_version=NO_ADAPTER if adapters is None else adapters.version,
     )
 
 

@@ -60,8 +60,11 @@ CREATE TABLE IF NOT EXISTS image_classifications (
     neutral_margin DOUBLE,
     matched BOOLEAN,
     model VARCHAR,
-    prompt_version VARCHAR
+    prompt_version VARCHAR,
+    adapter_version VARCHAR DEFAULT 'none'  -- category_adapters version, or 'none' (zero-shot)
 );
+-- Files from before adapters: their rows were zero-shot.
+ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS adapter_version VARCHAR DEFAULT 'none';
 -- One row per image: what it matched (best first), and its best-scoring category overall.
 CREATE OR REPLACE VIEW image_labels AS
 SELECT batch, image_id,

@@ -356,7 +356,8 @@ def test_prompt_edit_reruns_centroids_and_classifications_without_observation_ru
     new_runs = [r for r in instance.get_runs() if r.run_id not in runs_before]
     assert new_runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in new_runs)
     selected = set().union(*(r.asset_selection or set() for r in new_runs))
-    assert selected <= {dg.AssetKey("prompt_centroids"), dg.AssetKey("image_classifications")}, selected
+    assert selected <= {dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters"),
+                        dg.AssetKey("image_classifications")}, selected
     assert materializations(instance, "image_embeddings") == embeddings_before
     after = materializations(instance, "image_classifications")
     assert {b: after[b] - classifications_before.get(b, 0) for b in BATCHES} == dict.fromkeys(BATCHES, 1)

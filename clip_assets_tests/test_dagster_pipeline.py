@@ -13,23 +13,27 @@ from clip_assets.defs.execution import (
     BATCH_ASSETS,
     materialize,
     materialize_everything,
+    observe_labels_file,
     observe_prompt_files,
     register_batches,
 )
+from clip_assets.adapter_store import adapter_version, content_hash
 from clip_assets.defs.execution import QUIET_CONSOLE
 from clip_assets.defs.sensors import SPLIT_SENSOR, split_failed_batch_runs
 from clip_assets.definitions import build_definitions
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories, prompt_version
 from clip_assets.settings import REPO_ROOT
-from clip_assets.warehouse import connect
+from clip_assets.warehouse import connect, read_centroids
 
 BATCHES = ["batch-001", "batch-002"]
 EMBEDDINGS = dg.AssetKey("image_embeddings")
 CENTROIDS = dg.AssetKey("prompt_centroids")
 CLASSIFICATIONS = dg.AssetKey("image_classifications")
 PROMPT_FILES = dg.AssetKey("prompt_files")
-ALL_KEYS = [PROMPT_FILES, dg.AssetKey("image_manifest"), EMBEDDINGS, CENTROIDS, CLASSIFICATIONS]
+LABELS_FILE = dg.AssetKey("labels_file")
+ADAPTERS = dg.AssetKey("category_adapters")
+ALL_KEYS = [PROMPT_FILES, LABELS_FILE, dg.AssetKey("image_manifest"), EMBEDDINGS, CENTROIDS, ADAPTERS, CLASSIFICATIONS]
 
 
 def rows(settings, sql):
@@ -59,14 +63,15 @@ def test_graph_and_automation_are_wired(settings):
     graph = defs.resolve_asset_graph()
     assert graph.get(CENTROIDS).parent_keys == {PROMPT_FILES}  # never the embeddings
     assert graph.get(EMBEDDINGS).parent_keys == {dg.AssetKey("image_manifest")}  # never the prompts
-    assert graph.get(CLASSIFICATIONS).parent_keys == {EMBEDDINGS, CENTROIDS}
+    assert graph.get(ADAPTERS).parent_keys == {CENTROIDS, LABELS_FILE}  # nor the labels
+    assert graph.get(CLASSIFICATIONS).parent_keys == {EMBEDDINGS, CENTROIDS, ADAPTERS}
     for key in (dg.AssetKey("image_manifest"), EMBEDDINGS, CLASSIFICATIONS):
         assert graph.get(key).partitions_def.name == "image_batches"
-    for name in ("clip_assets_automation", "prompt_files_observation"):
+    for name in ("clip_assets_automation", "prompt_files_observation", "labels_file_observation"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
     # observed by a sensor without a run, never requested as a run by the automation sensor
-    assert graph.get(PROMPT_FILES).automation_condition is None
-    assert graph.get(CENTROIDS).automation_condition is not None
+    assert graph.get(PROMPT_FILES).automation_condition is None and graph.get(LABELS_FILE).automation_condition is None
+    assert graph.get(CENTROIDS).automation_condition is not None and graph.get(ADAPTERS).automation_condition is not None
 
 
 def test_full_run_over_two_batches_then_rematerialize(settings, instance):
@@ -96,12 +101,33 @@ def test_full_run_over_two_batches_then_rematerialize(settings, instance):
 def _run_requested(defs, instance, result):
     """Do what the daemon would: materialize what was requested, parents first, each asset's
     partitions in one run as its backfill policy groups them (two batches here: one range run)."""
-    if result.get_num_requested(CENTROIDS):
-        materialize(defs, instance, [CENTROIDS])
+    unpartitioned = [key for key in (CENTROIDS, ADAPTERS) if result.get_num_requested(key)]
+    if unpartitioned:
+        materialize(defs, instance, unpartitioned)
     for key in BATCH_ASSETS:
         partitions = sorted(result.get_requested_partitions(key))
         if partitions:
             materialize(defs, instance, [key], partition_range=(partitions[0], partitions[-1]))
+
+
+def _ticks_until_settled(defs, instance, result, now):
+    """Each tick: the observation sensors' work (a runless observation when a hash changed), then the
+    automation sensor's, then the runs it asked for. Settled means nothing is asked for any more.
+    Returns what was requested and each tick's observations per observed asset."""
+    requested, quiet_ticks, observations = set(), 0, {PROMPT_FILES: [], LABELS_FILE: []}
+    for tick in range(2, 14):
+        observations[PROMPT_FILES].append(observe_prompt_files(defs, instance))
+        observations[LABELS_FILE].append(observe_labels_file(defs, instance))
+        result = dg.evaluate_automation_conditions(
+            defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=tick)
+        )
+        this_tick = {key for key in ALL_KEYS if result.get_num_requested(key)}
+        requested |= this_tick
+        _run_requested(defs, instance, result)
+        quiet_ticks = quiet_ticks + 1 if not this_tick and requested else 0
+        if quiet_ticks == 3:  # unchanged files are not observed again and re-run nothing
+            return requested, observations
+    pytest.fail(f"automation did not settle; requested so far: {requested}")
 
 
 def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings, instance):
@@ -119,29 +145,16 @@ def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings,
     path.write_text(path.read_text().replace('"a star", "a photo of a star"', '"a star", "a five-pointed star"'))
     new_version = prompt_version(settings.prompts_dir)
 
-    # Each tick: the observation sensor's work (a runless observation when the hash changed), then
-    # the automation sensor's. Settled means nothing is asked for any more.
-    requested, quiet_ticks, observations = set(), 0, []
-    for tick in range(2, 14):
-        observations.append(observe_prompt_files(defs, instance))
-        result = dg.evaluate_automation_conditions(
-            defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=tick)
-        )
-        this_tick = {key for key in ALL_KEYS if result.get_num_requested(key)}
-        requested |= this_tick
-        _run_requested(defs, instance, result)
-        quiet_ticks = quiet_ticks + 1 if not this_tick and CENTROIDS in requested else 0
-        if quiet_ticks == 3:  # unchanged prompt files are not observed again and re-run nothing
-            break
-    else:
-        pytest.fail(f"automation did not settle; requested so far: {requested}")
+    requested, observations = _ticks_until_settled(defs, instance, result, now)
+    observations = observations[PROMPT_FILES]
 
     # one observation, of the new version, recorded without a run; nothing else observed since
     assert [o.data_version for o in observations if o is not None] == [new_version]
     latest = instance.fetch_observations(PROMPT_FILES, limit=1).records[0]
     assert latest.asset_observation.data_version == new_version and latest.run_id == ""
     assert not instance.get_runs(filters=dg.RunsFilter(job_name="observe_prompt_files"))
-    assert CENTROIDS in requested and CLASSIFICATIONS in requested and PROMPT_FILES not in requested
+    assert CENTROIDS in requested and ADAPTERS in requested and CLASSIFICATIONS in requested
+    assert PROMPT_FILES not in requested
     assert EMBEDDINGS not in requested and dg.AssetKey("image_manifest") not in requested
     assert materialization_count(instance, CENTROIDS) > centroids_before
     for b in BATCHES:
@@ -159,6 +172,36 @@ def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings,
         assert meta["dagster/row_count"].value == 10 * n_cats and meta["images"].value == 10
         assert meta["batches_in_run"].value == 2 and meta["prompt_version"].value == new_version
         assert {r.data["path"].split("/")[0] for r in meta["top_images"].value.records} == {b}
+
+
+def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, instance, collection, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text((collection / "labels.csv").read_text())
+    defs = build_definitions(settings.model_copy(update={"labels_path": labels}))
+    materialize_everything(defs, instance, BATCHES)
+    materialize(defs, instance, [ADAPTERS])  # the labelled images have embeddings now
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = dg.evaluate_automation_conditions(defs, instance, evaluation_time=now)
+    _run_requested(defs, instance, result)  # settle whatever the first tick asks for
+    before = {key: materialization_count(instance, key) for key in (CENTROIDS, ADAPTERS)}
+    before |= {(key, b): materialization_count(instance, key, b) for key in (EMBEDDINGS, CLASSIFICATIONS) for b in BATCHES}
+    old_version = rows(settings, "SELECT DISTINCT adapter_version FROM image_classifications")
+
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join(lines[:-1]) + "\n")  # one labelled image fewer
+
+    requested, observations = _ticks_until_settled(defs, instance, result, now)
+    assert [o.data_version for o in observations[LABELS_FILE] if o is not None] == [content_hash(labels)]
+    assert not any(observations[PROMPT_FILES])
+    assert ADAPTERS in requested and CLASSIFICATIONS in requested
+    assert not requested & {CENTROIDS, EMBEDDINGS, dg.AssetKey("image_manifest"), LABELS_FILE, PROMPT_FILES}
+    assert materialization_count(instance, ADAPTERS) > before[ADAPTERS]
+    assert materialization_count(instance, CENTROIDS) == before[CENTROIDS]
+    for b in BATCHES:
+        assert materialization_count(instance, CLASSIFICATIONS, b) > before[(CLASSIFICATIONS, b)]
+        assert materialization_count(instance, EMBEDDINGS, b) == before[(EMBEDDINGS, b)]
+    new_version = adapter_version(content_hash(labels), read_centroids(DataLayout(settings.data_dir).duckdb_path), None)
+    assert rows(settings, "SELECT DISTINCT adapter_version FROM image_classifications") == [(new_version,)] != old_version
 
 
 def test_broken_prompt_file_fails_the_run_and_keeps_results(settings, instance):

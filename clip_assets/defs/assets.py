@@ -52,25 +52,29 @@ def _combined(outcomes: dict[str, checks.CheckOutcome]) -> checks.CheckOutcome:
     )
 
 
+def observed_files_spec(key: dg.AssetKey, description: str, kind: str) -> dg.AssetSpec:
+    """A human-edited file (or folder of files) that a sensor observes without a run."""
+    return dg.AssetSpec(key, description=description, group_name="prompts", kinds={kind}, owners=[OWNER],
+                        code_version="1")
+
+
+def observed(observation: dg.AssetObservation) -> dg.ObserveResult:
+    """An observation made inside a run (the UI's Observe button) as the result the run records."""
+    return dg.ObserveResult(asset_key=observation.asset_key, data_version=dg.DataVersion(observation.data_version),
+                            metadata=observation.metadata)
+
+
 @dg.multi_observable_source_asset(
-    specs=[
-        dg.AssetSpec(
-            PROMPT_FILES,
-            description="The human-edited prompt files (prompts/*.toml). Data version: a hash of their content. "
-            "Observed by the prompt_files_observation sensor without a run.",
-            group_name="prompts",
-            kinds={"toml"},
-            owners=[OWNER],
-            code_version="1",
-        )
-    ],
+    specs=[observed_files_spec(
+        PROMPT_FILES,
+        "The human-edited prompt files (prompts/*.toml). Data version: a hash of their content. "
+        "Observed by the prompt_files_observation sensor without a run.",
+        "toml",
+    )],
 )
 def prompt_files(collection: ImageCollection):
     """Observed in a run only when asked for (the UI's Observe button, the centroids' first build)."""
-    observation = prompt_files_observation(Path(collection.prompts_dir))
-    yield dg.ObserveResult(
-        asset_key=PROMPT_FILES, data_version=dg.DataVersion(observation.data_version), metadata=observation.metadata
-    )
+    yield observed(prompt_files_observation(Path(collection.prompts_dir)))
 
 
 def _check_batch_folder(image_root: Path, batch: str) -> None:
@@ -234,7 +238,7 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
 
 @dg.asset(
     partitions_def=image_batches,
-    deps=[image_embeddings, prompt_centroids],
+    deps=[image_embeddings, prompt_centroids, "category_adapters"],
     group_name="classification",
     kinds={"duckdb"},
     owners=[OWNER],
@@ -284,5 +288,6 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
             "batches_in_run": len(done),
             "model": summary.model,
             "prompt_version": summary.prompt_version,
+            "adapter_version": summary.adapter_version,
         },
     )

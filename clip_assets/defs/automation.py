@@ -1,5 +1,6 @@
-"""Prompt edits re-run what depends on them: the prompt files are observed without a run, and the
-centroids and classifications re-materialize eagerly when the observed content hash changes.
+"""Prompt and label edits re-run what depends on them: the prompt files and the labels file are
+observed without a run, and what depends on them re-materializes eagerly when the observed content
+hash changes (prompts: centroids, adapters, classifications; labels: adapters, classifications).
 
 Observing is not work, so it launches no run: the `prompt_files_observation` sensor hashes prompts/
 every 30 s and records an observation (the hash as the data version) only when the hash differs
@@ -16,12 +17,17 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
-from clip_assets.defs.resources import ImageCollection
+from clip_assets.adapter_store import content_hash
+from clip_assets.defs.resources import ImageCollection, LabelledSample
 from clip_assets.prompts import prompt_files as list_prompt_files
 from clip_assets.prompts import prompt_version
 
 PROMPT_FILES = dg.AssetKey("prompt_files")
+LABELS_FILE = dg.AssetKey("labels_file")
 PROMPT_OBSERVATION_SENSOR = "prompt_files_observation"
+LABELS_OBSERVATION_SENSOR = "labels_file_observation"
+NO_LABELS = "no-labels"  # the labels file's data version while CLIP_ASSETS_LABELS is unset
+MISSING_LABELS = "missing"  # ... while it names no file
 AUTOMATION_SENSOR = "clip_assets_automation"
 CHECK_INTERVAL_S = 30
 
@@ -44,15 +50,37 @@ def prompt_files_observation(prompts_dir: Path) -> dg.AssetObservation:
     )
 
 
-def last_observed_prompt_version(instance: dg.DagsterInstance) -> str | None:
-    records = instance.fetch_observations(PROMPT_FILES, limit=1).records
+def labels_file_observation(labels_path: Path | None) -> dg.AssetObservation:
+    """An observation of the labels file now: its content hash as the data version (or that there is none)."""
+    if labels_path is None:
+        version, metadata = NO_LABELS, {"path": "unset (CLIP_ASSETS_LABELS)"}
+    elif not Path(labels_path).is_file():
+        version, metadata = MISSING_LABELS, {"path": str(labels_path), "missing": True}
+    else:
+        version, metadata = content_hash(labels_path), {"path": str(labels_path)}
+    return dg.AssetObservation(
+        LABELS_FILE, tags={DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}, metadata=metadata
+    )
+
+
+def last_observed_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
+    records = instance.fetch_observations(key, limit=1).records
     return records[0].asset_observation.data_version if records else None
+
+
+def changed(instance: dg.DagsterInstance, observation: dg.AssetObservation) -> dg.AssetObservation | None:
+    """The observation when its data version differs from the last one recorded, else None."""
+    return None if observation.data_version == last_observed_version(instance, observation.asset_key) else observation
 
 
 def new_prompt_observation(instance: dg.DagsterInstance, prompts_dir: Path) -> dg.AssetObservation | None:
     """The observation to record, or None when the prompt files are as last observed."""
-    observation = prompt_files_observation(prompts_dir)
-    return None if observation.data_version == last_observed_prompt_version(instance) else observation
+    return changed(instance, prompt_files_observation(prompts_dir))
+
+
+def new_labels_observation(instance: dg.DagsterInstance, labels_path: Path | None) -> dg.AssetObservation | None:
+    """The observation to record, or None when the labels file is as last observed."""
+    return changed(instance, labels_file_observation(labels_path))
 
 
 @dg.sensor(
@@ -69,4 +97,19 @@ def observe_prompt_files(context: dg.SensorEvaluationContext, collection: ImageC
     if observation is None:
         return dg.SkipReason("The prompt files are unchanged since they were last observed.")
     context.log.info(f"prompt files changed: data version {observation.data_version}")
+    return dg.SensorResult(asset_events=[observation])
+
+
+@dg.sensor(
+    name=LABELS_OBSERVATION_SENSOR,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=CHECK_INTERVAL_S,
+    description="Hashes the labels file (CLIP_ASSETS_LABELS) and records an observation of labels_file, without a "
+    "run, when the hash changed: category_adapters and image_classifications then re-run.",
+)
+def observe_labels_file(context: dg.SensorEvaluationContext, labelled_sample: LabelledSample):
+    observation = new_labels_observation(context.instance, labelled_sample.path)
+    if observation is None:
+        return dg.SkipReason("The labels file is unchanged since it was last observed.")
+    context.log.info(f"labels file changed: data version {observation.data_version}")
     return dg.SensorResult(asset_events=[observation])

@@ -13,7 +13,7 @@ from clip_assets import calibration
 from clip_assets.atomic_files import write_text_atomically
 from clip_assets.defs.assets import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import picture, table
-from clip_assets.defs.resources import ImageCollection
+from clip_assets.defs.resources import ImageCollection, LabelledSample
 from clip_assets.evaluation import macro_f1
 from clip_assets.gallery import write_gallery
 
@@ -25,24 +25,6 @@ SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}/"
 def serve_command(folder: Path) -> str:
     """One command that serves a gallery folder on SERVE_URL (Python's own static file server)."""
     return f"python3 -m http.server {SERVE_PORT} --bind 127.0.0.1 --directory {shlex.quote(str(folder))}"
-
-
-class LabelledSample(dg.ConfigurableResource):
-    """Labels a person assigned to a sample of images (CSV or parquet), and how to calibrate on them."""
-
-    labels_path: str | None = None
-    target_precision: float | None = None
-    heldout_fraction: float = calibration.DEFAULT_HELDOUT_FRACTION
-
-    def load(self, collection: ImageCollection) -> calibration.LabelledScores:
-        if not self.labels_path:
-            raise dg.Failure(
-                description="No labels file: set CLIP_ASSETS_LABELS to a CSV or parquet file with a 'path' (or "
-                "'image_id') column and a 'labels' column (categories separated by ';', or 'none')."
-            )
-        return calibration.load_labelled_scores(
-            collection.layout, calibration.read_labels_file(Path(self.labels_path))
-        )
 
 
 def _scores_table(scores) -> dg.TableMetadataValue:

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.defs.automation import new_prompt_observation
+from clip_assets.defs.automation import new_labels_observation, new_prompt_observation
 from clip_assets.defs.partitions import image_batches
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
@@ -52,6 +52,14 @@ def observe_prompt_files(defs: dg.Definitions, instance: dg.DagsterInstance) -> 
     return observation
 
 
+def observe_labels_file(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
+    """What the labels_file_observation sensor does on a tick (see observe_prompt_files)."""
+    observation = new_labels_observation(instance, defs.resources["labelled_sample"].path)
+    if observation is not None:
+        instance.report_runless_asset_event(observation)
+    return observation
+
+
 def materialize(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -78,9 +86,11 @@ def materialize(
 
 
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, batches: list[str]) -> None:
-    """Observe prompts, build centroids, then manifest, embeddings and classifications per batch."""
+    """Observe prompts and labels, build centroids and adapters, then manifest, embeddings and
+    classifications per batch."""
     register_batches(instance, batches)
     observe_prompt_files(defs, instance)
-    materialize(defs, instance, [dg.AssetKey("prompt_centroids")])
+    observe_labels_file(defs, instance)
+    materialize(defs, instance, [dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters")])
     for batch in batches:
         materialize(defs, instance, BATCH_ASSETS, partition_key=batch)

@@ -20,8 +20,8 @@ classify_image_batch_job = dg.define_asset_job(
 # the observation as already handled and does not build them a second time.
 prompt_centroids_job = dg.define_asset_job(
     PROMPT_CENTROIDS_JOB,
-    selection=dg.AssetSelection.assets("prompt_files", "prompt_centroids"),
-    description="Observe prompts/ and build the prompt centroids.",
+    selection=dg.AssetSelection.assets("prompt_files", "prompt_centroids", "category_adapters"),
+    description="Observe prompts/ and build the prompt centroids (and the adapters on top of them).",
 )
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from clip_assets import calibration
+
 from clip_assets.clip_model import ClipModel, load_clip_model, tuned_for_inference
 from clip_assets.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
 from clip_assets.layout import DataLayout
@@ -56,3 +58,26 @@ class ClipModelResource(dg.ConfigurableResource):
         if claim_gpu:
             device = device_for_embedding_step(device, Path(self.gpu_lock_dir), logging.getLogger(__name__).info)
         return _load_once_per_process(self.model, self.pretrained, device, self.channels_last, self.compile_model)
+
+
+class LabelledSample(dg.ConfigurableResource):
+    """Labels a person assigned to a sample of images (CSV or parquet), and how to calibrate on them."""
+
+    labels_path: str | None = None
+    target_precision: float | None = None
+    heldout_fraction: float = calibration.DEFAULT_HELDOUT_FRACTION
+    adapter_shots: int = default("adapter_shots")  # category_adapters: labelled images per category, 0: all
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.labels_path) if self.labels_path else None
+
+    def load(self, collection: ImageCollection) -> calibration.LabelledScores:
+        if not self.labels_path:
+            raise dg.Failure(
+                description="No labels file: set CLIP_ASSETS_LABELS to a CSV or parquet file with a 'path' (or "
+                "'image_id') column and a 'labels' column (categories separated by ';', or 'none')."
+            )
+        return calibration.load_labelled_scores(
+            collection.layout, calibration.read_labels_file(Path(self.labels_path))
+        )

@@ -1,0 +1,59 @@
+"""The labels file as an observed source, and the few-shot adapters learnt from it (clip_assets.adapters).
+
+`category_adapters` depends on `prompt_centroids` and `labels_file`, and `image_classifications` on
+it: editing the labels re-runs the adapters and the classifications; editing a prompt re-runs the
+centroids, the adapters and the classifications; the embeddings never. The adapters read the labelled
+images' stored embeddings when they run; images embedded later count from the next run.
+"""
+
+import dagster as dg
+
+from clip_assets import steps
+from clip_assets.defs.assets import DUCKDB_READER, OWNER, observed, observed_files_spec
+from clip_assets.defs.automation import LABELS_FILE, labels_file_observation
+from clip_assets.defs.metadata import table
+from clip_assets.defs.resources import ImageCollection, LabelledSample
+
+
+@dg.multi_observable_source_asset(
+    specs=[observed_files_spec(
+        LABELS_FILE,
+        "The labelled sample (CLIP_ASSETS_LABELS). Data version: a hash of its content, or 'no-labels' while "
+        "the setting is unset. Observed by the labels_file_observation sensor without a run.",
+        "csv",
+    )],
+)
+def labels_file(labelled_sample: LabelledSample):
+    """Observed in a run only when asked for (the UI's Observe button)."""
+    yield observed(labels_file_observation(labelled_sample.path))
+
+
+@dg.asset(
+    deps=["prompt_centroids", LABELS_FILE],
+    group_name="prompts",
+    kinds={"numpy"},
+    owners=[OWNER],
+    code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
+    tags=DUCKDB_READER,  # reads the centroids
+)
+def category_adapters(collection: ImageCollection, labelled_sample: LabelledSample) -> dg.MaterializeResult:
+    """Per prompt file, none, a cache model or a linear head on top of the prompt centroids, chosen and
+    fitted on the tuning half of the labelled images; thresholds calibrated on the adapted scores.
+    Without labels: no adapters, and classification is zero-shot."""
+    summary = steps.write_adapters(collection.layout, labelled_sample.path, labelled_sample.adapter_shots or None)
+    metadata = {"adapter_version": summary.version, "path": dg.MetadataValue.path(str(collection.layout.adapters_path))}
+    if summary.adapters is not None:
+        metadata |= {
+            "labelled_images": summary.labelled_images,
+            "heldout_images_unused": summary.heldout_images,
+            "labels_without_embeddings": summary.without_embeddings,
+            "unknown_categories": ", ".join(summary.unknown_categories) or "none",
+            "prompt_files": table(
+                [{"file": f.source, "adapter": f.description, "images": int(f.images_used),
+                  "cross_validated_macro_f1": ", ".join(f"{k} {v:.3f}" for k, v in f.cv_macro_f1.items()) or "-"}
+                 for f in summary.adapters.files],
+                {"file": "string", "adapter": "string", "images": "int", "cross_validated_macro_f1": "string"},
+            ),
+        }
+    return dg.MaterializeResult(data_version=dg.DataVersion(summary.version), metadata=metadata)

@@ -1,0 +1,144 @@
+"""Few-shot adapters: exactly zero-shot without labels, better than zero-shot where the prompts are
+poor, never chosen or fitted on the held-out half, and recorded in the classification rows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import duckdb
+import numpy as np
+import pytest
+
+from clip_assets import steps
+from clip_assets.adapter_evaluation import LabelledEmbeddings, compare, fit_on_tuning_half, load_labelled_embeddings
+from clip_assets.adapter_store import AdapterMismatchError, adapters_for, read_adapters, write_adapter_file
+from clip_assets.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters
+from clip_assets.calibration import is_heldout, read_labels_file
+from clip_assets.centroids import CentroidSet
+from clip_assets.classification import score_matrices
+from clip_assets.evaluation import macro_f1
+from clip_assets.warehouse import read_centroids
+
+
+def _centroids(positive: np.ndarray, mode: str = "multi_label") -> CentroidSet:
+    c, d = positive.shape
+    names = [f"c{i}" for i in range(c)]
+    return CentroidSet(
+        categories=names, sources=["synthetic.toml"] * c, thresholds=np.zeros(c) if mode != "single_label" else np.zeros(c),
+        neutral_margins=np.zeros(c), positive=positive.astype(np.float32), negative=np.zeros((c, d), np.float32),
+        neutral=np.zeros((c, d), np.float32), has_negative=np.zeros(c, bool), has_neutral=np.zeros(c, bool),
+        modes=[mode] * c, top_k=np.ones(c, dtype=np.int64), logit_scale=50.0,
+        prompt_counts={(n, "positive"): 1 for n in names}, prompt_hashes={(n, "positive"): "h" for n in names},
+        model="synthetic", prompt_version="v1",
+    )
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def poor_prompts_case(n: int = 300, categories: int = 3, dim: int = 32, seed: int = 0, mode: str = "multi_label"):
+    """Images in clusters, one category each; each text centroid nearer the next category's cluster
+    than its own, which no threshold can undo."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(categories, dim)))
+    text = _unit(0.6 * centres + 0.8 * np.roll(centres, -1, axis=0))
+    which = rng.integers(0, categories, size=n)
+    embeddings = _unit(centres[which] + 0.3 * rng.normal(size=(n, dim)) / np.sqrt(dim) * 4)
+    ids = [f"img-{seed}-{i:05d}" for i in range(n)]
+    truth = np.eye(categories, dtype=bool)[which]
+    data = LabelledEmbeddings(ids, embeddings, truth, np.array([is_heldout(i) for i in ids]))
+    return data, _centroids(text, mode)
+
+
+def test_without_labels_the_adapted_scores_are_the_zero_shot_ones():
+    data, centroids = poor_prompts_case()
+    none = LabelledEmbeddings([], np.empty((0, centroids.dim), np.float32), np.zeros((0, 3), bool), np.zeros(0, bool))
+    adapters = fit_on_tuning_half(none, centroids, shots=None, version="v")
+    assert [f.kind for f in adapters.files] == [NONE]
+    zero_shot = score_matrices(data.embeddings, centroids)
+    adapted = score_matrices(data.embeddings, centroids, adapters=adapters)
+    for key in ("pos", "score", "matched", "thresholds", "neutral_margins"):
+        np.testing.assert_array_equal(adapted[key], zero_shot[key])
+    # a head forced on images none of which shows a category learns nothing: still exactly zero-shot
+    nothing = np.zeros((20, 3), bool)
+    head = fit_adapters([f"i{k}" for k in range(20)], data.embeddings[:20], nothing, centroids, "v",
+                        [Candidate(HEAD, decay=0.01)])
+    np.testing.assert_array_equal(score_matrices(data.embeddings, centroids, adapters=head)["score"], zero_shot["score"])
+
+
+@pytest.mark.parametrize("kind", [CACHE, HEAD])
+@pytest.mark.parametrize("mode", ["multi_label", "single_label"])
+def test_each_adapter_beats_zero_shot_and_calibration_on_held_out_images(kind, mode):
+    data, centroids = poor_prompts_case(mode=mode)
+    candidates = [c for c in CANDIDATES if c.kind in (NONE, kind)]
+    report = compare(data, centroids, shots=16, candidates=candidates)
+    assert [f.kind for f in report.adapters.files] == [kind]
+    assert report.labels_per_category.max() <= 16
+    zero_shot, calibrated, adapted = macro_f1(report.zero_shot), macro_f1(report.calibrated), macro_f1(report.adapted)
+    assert adapted > max(zero_shot, calibrated) + 0.1, (zero_shot, calibrated, adapted)
+
+
+def test_the_held_out_half_never_feeds_the_choice_or_the_fit():
+    data, centroids = poor_prompts_case()
+    before = fit_on_tuning_half(data, centroids, shots=None, version="v")
+    rng = np.random.default_rng(5)
+    held = data.heldout
+    scrambled = dataclasses.replace(
+        data,
+        truth=np.where(held[:, None], rng.random(data.truth.shape) < 0.5, data.truth),
+        embeddings=np.where(held[:, None], _unit(rng.normal(size=data.embeddings.shape)), data.embeddings),
+    )
+    after = fit_on_tuning_half(scrambled, centroids, shots=None, version="v")
+    assert before.files[0].kind != NONE
+    for a, b in zip(before.files, after.files):
+        assert (a.kind, a.description, a.cv_macro_f1, a.images_used) == (b.kind, b.description, b.cv_macro_f1, b.images_used)
+        for name in ("thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
+
+
+def test_adapters_survive_the_file_and_refuse_other_centroids(tmp_path):
+    data, centroids = poor_prompts_case()
+    adapters = fit_on_tuning_half(data, centroids, shots=None, version="adapt-x")
+    path = tmp_path / "a.npz"
+    write_adapter_file(adapters, path)
+    again = adapters_for(path, centroids)
+    np.testing.assert_array_equal(score_matrices(data.embeddings, centroids, adapters=again)["score"],
+                                  score_matrices(data.embeddings, centroids, adapters=adapters)["score"])
+    with pytest.raises(AdapterMismatchError, match="category_adapters"):
+        adapters_for(path, dataclasses.replace(centroids, prompt_version="v2"))
+    path.write_bytes(b"not an npz")
+    with pytest.raises(AdapterMismatchError, match="not a readable adapters file"):
+        read_adapters(path)
+
+
+def _labels_csv(collection, path):
+    """The generated collection's labels as a labels file (path, labels)."""
+    lines = (collection / "labels.csv").read_text().splitlines()
+    path.write_text(lines[0] + "\n" + "\n".join(lines[1:]) + "\n")
+    return path
+
+
+def test_adapter_version_lands_in_the_rows_and_old_files_keep_working(settings, classified, collection, tmp_path):
+    layout = classified
+    assert {r[0] for r in duckdb.connect(str(layout.duckdb_path), read_only=True).execute(
+        "SELECT DISTINCT adapter_version FROM image_classifications").fetchall()} == {"none"}
+    labels = _labels_csv(collection, tmp_path / "labels.csv")
+    summary = steps.write_adapters(layout, labels)
+    assert summary.version.startswith("adapt-") and summary.labelled_images == 20
+    data = load_labelled_embeddings(layout, read_labels_file(labels), read_centroids(layout.duckdb_path))
+    assert summary.heldout_images == int(data.heldout.sum())
+    classified_now = steps.write_classifications(layout, "batch-001")
+    assert classified_now.adapter_version == summary.version
+    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT batch, adapter_version FROM image_classifications ORDER BY 1").fetchall() == [
+            ("batch-001", summary.version), ("batch-002", "none")]
+    # no labels: the adapters file goes and classification is zero-shot again
+    assert steps.write_adapters(layout, None).version == "none" and not layout.adapters_path.exists()
+    # a DuckDB file from before adapters (no adapter_version column) is migrated by the next writer
+    with duckdb.connect(str(layout.duckdb_path)) as con:
+        con.execute("ALTER TABLE image_classifications DROP COLUMN adapter_version")
+    steps.write_classifications(layout, "batch-002")
+    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT adapter_version FROM image_classifications").fetchall() == [("none",)]
