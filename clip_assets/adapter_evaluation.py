@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -24,6 +23,7 @@ from clip_assets.embedding import embeddings_matrix
 from clip_assets.evaluation import CategoryScore, macro_f1
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import SINGLE_LABEL
+from clip_assets.warehouse import scratch
 
 
 @dataclass
@@ -45,8 +45,7 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
     dim = centroids.dim
     found: dict[str, tuple[str, np.ndarray]] = {}
     if files and layout.manifest_dir.is_dir():
-        con = duckdb.connect()
-        try:
+        with scratch() as con:
             con.register("labelled", pa.table({"key": list(labels.labels)}))
             match = "e.image_id" if labels.key == "image_id" else "m.path"
             table = con.sql(
@@ -57,8 +56,6 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
                 """,
                 params=[files, layout.manifests_glob, centroids.model],
             ).to_arrow_table()
-        finally:
-            con.close()
         if table.num_rows:
             table = table.set_column(2, "embedding", table["embedding"].cast(pa.list_(pa.float32(), dim)))
             matrix = embeddings_matrix(table)

@@ -201,6 +201,16 @@ def connect(path: Path, read_only: bool = False, wait_s: float | None = None) ->
 
 
 @contextlib.contextmanager
+def scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB, for queries over the parquet files: no file, so no lock to wait for."""
+    con = duckdb.connect()
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
 def _transaction(con: duckdb.DuckDBPyConnection):
     con.begin()
     try:

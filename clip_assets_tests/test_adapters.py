@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -17,7 +16,7 @@ from clip_assets.calibration import is_heldout, read_labels_file
 from clip_assets.centroids import CentroidSet
 from clip_assets.classification import score_matrices
 from clip_assets.evaluation import macro_f1
-from clip_assets.warehouse import read_centroids
+from clip_assets.warehouse import connect, read_centroids
 
 
 def _centroids(positive: np.ndarray, mode: str = "multi_label") -> CentroidSet:
@@ -122,8 +121,9 @@ def _labels_csv(collection, path):
 
 def test_adapter_version_lands_in_the_rows_and_old_files_keep_working(settings, classified, collection, tmp_path):
     layout = classified
-    assert {r[0] for r in duckdb.connect(str(layout.duckdb_path), read_only=True).execute(
-        "SELECT DISTINCT adapter_version FROM image_classifications").fetchall()} == {"none"}
+    with connect(layout.duckdb_path, read_only=True) as con:
+        assert {r[0] for r in con.execute("SELECT DISTINCT adapter_version FROM image_classifications").fetchall()} == {
+            "none"}
     labels = _labels_csv(collection, tmp_path / "labels.csv")
     summary = steps.write_adapters(layout, labels)
     assert summary.version.startswith("adapt-") and summary.labelled_images == 20
@@ -131,14 +131,14 @@ def test_adapter_version_lands_in_the_rows_and_old_files_keep_working(settings, 
     assert summary.heldout_images == int(data.heldout.sum())
     classified_now = steps.write_classifications(layout, "batch-001")
     assert classified_now.adapter_version == summary.version
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         assert con.execute("SELECT DISTINCT batch, adapter_version FROM image_classifications ORDER BY 1").fetchall() == [
             ("batch-001", summary.version), ("batch-002", "none")]
     # no labels: the adapters file goes and classification is zero-shot again
     assert steps.write_adapters(layout, None).version == "none" and not layout.adapters_path.exists()
     # a DuckDB file from before adapters (no adapter_version column) is migrated by the next writer
-    with duckdb.connect(str(layout.duckdb_path)) as con:
+    with connect(layout.duckdb_path) as con:
         con.execute("ALTER TABLE image_classifications DROP COLUMN adapter_version")
     steps.write_classifications(layout, "batch-002")
-    with duckdb.connect(str(layout.duckdb_path), read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True) as con:
         assert con.execute("SELECT DISTINCT adapter_version FROM image_classifications").fetchall() == [("none",)]

@@ -167,5 +167,6 @@ def test_assets_declare_what_they_do_with_the_duckdb_file():
     readers_ = {k for k, (mode, _) in access.items() if mode == DUCKDB_READER["clip_assets/duckdb"]}
     assert writers == {"prompt_centroids", "image_classifications"}
     assert all(access[k][1] == DUCKDB_WRITER_POOL for k in writers)  # one writer at a time
-    assert readers_ == {"image_embeddings", "image_evaluation", "threshold_calibration", "classification_gallery"}
+    assert readers_ == {"image_embeddings", "category_adapters", "image_evaluation", "threshold_calibration",
+                        "classification_gallery"}
     assert all(access[k][1] != DUCKDB_WRITER_POOL for k in readers_)  # readers never wait for a writer slot
