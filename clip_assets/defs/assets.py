@@ -1,5 +1,6 @@
 """The four assets. Each body calls one step function and reports what it wrote."""
 
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -143,7 +144,9 @@ def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
+    started = time.monotonic()
     clip = clip_model.load(claim_gpu=True)  # once per run, however many batches a backfill run covers
+    context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")
     layout = collection.layout
 
     def encode_batch(batch: str) -> tuple[checks.CheckOutcome, checks.CheckOutcome, checks.CheckOutcome]:
