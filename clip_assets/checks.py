@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import KINDS
+from clip_assets.classification import models_in_file
 from clip_assets.embedding import embeddings_matrix
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import Category
@@ -46,7 +47,7 @@ def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) 
 
 def embeddings_match_centroid_model(layout: DataLayout, batch: str) -> CheckOutcome:
     """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist)."""
-    models = set(pq.read_table(layout.embeddings_path(batch), columns=["model"])["model"].unique().to_pylist())
+    models = models_in_file(layout.embeddings_path(batch))
     if not layout.duckdb_path.exists():
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
     with connect(layout.duckdb_path, read_only=True) as con:
