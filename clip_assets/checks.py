@@ -8,17 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import KINDS
 from clip_assets.classification import models_in_file
-from clip_assets.embedding import embeddings_matrix
+from clip_assets.embedding_store import EmbeddingFileFigures
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import Category
 from clip_assets.warehouse import connect
-
-NORM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -29,25 +26,29 @@ class CheckOutcome:
 
 
 def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) -> CheckOutcome:
-    """Every embedding has the model's dimension, no NaN, and norm 1."""
-    table = pq.read_table(layout.embeddings_path(batch))
-    dim = table.schema.field("embedding").type.list_size
-    vectors = embeddings_matrix(table)
-    nan_rows = int(np.isnan(vectors).any(axis=1).sum())
-    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0)
-    off_norm = int((~(np.abs(norms - 1) <= NORM_TOLERANCE)).sum())  # NaN norms count as off
-    passed = dim == expected_dim and nan_rows == 0 and off_norm == 0
+    """Every embedding has the model's dimension, no NaN, and norm 1 (the file read a record batch at a time)."""
+    return unit_norm_outcome(EmbeddingFileFigures.of_file(layout.embeddings_path(batch)), expected_dim)
+
+
+def unit_norm_outcome(figures: EmbeddingFileFigures, expected_dim: int) -> CheckOutcome:
+    """embeddings_are_unit_norm from the figures counted while the file was written."""
+    dim, rows = figures.dimension, figures.rows
+    passed = dim == expected_dim and figures.nan_rows == 0 and figures.off_norm_rows == 0
     return CheckOutcome(
         passed,
-        f"{table.num_rows} embeddings of dimension {dim} (model: {expected_dim}); "
-        f"{nan_rows} with NaN; {off_norm} not unit-norm",
-        {"rows": table.num_rows, "dimension": dim, "nan_rows": nan_rows, "off_norm_rows": off_norm},
+        f"{rows} embeddings of dimension {dim} (model: {expected_dim}); "
+        f"{figures.nan_rows} with NaN; {figures.off_norm_rows} not unit-norm",
+        {"rows": rows, "dimension": dim, "nan_rows": figures.nan_rows, "off_norm_rows": figures.off_norm_rows},
     )
 
 
-def embeddings_match_centroid_model(layout: DataLayout, batch: str) -> CheckOutcome:
-    """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist)."""
-    models = models_in_file(layout.embeddings_path(batch))
+def embeddings_match_centroid_model(layout: DataLayout, batch: str, models: set[str] | None = None) -> CheckOutcome:
+    """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist).
+
+    `models`: the file's model identities where they were counted as it was written, else it is read.
+    """
+    if models is None:
+        models = models_in_file(layout.embeddings_path(batch))
     if not layout.duckdb_path.exists():
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
     with connect(layout.duckdb_path, read_only=True) as con:

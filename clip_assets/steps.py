@@ -31,7 +31,13 @@ from clip_assets.embedding import (
     embeddings_schema,
     encode_images,
 )
-from clip_assets.embedding_store import BackgroundWrites, PartFiles, plan_encoding, write_final
+from clip_assets.embedding_store import (
+    BackgroundWrites,
+    EmbeddingFileFigures,
+    PartFiles,
+    plan_encoding,
+    write_final,
+)
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import STATUS_OK, build_manifest
 from clip_assets.prompts import Category, load_categories, prompt_version
@@ -84,6 +90,7 @@ class EmbeddingSummary:
     model: str
     dim: int
     failures: dict[str, str] = field(default_factory=dict)
+    figures: EmbeddingFileFigures = field(default_factory=EmbeddingFileFigures)  # of the file, counted as written
 
     @property
     def failure_share(self) -> float:
@@ -107,15 +114,12 @@ def write_embeddings(
     layout.sweep_stale_temp_files(batch)
     manifest = pq.read_table(layout.manifest_path(batch))
     path = layout.embeddings_path(batch)
-    previous = pq.read_table(path) if path.exists() else None
-    if previous is not None and "fingerprint" not in previous.column_names:
-        previous = None  # written before fingerprints existed: encode afresh
     parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity)
     parts.discard_other_models()
-    plan = plan_encoding(manifest, previous, parts)
+    plan = plan_encoding(manifest, path, parts)
     report(
         f"{batch}: {len(plan.job.image_ids):,} images to encode, "
-        f"{0 if plan.carried is None else plan.carried.num_rows:,} unchanged, {len(plan.resumed_ids):,} resumed"
+        f"{len(plan.carried_ids):,} unchanged, {len(plan.resumed_ids):,} resumed"
     )
     with BackgroundWrites(parts.write) as write_chunk:  # parquet is written while the model goes on
         result = encode_images(
@@ -128,13 +132,13 @@ def write_embeddings(
         {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
     )
     write_parquet_atomically(failures, layout.embedding_failures_path(batch))
-    rows = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
+    figures = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
     parts.remove()
     return EmbeddingSummary(
         path=path,
-        rows=rows,
+        rows=figures.rows,
         encoded=result.encoded,
-        carried_over=0 if plan.carried is None else plan.carried.num_rows,
+        carried_over=len(plan.carried_ids),
         unchanged_content=result.unchanged_content,
         resumed=len(plan.resumed_ids),
         dropped=plan.dropped,
@@ -143,6 +147,7 @@ def write_embeddings(
         model=clip.identity,
         dim=clip.embed_dim,
         failures={p: e for _, p, e in result.failures[:20]},
+        figures=figures,
     )
 
 

@@ -172,9 +172,9 @@ def image_embeddings(
             "path": dg.MetadataValue.path(str(s.path)),
         })
         return (
-            checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim),
+            checks.unit_norm_outcome(s.figures, clip.embed_dim),  # counted while the file was written
             checks.failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share),
-            checks.embeddings_match_centroid_model(layout, batch),
+            checks.embeddings_match_centroid_model(layout, batch, s.figures.models),
         )
 
     outcomes = each_batch(context, encode_batch)
