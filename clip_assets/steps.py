@@ -40,6 +40,7 @@ from clip_assets.embedding_store import (
 )
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import STATUS_OK, build_manifest
+from clip_assets.prefetch import prefetched
 from clip_assets.prompts import Category, load_categories, prompt_version
 from clip_assets.settings import default
 from clip_assets.gallery import GalleryImage
@@ -204,7 +205,8 @@ def write_classifications(
     with pq.ParquetFile(path) as embeddings:
         record_batches = embeddings.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"])
         rows = replace_batch_classifications(layout.duckdb_path, batch, pa.RecordBatchReader.from_batches(
-            CLASSIFICATION_SCHEMA, classify_stream(batch, record_batches, centroids, figures.add)))
+            # scoring runs a record batch ahead of DuckDB's insert, on another core
+            CLASSIFICATION_SCHEMA, prefetched(classify_stream(batch, record_batches, centroids, figures.add))))
     paths = image_paths(layout, batch, figures.image_ids())
     return ClassificationSummary(
         images=figures.images,
