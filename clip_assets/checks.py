@@ -8,16 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from clip_assets.centroids import KINDS
-from clip_assets.embedding import embeddings_matrix
+from clip_assets.classification import models_in_file
+from clip_assets.embedding_store import EmbeddingFileFigures
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import Category
 from clip_assets.warehouse import connect
-
-NORM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -28,25 +26,29 @@ class CheckOutcome:
 
 
 def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) -> CheckOutcome:
-    """Every embedding has the model's dimension, no NaN, and norm 1."""
-    table = pq.read_table(layout.embeddings_path(batch))
-    dim = table.schema.field("embedding").type.list_size
-    vectors = embeddings_matrix(table)
-    nan_rows = int(np.isnan(vectors).any(axis=1).sum())
-    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0)
-    off_norm = int((~(np.abs(norms - 1) <= NORM_TOLERANCE)).sum())  # NaN norms count as off
-    passed = dim == expected_dim and nan_rows == 0 and off_norm == 0
+    """Every embedding has the model's dimension, no NaN, and norm 1 (the file read a record batch at a time)."""
+    return unit_norm_outcome(EmbeddingFileFigures.of_file(layout.embeddings_path(batch)), expected_dim)
+
+
+def unit_norm_outcome(figures: EmbeddingFileFigures, expected_dim: int) -> CheckOutcome:
+    """embeddings_are_unit_norm from the figures counted while the file was written."""
+    dim, rows = figures.dimension, figures.rows
+    passed = dim == expected_dim and figures.nan_rows == 0 and figures.off_norm_rows == 0
     return CheckOutcome(
         passed,
-        f"{table.num_rows} embeddings of dimension {dim} (model: {expected_dim}); "
-        f"{nan_rows} with NaN; {off_norm} not unit-norm",
-        {"rows": table.num_rows, "dimension": dim, "nan_rows": nan_rows, "off_norm_rows": off_norm},
+        f"{rows} embeddings of dimension {dim} (model: {expected_dim}); "
+        f"{figures.nan_rows} with NaN; {figures.off_norm_rows} not unit-norm",
+        {"rows": rows, "dimension": dim, "nan_rows": figures.nan_rows, "off_norm_rows": figures.off_norm_rows},
     )
 
 
-def embeddings_match_centroid_model(layout: DataLayout, batch: str) -> CheckOutcome:
-    """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist)."""
-    models = set(pq.read_table(layout.embeddings_path(batch), columns=["model"])["model"].unique().to_pylist())
+def embeddings_match_centroid_model(layout: DataLayout, batch: str, models: set[str] | None = None) -> CheckOutcome:
+    """The batch's embeddings and the stored centroids come from one model (vacuous before centroids exist).
+
+    `models`: the file's model identities where they were counted as it was written, else it is read.
+    """
+    if models is None:
+        models = models_in_file(layout.embeddings_path(batch))
     if not layout.duckdb_path.exists():
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
     with connect(layout.duckdb_path, read_only=True) as con:
@@ -82,19 +84,33 @@ def every_category_has_centroids(db_path: Path, categories: list[Category]) -> C
 
 
 def one_row_per_image_and_category(layout: DataLayout, batch: str) -> CheckOutcome:
-    """The batch has exactly usable images x categories classification rows, none duplicated."""
-    images = pq.read_metadata(layout.embeddings_path(batch)).num_rows
+    """The batch has exactly one classification row per (image in its embeddings file, category).
+
+    Compared as a count and a sum of hashes of the (image_id, category) pairs, on both sides: two
+    streaming aggregates in DuckDB, where a DISTINCT count over a million images x 50 categories
+    would hold all 50 million pairs in memory (6 GB). A duplicate, a gap, or a duplicate hiding a gap
+    changes the sum (unless 64-bit hashes collide).
+    """
+    embeddings = str(layout.embeddings_path(batch))
+    images = pq.read_metadata(embeddings).num_rows
     with connect(layout.duckdb_path, read_only=True) as con:
         categories = con.execute("SELECT count(*) FROM prompt_categories").fetchone()[0]
-        rows, distinct = con.execute(
-            "SELECT count(*), count(DISTINCT (image_id, category)) FROM image_classifications WHERE batch = ?", [batch]
+        rows, stored_sum = con.execute(
+            "SELECT count(*), coalesce(sum(hash(image_id, category)), 0) FROM image_classifications WHERE batch = ?",
+            [batch],
         ).fetchone()
+        expected_sum = con.execute(
+            "SELECT coalesce(sum(hash(e.image_id, p.category)), 0) "
+            "FROM read_parquet(?) e CROSS JOIN (SELECT category FROM prompt_categories) p",
+            [embeddings],
+        ).fetchone()[0]
     expected = images * categories
-    passed = rows == distinct == expected
+    same_pairs = rows == expected and stored_sum == expected_sum
     return CheckOutcome(
-        passed,
-        f"{rows} rows ({distinct} distinct) for {images} images x {categories} categories = {expected}",
-        {"rows": rows, "distinct_rows": distinct, "expected_rows": expected},
+        same_pairs,
+        f"{rows} rows for {images} images x {categories} categories = {expected}"
+        + ("" if same_pairs or rows != expected else "; but not one per (image, category): duplicates and gaps"),
+        {"rows": rows, "expected_rows": expected, "same_image_category_pairs": same_pairs},
     )
 
 

@@ -13,11 +13,15 @@ Two modes, chosen per prompt file:
 
 from __future__ import annotations
 
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from clip_assets.arrow_vectors import vectors_matrix
 from clip_assets.centroids import CentroidSet
 from clip_assets.prompts import SINGLE_LABEL
 
@@ -61,6 +65,15 @@ def check_same_model(embedding_models: set[str], centroid_model: str) -> None:
             "classified. Re-materialize image_embeddings (for this batch) or prompt_centroids so "
             "both use the configured model."
         )
+
+
+def models_in_file(embeddings_file: Path, rows_per_read: int = 65_536) -> set[str]:
+    """The model identities an embeddings file holds, read a column slice at a time."""
+    models: set[str] = set()
+    with pq.ParquetFile(embeddings_file) as f:
+        for record_batch in f.iter_batches(batch_size=rows_per_read, columns=["model"]):
+            models.update(pc.unique(record_batch.column("model")).to_pylist())
+    return models
 
 
 def single_label_groups(centroids: CentroidSet) -> list[np.ndarray]:
@@ -157,7 +170,7 @@ def _per_category(values: np.ndarray, n: int) -> np.ndarray:
 
 def classify_batch(
     batch: str,
-    image_ids: list[str],
+    image_ids: list[str] | pa.Array,
     embeddings: np.ndarray,
     centroids: CentroidSet,
     columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
@@ -169,6 +182,18 @@ def classify_batch(
     threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
     """
     m = score_matrices(embeddings, centroids, columns, adapters)
+    return classification_rows(batch, image_ids, m, centroids, adapter_version(adapters))
+
+
+def adapter_version(adapters) -> str:
+    return NO_ADAPTER if adapters is None else adapters.version
+
+
+def classification_rows(
+    batch: str, image_ids: list[str] | pa.Array, m: dict[str, np.ndarray | None], centroids: CentroidSet,
+    adapter_version: str = NO_ADAPTER,
+) -> pa.Table:
+    """The rows of `score_matrices`' numbers: one per (image, category), images in input order."""
     n, c = m["pos"].shape
     is_single = np.array([mode == SINGLE_LABEL for mode in centroids.modes])
     if m["probability"] is None:
@@ -182,7 +207,8 @@ def classify_batch(
         {
             "batch": _repeated(batch, n * c),
             "image_id": pa.DictionaryArray.from_arrays(
-                pa.array(np.repeat(np.arange(n, dtype=np.int32), c)), pa.array(image_ids, pa.string())
+                pa.array(np.repeat(np.arange(n, dtype=np.int32), c)),
+                image_ids if isinstance(image_ids, pa.Array) else pa.array(image_ids, pa.string()),
             ),
             "category": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.categories)),
             "mode": pa.DictionaryArray.from_arrays(
@@ -203,7 +229,7 @@ def classify_batch(
             "matched": pa.array(m["matched"].reshape(-1)),
             "model": _repeated(centroids.model, n * c),
             "prompt_version": _repeated(centroids.prompt_version, n * c),
-            "adapter_version": _repeated(NO_ADAPTER if adapters is None else adapters.version, n * c),
+            "adapter_version": _repeated(adapter_version, n * c),
         },
         schema=CLASSIFICATION_SCHEMA,
     )
@@ -222,3 +248,27 @@ def classify_in_chunks(
     for start in range(0, len(image_ids), chunk_images):
         stop = start + chunk_images
         yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns, adapters)
+
+
+def classify_stream(
+    batch: str,
+    embedding_batches: Iterable[pa.RecordBatch],
+    centroids: CentroidSet,
+    on_scored: Callable[[pa.Array, dict[str, np.ndarray | None]], None] | None = None,
+    adapters=None,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of `classify_batch` for record batches of an embeddings file (`image_id`, `embedding`),
+    one record batch at a time: memory holds one batch's matrices, never the file's.
+
+    `on_scored(image_ids, matrices)` sees each record batch's numbers before its rows are yielded,
+    so figures about the whole batch are gathered in the same pass.
+    """
+    columns = centroid_columns(centroids)
+    for record_batch in embedding_batches:
+        if record_batch.num_rows == 0:
+            continue
+        ids = record_batch.column("image_id")
+        m = score_matrices(vectors_matrix(record_batch.column("embedding")), centroids, columns, adapters)
+        if on_scored is not None:
+            on_scored(ids, m)
+        yield from classification_rows(batch, ids, m, centroids, adapter_version(adapters)).to_batches()

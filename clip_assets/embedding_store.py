@@ -2,7 +2,8 @@
 
 Per usable manifest row, for the configured model:
 - resumed: a part file of an interrupted run already holds it (same size and mtime);
-- carried over: the previous embeddings file holds it with the same size and mtime;
+- carried over: the previous embeddings file holds it with the same size and mtime (its rows are
+  copied from that file a record batch at a time when the new file is written, never held whole);
 - to encode: anything else. Where the previous file holds the image with another size or mtime,
   its content fingerprint is passed along, so a file that was only touched or copied is not
   decoded again (its bytes are read and hashed, nothing more).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,10 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.atomic_files import atomic_write, write_parquet_atomically
-from clip_assets.embedding import EncodeJob, embeddings_matrix, iter_slices
+from clip_assets.arrow_vectors import vectors_matrix
+from clip_assets.embedding import EncodeJob
 from clip_assets.manifest import STATUS_OK
 
 PART_GLOB = "part-*.parquet"
+NORM_TOLERANCE = 1e-3
 
 
 class PartFiles:
@@ -101,16 +104,46 @@ class BackgroundWrites:
             self._pool.shutdown(wait=True)
 
 
+PREVIOUS_COLUMNS = ["image_id", "model", "size", "mtime", "fingerprint"]  # everything but the vectors
+
+
 @dataclass
 class EncodingPlan:
     job: EncodeJob
-    carried: pa.Table  # previous rows kept as they are
+    carried_ids: set[str]  # previous rows kept as they are (copied from the previous file by write_final)
     resumed_ids: set[str]
     keep_ids: set[str]  # every image_id the finished file may hold
     dropped: int  # previous rows whose file left the manifest
+    previous_file: Path | None = None  # the file the carried rows are copied from
 
 
-def plan_encoding(manifest: pa.Table, previous: pa.Table | None, parts: PartFiles) -> EncodingPlan:
+def previous_rows(path: Path) -> pa.Table | None:
+    """The previous embeddings file's rows without their vectors; None where there is none to reuse."""
+    if not path.exists():
+        return None
+    if "fingerprint" not in pq.read_schema(path).names:
+        return None  # written before fingerprints existed: encode afresh
+    return pq.read_table(path, columns=PREVIOUS_COLUMNS)
+
+
+def vectors_of(path: Path, image_ids: set[str], rows_per_read: int = 65_536) -> dict[str, np.ndarray]:
+    """image_id -> vector of the given images in an embeddings file, read a record batch at a time."""
+    if not image_ids:
+        return {}
+    wanted = pa.array(sorted(image_ids), pa.string())
+    out: dict[str, np.ndarray] = {}
+    with pq.ParquetFile(path) as f:
+        for record_batch in f.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"]):
+            rows = record_batch.filter(pc.is_in(record_batch.column("image_id"), wanted))
+            if rows.num_rows:
+                out.update(zip(rows.column("image_id").to_pylist(), vectors_matrix(rows.column("embedding")).copy()))
+    return out
+
+
+def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFiles) -> EncodingPlan:
+    """What to encode, carry over and resume; the previous file's vectors are read only for the images
+    whose content must be compared (never the whole file)."""
+    previous = previous_rows(previous_file) if previous_file is not None else None
     usable = manifest.filter(pc.equal(manifest["status"], STATUS_OK))
     ids = usable["image_id"].to_pylist()
     stat = dict(zip(ids, zip(usable["size"].to_pylist(), usable["mtime"].to_pylist())))
@@ -124,50 +157,85 @@ def plan_encoding(manifest: pa.Table, previous: pa.Table | None, parts: PartFile
         prev_fp = dict(zip(p_ids, previous["fingerprint"].to_pylist()))
     carried_ids = {i for i in ids if i not in resumed and prev_stat.get(i) == stat[i]}
     todo = [k for k, i in enumerate(ids) if i not in resumed and i not in carried_ids]
-    touched = [ids[k] for k in todo if ids[k] in prev_fp]
-    previous_vectors: dict[str, np.ndarray] = {}
-    if touched:
-        rows = previous.filter(pc.is_in(previous["image_id"], pa.array(touched)))
-        previous_vectors = dict(zip(rows["image_id"].to_pylist(), embeddings_matrix(rows)))
-    carried = (
-        previous.filter(pc.is_in(previous["image_id"], pa.array(sorted(carried_ids), pa.string())))
-        if previous is not None and carried_ids
-        else None
-    )
+    touched = {ids[k] for k in todo if ids[k] in prev_fp}
     job = EncodeJob(
         image_ids=[ids[k] for k in todo],
         paths=[usable["path"][k].as_py() for k in todo],
         sizes=[stat[ids[k]][0] for k in todo],
         mtimes=[stat[ids[k]][1] for k in todo],
         expected_fingerprints=[prev_fp.get(ids[k]) for k in todo],
-        previous_vectors=previous_vectors,
+        previous_vectors=vectors_of(previous_file, touched) if touched else {},
     )
     return EncodingPlan(
         job=job,
-        carried=carried,
+        carried_ids=carried_ids,
         resumed_ids=resumed,
         keep_ids=set(ids),
         dropped=len(set(prev_stat) - set(ids)),
+        previous_file=previous_file if carried_ids else None,
     )
 
 
-def write_final(path: Path, schema: pa.Schema, plan: EncodingPlan, parts: PartFiles, slice_rows: int = 16384) -> int:
-    """Stream carried rows and part files into one parquet file, each image once; returns rows."""
+@dataclass
+class EmbeddingFileFigures:
+    """What the asset checks need to know of a written embeddings file, counted as it is written."""
+
+    rows: int = 0
+    dimension: int | None = None
+    nan_rows: int = 0
+    off_norm_rows: int = 0  # norm not within NORM_TOLERANCE of 1 (NaN norms included)
+    models: set[str] = field(default_factory=set)
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        self.dimension = table.schema.field("embedding").type.list_size
+        self.rows += table.num_rows
+        if not table.num_rows:
+            return
+        vectors = vectors_matrix(table.column("embedding"))
+        self.nan_rows += int(np.isnan(vectors).any(axis=1).sum())
+        norms = np.linalg.norm(vectors, axis=1)
+        self.off_norm_rows += int((~(np.abs(norms - 1) <= NORM_TOLERANCE)).sum())
+        self.models.update(pc.unique(table.column("model")).to_pylist())
+
+    @classmethod
+    def of_file(cls, path: Path, rows_per_read: int = 65_536) -> "EmbeddingFileFigures":
+        """The figures of a file already written, read a record batch at a time."""
+        figures = cls()
+        with pq.ParquetFile(path) as f:
+            figures.dimension = f.schema_arrow.field("embedding").type.list_size
+            for record_batch in f.iter_batches(batch_size=rows_per_read):
+                figures.add(record_batch)
+        return figures
+
+
+def write_final(path: Path, schema: pa.Schema, plan: EncodingPlan, parts: PartFiles,
+                rows_per_read: int = 16_384) -> EmbeddingFileFigures:
+    """Stream part files and the carried rows of the previous file into one parquet file, each image
+    once, counting the checks' figures as it goes. The previous file is read a record batch at a time
+    (and replaced only when the new one is complete)."""
     seen: set[str] = set()
-    rows = 0
+    figures = EmbeddingFileFigures(dimension=schema.field("embedding").type.list_size)
+
+    def write(writer: pq.ParquetWriter, table: pa.Table, keep: list[int]) -> None:
+        if keep:
+            rows = table.take(keep).cast(schema)
+            writer.write_table(rows)
+            figures.add(rows)
+
     with atomic_write(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for table in parts.tables_newest_first():
             ids = table["image_id"].to_pylist()
             keep = [k for k, i in enumerate(ids) if i in plan.keep_ids and i not in seen]
             seen.update(ids[k] for k in keep)
-            if keep:
-                writer.write_table(table.take(keep).cast(schema))
-                rows += len(keep)
-        if plan.carried is not None:
-            for part in iter_slices(plan.carried, slice_rows):
-                ids = part["image_id"].to_pylist()
-                keep = [k for k, i in enumerate(ids) if i not in seen]
-                if keep:
-                    writer.write_table(part.take(keep).cast(schema))
-                    rows += len(keep)
-    return rows
+            write(writer, table, keep)
+        if plan.previous_file is not None:
+            with pq.ParquetFile(plan.previous_file) as previous:
+                for record_batch in previous.iter_batches(batch_size=rows_per_read, columns=schema.names):
+                    table = pa.Table.from_batches([record_batch])
+                    ids = table["image_id"].to_pylist()
+                    models = table["model"].to_pylist()
+                    keep = [k for k, i in enumerate(ids)
+                            if i in plan.carried_ids and i not in seen and models[k] == parts.model]
+                    seen.update(ids[k] for k in keep)
+                    write(writer, table, keep)
+    return figures

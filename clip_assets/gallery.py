@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_assets.atomic_files import atomic_write, write_text_atomically
@@ -41,6 +42,24 @@ CASE WHEN c.matched THEN NULL
      WHEN c.neutral_sim IS NOT NULL AND c.pos_sim < c.neutral_sim + c.neutral_margin::FLOAT THEN '{NOT_ABOVE_NEUTRAL}'
      ELSE '{UNDER_THRESHOLD}' END
 """
+
+
+
+def failed_conditions(m: dict[str, np.ndarray | None], modes: list[str], thresholds: np.ndarray,
+                      neutral_margins: np.ndarray, has_neutral: np.ndarray) -> np.ndarray:
+    """FAILED_CONDITION_SQL over `classification.score_matrices`' numbers, as an (n, C) int8 array:
+    0 where matched, else 1 + the failed condition's index in NEAR_MISS_KINDS."""
+    single = np.array([mode == "single_label" for mode in modes])
+    under = 1 + NEAR_MISS_KINDS.index(UNDER_THRESHOLD)
+    codes = np.full(m["pos"].shape, under, dtype=np.int8)
+    not_above = (m["score"] >= thresholds.astype(np.float32)) & (
+        m["pos"] < m["neutral"] + neutral_margins.astype(np.float32)) & has_neutral
+    codes[not_above & ~single] = 1 + NEAR_MISS_KINDS.index(NOT_ABOVE_NEUTRAL)
+    if single.any():
+        in_reach = m["probability"][:, single] >= thresholds[single]
+        codes[:, single] = np.where(in_reach, 1 + NEAR_MISS_KINDS.index(NOT_IN_TOP_K), under)
+    codes[m["matched"]] = 0
+    return codes
 
 
 @dataclass(frozen=True)
@@ -254,7 +273,11 @@ def contact_sheet(
     """A JPEG grid for one batch: per category its best matches, then its near misses of each kind,
     each thumbnail framed in its group's colour with its score under it."""
     rows = gallery_rows(layout, matched_per_category, near_misses, batch=batch)
-    columns = matched_per_category + 2 * near_misses
+    return draw_contact_sheet(image_root, rows, matched_per_category + 2 * near_misses)
+
+
+def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], columns: int) -> bytes:
+    """The contact sheet of `gallery_rows`' rows (or the same rows gathered while classifying)."""
     cell_w, cell_h = SHEET_THUMB_PX + SHEET_GAP, SHEET_THUMB_PX + SHEET_CAPTION_H + SHEET_GAP
     legend_h = 14
     sheet = Image.new("RGB", (SHEET_LABEL_W + columns * cell_w, legend_h + max(1, len(rows)) * cell_h), "white")

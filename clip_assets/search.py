@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clip_assets.arrow_vectors import vectors_matrix as _matrix
 from clip_assets.atomic_files import atomic_write, write_text_atomically
 from clip_assets.layout import DataLayout
 from clip_assets.settings import Settings
@@ -104,15 +105,6 @@ def check_query_model(files: list[Path], identity: str) -> None:
                 "mean nothing, so nothing was searched: set the model that made the embeddings, or "
                 "re-materialize image_embeddings with this one."
             )
-
-
-def _matrix(column: pa.Array) -> np.ndarray:
-    """A fixed-size-list column of float32 as an (n, dim) array, zero-copy where possible."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    dim = column.type.list_size
-    values = column.values.slice(column.offset * dim, len(column) * dim)
-    return values.to_numpy(zero_copy_only=False).reshape(len(column), dim)
 
 
 # --- The search index: a plain float32 copy of each embeddings file, read through mmap. -----------

@@ -7,7 +7,6 @@ call them directly.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,21 +20,36 @@ from clip_assets.adapter_evaluation import fit_on_tuning_half, load_labelled_emb
 from clip_assets.adapter_store import adapter_version, adapters_for, content_hash, remove_adapters, write_adapter_file
 from clip_assets.adapters import AdapterSet
 from clip_assets.calibration import read_labels_file
-from clip_assets.classification import NO_ADAPTER, check_same_model, classify_in_chunks
+from clip_assets.classification import (
+    CLASSIFICATION_SCHEMA,
+    DEFAULT_CHUNK_IMAGES,
+    NO_ADAPTER,
+    check_same_model,
+    classify_stream,
+    models_in_file,
+)
+from clip_assets.classification_figures import ClassificationFigures
 from clip_assets.clip_model import ClipModel
 from clip_assets.atomic_files import write_parquet_atomically
 from clip_assets.embedding import (
     FAILURES_SCHEMA,
-    embeddings_matrix,
     embeddings_schema,
     encode_images,
 )
-from clip_assets.embedding_store import BackgroundWrites, PartFiles, plan_encoding, write_final
+from clip_assets.embedding_store import (
+    BackgroundWrites,
+    EmbeddingFileFigures,
+    PartFiles,
+    plan_encoding,
+    write_final,
+)
 from clip_assets.layout import DataLayout
 from clip_assets.manifest import STATUS_OK, build_manifest
+from clip_assets.prefetch import prefetched
 from clip_assets.prompts import Category, load_categories, prompt_version
 from clip_assets.settings import default
-from clip_assets.warehouse import read_centroids, replace_batch_classifications, replace_centroids, top_images
+from clip_assets.gallery import GalleryImage
+from clip_assets.warehouse import read_centroids, replace_batch_classifications, replace_centroids
 
 
 @dataclass
@@ -82,6 +96,7 @@ class EmbeddingSummary:
     model: str
     dim: int
     failures: dict[str, str] = field(default_factory=dict)
+    figures: EmbeddingFileFigures = field(default_factory=EmbeddingFileFigures)  # of the file, counted as written
 
     @property
     def failure_share(self) -> float:
@@ -105,15 +120,12 @@ def write_embeddings(
     layout.sweep_stale_temp_files(batch)
     manifest = pq.read_table(layout.manifest_path(batch))
     path = layout.embeddings_path(batch)
-    previous = pq.read_table(path) if path.exists() else None
-    if previous is not None and "fingerprint" not in previous.column_names:
-        previous = None  # written before fingerprints existed: encode afresh
     parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity)
     parts.discard_other_models()
-    plan = plan_encoding(manifest, previous, parts)
+    plan = plan_encoding(manifest, path, parts)
     report(
         f"{batch}: {len(plan.job.image_ids):,} images to encode, "
-        f"{0 if plan.carried is None else plan.carried.num_rows:,} unchanged, {len(plan.resumed_ids):,} resumed"
+        f"{len(plan.carried_ids):,} unchanged, {len(plan.resumed_ids):,} resumed"
     )
     with BackgroundWrites(parts.write) as write_chunk:  # parquet is written while the model goes on
         result = encode_images(
@@ -126,13 +138,13 @@ def write_embeddings(
         {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
     )
     write_parquet_atomically(failures, layout.embedding_failures_path(batch))
-    rows = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
+    figures = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
     parts.remove()
     return EmbeddingSummary(
         path=path,
-        rows=rows,
+        rows=figures.rows,
         encoded=result.encoded,
-        carried_over=0 if plan.carried is None else plan.carried.num_rows,
+        carried_over=len(plan.carried_ids),
         unchanged_content=result.unchanged_content,
         resumed=len(plan.resumed_ids),
         dropped=plan.dropped,
@@ -141,6 +153,7 @@ def write_embeddings(
         model=clip.identity,
         dim=clip.embed_dim,
         failures={p: e for _, p, e in result.failures[:20]},
+        figures=figures,
     )
 
 
@@ -198,44 +211,49 @@ class ClassificationSummary:
     model: str
     prompt_version: str
     adapter_version: str = NO_ADAPTER
+    # gathered while the rows streamed to DuckDB (see classification_figures)
+    histograms: dict[str, tuple[float, float, list[int], float, str]] = field(default_factory=dict)
+    top_images: list[dict] = field(default_factory=list)  # category, path, score, matched
+    gallery_rows: dict[str, list[GalleryImage]] = field(default_factory=dict)  # the contact sheet's
 
 
-def write_classifications(layout: DataLayout, batch: str) -> ClassificationSummary:
-    embeddings = pq.read_table(layout.embeddings_path(batch))
+def image_paths(layout: DataLayout, batch: str, image_ids: set[str]) -> dict[str, str]:
+    """image_id -> path in the batch's manifest, for a few images (only their rows are kept)."""
+    manifest = layout.manifest_path(batch)
+    if not image_ids or not manifest.exists():
+        return {}
+    found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", sorted(image_ids))])
+    return dict(zip(found["image_id"].to_pylist(), found["path"].to_pylist()))
+
+
+def write_classifications(
+    layout: DataLayout, batch: str, rows_per_read: int = DEFAULT_CHUNK_IMAGES
+) -> ClassificationSummary:
+    """Classify the batch's embeddings `rows_per_read` at a time, straight into DuckDB as one insert
+    that replaces the batch's rows; the summary's figures are gathered on the way."""
+    path = layout.embeddings_path(batch)
     centroids = read_centroids(layout.duckdb_path)
-    check_same_model(set(embeddings["model"].unique().to_pylist()), centroids.model)
+    check_same_model(models_in_file(path), centroids.model)
     adapters = adapters_for(layout.adapters_path, centroids)
-    counts = dict.fromkeys(centroids.categories, 0)
-
-    def counted(chunks):
-        for chunk in chunks:
-            counts.update(
-                {k: counts[k] + v for k, v in Counter(chunk.filter(chunk["matched"])["category"].to_pylist()).items()}
-            )
-            yield chunk
-
-    rows = replace_batch_classifications(
-        layout.duckdb_path,
-        batch,
-        counted(classify_in_chunks(batch, embeddings["image_id"].to_pylist(), embeddings_matrix(embeddings), centroids,
-                                   adapters=adapters)),
-    )
+    figures = ClassificationFigures(centroids)
+    with pq.ParquetFile(path) as embeddings:
+        record_batches = embeddings.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"])
+        rows = replace_batch_classifications(layout.duckdb_path, batch, pa.RecordBatchReader.from_batches(
+            # scoring runs a record batch ahead of DuckDB's insert, on another core
+            CLASSIFICATION_SCHEMA,
+            prefetched(classify_stream(batch, record_batches, centroids, figures.add, adapters=adapters))))
+    paths = image_paths(layout, batch, figures.image_ids())
     return ClassificationSummary(
-        images=embeddings.num_rows,
+        images=figures.images,
         rows=rows,
-        matches=counts,
+        matches=figures.matches_per_category(),
         model=centroids.model,
         prompt_version=centroids.prompt_version,
         adapter_version=NO_ADAPTER if adapters is None else adapters.version,
+        histograms=figures.histograms(),
+        top_images=[
+            {"category": category, "path": paths.get(image_id, image_id), "score": round(value, 4), "matched": matched}
+            for category, image_id, value, matched in figures.top_images()
+        ],
+        gallery_rows=figures.gallery_rows(paths, batch),
     )
-
-
-def top_images_table(layout: DataLayout, batch: str, per_category: int = 3) -> list[dict]:
-    """The best-scoring images of each category in a batch, with their paths: a preview for people."""
-    paths = dict(
-        zip(*pq.read_table(layout.manifest_path(batch), columns=["image_id", "path"]).to_pydict().values())
-    )
-    return [
-        {"category": category, "path": paths.get(image_id, image_id), "score": round(value, 4), "matched": matched}
-        for category, image_id, value, matched in top_images(layout.duckdb_path, batch, per_category)
-    ]

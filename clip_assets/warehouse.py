@@ -14,7 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -320,21 +320,18 @@ def read_centroids(path: Path) -> CentroidSet:
     )
 
 
-def replace_batch_classifications(path: Path, batch: str, chunks: Iterable[pa.Table]) -> int:
+def replace_batch_classifications(path: Path, batch: str, rows: pa.RecordBatchReader) -> int:
     """Swap one batch's rows for new ones in a single transaction: no duplicates, no half batch.
 
-    `chunks` is consumed inside the transaction, so a batch never has to sit in memory whole.
-    Returns the number of rows written.
+    `rows` is one Arrow stream, consumed by a single INSERT inside the transaction, so a batch never
+    has to sit in memory whole. Returns the number of rows written.
     """
-    written = 0
     with connect(path) as con, _transaction(con):
         con.execute("DELETE FROM image_classifications WHERE batch = ?", [batch])
-        for chunk in chunks:
-            con.register("new_rows", chunk)
-            con.execute("INSERT INTO image_classifications BY NAME SELECT * FROM new_rows")
-            con.unregister("new_rows")
-            written += chunk.num_rows
-    return written
+        con.register("new_rows", rows)
+        written = con.execute("INSERT INTO image_classifications BY NAME SELECT * FROM new_rows").fetchone()[0]
+        con.unregister("new_rows")
+    return int(written)
 
 
 def top_images(path: Path, batch: str, per_category: int = 3) -> list[tuple[str, str, float, bool]]:

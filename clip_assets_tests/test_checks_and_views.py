@@ -64,6 +64,15 @@ def test_row_check_catches_duplicates_and_gaps(done):
     assert not checks.one_row_per_image_and_category(done, "batch-001").passed
     sql(done, "DELETE FROM image_classifications WHERE rowid IN (SELECT rowid FROM image_classifications LIMIT 2)")
     assert not checks.one_row_per_image_and_category(done, "batch-001").passed
+    sql(done, "DELETE FROM image_classifications WHERE batch = 'batch-001'")
+    steps.write_classifications(done, "batch-001")
+    assert checks.one_row_per_image_and_category(done, "batch-001").passed
+    # a duplicate hiding a gap: the count is right, the pairs are not
+    sql(done, "DELETE FROM image_classifications WHERE rowid = (SELECT min(rowid) FROM image_classifications "
+              "WHERE batch = 'batch-001')")
+    sql(done, "INSERT INTO image_classifications SELECT * FROM image_classifications WHERE batch = 'batch-001' LIMIT 1")
+    outcome = checks.one_row_per_image_and_category(done, "batch-001")
+    assert not outcome.passed and outcome.metadata["rows"] == outcome.metadata["expected_rows"]
 
 
 def test_model_check_catches_centroids_of_another_model(settings, done, other_checkpoint):

@@ -13,10 +13,9 @@ from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import picture, reasons_table, table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
-from clip_assets.gallery import contact_sheet
+from clip_assets.gallery import draw_contact_sheet
 from clip_assets.manifest import missing_batch_message
 from clip_assets.plots import score_histograms_png
-from clip_assets.warehouse import score_histograms
 
 OWNER = "team:clip-assets"
 # Backfills: batches per run for the manifest and the embeddings (the model loads once per run);
@@ -29,6 +28,9 @@ GPU_POOL = "gpu"
 # (`tag:clip_assets/duckdb=read-only`): readers and writers each wait for the other's lock.
 DUCKDB_READER = {"clip_assets/duckdb": "read-only"}
 DUCKDB_WRITER = {"clip_assets/duckdb": "read-write"}
+# A batch's contact sheet: 3 best matches and 2 near misses of each of two failed conditions per category
+# (ClassificationFigures' defaults).
+CONTACT_SHEET_COLUMNS = 3 + 2 * 2
 
 
 def _check_result(name: str, outcome: checks.CheckOutcome, warn: bool = False) -> dg.AssetCheckResult:
@@ -177,9 +179,9 @@ def image_embeddings(
             "path": dg.MetadataValue.path(str(s.path)),
         })
         return (
-            checks.embeddings_are_unit_norm(layout, batch, clip.embed_dim),
+            checks.unit_norm_outcome(s.figures, clip.embed_dim),  # counted while the file was written
             checks.failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share),
-            checks.embeddings_match_centroid_model(layout, batch),
+            checks.embeddings_match_centroid_model(layout, batch, s.figures.models),
         )
 
     outcomes = each_batch(context, encode_batch)
@@ -274,10 +276,11 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
                 {"category": "string", "images_matched": "int", "share": "float"},
             ),
             "score_distribution": picture(
-                score_histograms_png(score_histograms(layout.duckdb_path, batch)), f"{batch}: score distribution per category"),
+                score_histograms_png(summary.histograms), f"{batch}: score distribution per category"),
             "contact_sheet": picture(
-                contact_sheet(layout, image_root, batch), f"{batch}: best matches and near misses per category"),
-            "top_images": table(steps.top_images_table(layout, batch),
+                draw_contact_sheet(image_root, summary.gallery_rows, CONTACT_SHEET_COLUMNS),
+                f"{batch}: best matches and near misses per category"),
+            "top_images": table(summary.top_images,
                                 {"category": "string", "path": "string", "score": "float", "matched": "bool"}),
         })
         return checks.one_row_per_image_and_category(layout, batch), summary

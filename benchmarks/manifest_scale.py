@@ -1,0 +1,91 @@
+"""How long the manifest of a batch of 1,000,000 small files takes, and how much of it is the header probe.
+
+Creates N small image files (one tiny PNG's bytes, 1,000 per sub-folder) in a temporary folder, then
+times, in this process: listing and stat-ing every file (`manifest.list_files`, what the re-scan
+schedule does too), the whole manifest (`manifest.build_manifest`: stat plus opening every file's
+header with Pillow), and the step that writes it (`steps.write_manifest`). Prints wall and CPU
+seconds, files per second, and the header probe's share. Needs about 4 KB of disk and one inode per
+file (4 GB for a million on a 4 KB-block file system): the free space is checked first.
+
+    uv run python benchmarks/manifest_scale.py [--files 1000000] [--dir DIR (kept, reused)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+BATCH = "many"
+PER_FOLDER = 1_000
+
+
+def tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def create_files(root: Path, files: int) -> None:
+    data = tiny_png()
+    for start in range(0, files, PER_FOLDER):
+        folder = root / BATCH / f"{start // PER_FOLDER:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, min(files, start + PER_FOLDER)):
+            (folder / f"img-{i:08d}.png").write_bytes(data)
+
+
+def timed(label: str, files: int, work):
+    c, t = time.process_time(), time.perf_counter()
+    result = work()
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    print(f"  {label:<46} {wall:7.1f} s wall  {cpu:7.1f} s CPU  {files / wall:9,.0f} files/s")
+    return result, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--files", type=int, default=1_000_000)
+    parser.add_argument("--dir", type=Path, help="where the files go (kept and reused); default a temp dir, removed")
+    args = parser.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="clip-assets-manifest-"))
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < args.files * 8192:
+        raise SystemExit(f"{free / 1e9:.1f} GB free under {root}: too little for {args.files:,} files")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
+    try:
+        existing = sum(1 for _ in (root / BATCH).rglob("*.png")) if (root / BATCH).is_dir() else 0
+        if existing != args.files:
+            shutil.rmtree(root / BATCH, ignore_errors=True)
+            t = time.perf_counter()
+            create_files(root, args.files)
+            print(f"created {args.files:,} files in {time.perf_counter() - t:.1f} s")
+        from clip_assets import steps
+        from clip_assets.layout import DataLayout
+        from clip_assets.manifest import build_manifest, list_files
+
+        print(f"manifest of one batch of {args.files:,} small files:")
+        _, stat_wall = timed("list + stat (manifest.list_files)", args.files,
+                             lambda: sum(1 for _ in list_files(root, BATCH)))
+        table, build_wall = timed("stat + header probe (manifest.build_manifest)", args.files,
+                                  lambda: build_manifest(root, BATCH))
+        summary, step_wall = timed("the step, parquet written (steps.write_manifest)", args.files,
+                                   lambda: steps.write_manifest(root, DataLayout(root / "data"), BATCH))
+        assert table.num_rows == summary.files == args.files and summary.usable == args.files
+        print(f"  header probe share of the manifest: {(build_wall - stat_wall) / build_wall:.0%} "
+              f"(stat-only would take about {stat_wall / build_wall:.2f}x the time)")
+    finally:
+        print(f"load average at end:   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
