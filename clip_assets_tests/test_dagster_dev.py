@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.execution.backfill import BulkActionStatus
 import pyarrow.parquet as pq
 import pytest
 
@@ -176,6 +177,15 @@ def runs_by_status(instance, tags: dict | None = None) -> dict[str, int]:
 def settled(instance) -> bool:
     counts = runs_by_status(instance)
     return not {"QUEUED", "NOT_STARTED", "STARTING", "STARTED"} & set(counts)
+
+
+def quiet_for(instance, seconds: float) -> bool:
+    """Settled, no backfill waiting for its runs (automation requests partition ranges as backfills,
+    whose runs come later), and no run created for `seconds`: longer than an automation tick (30 s), so
+    what the last materializations set off (the index shards, then near-duplicates) has run."""
+    newest = instance.get_run_records(limit=1)
+    return (settled(instance) and not instance.get_backfills(status=BulkActionStatus.REQUESTED)
+            and (not newest or time.time() - newest[0].create_timestamp.timestamp() > seconds))
 
 
 def test_daemon_alone_classifies_every_new_batch(dev):
@@ -330,7 +340,7 @@ def test_prompt_edit_reruns_centroids_and_classifications_without_observation_ru
     automation re-runs the centroids and every batch's classifications, never the embeddings."""
     dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
     instance = dev.instance()
-    dev.wait(lambda: settled(instance), 120, "the queue to drain")
+    dev.wait(lambda: quiet_for(instance, 45), 300, "the runs the new embeddings set off to finish")
     embeddings_before = materializations(instance, "image_embeddings")
     classifications_before = materializations(instance, "image_classifications")
     runs_before = {r.run_id for r in instance.get_runs()}

@@ -248,7 +248,9 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
     kinds={"duckdb"},
     owners=[OWNER],
     code_version="1",
-    automation_condition=dg.AutomationCondition.eager(),
+    # New centroids always bring new adapters (category_adapters depends on them, eager): waiting for
+    # those alone classifies each batch once per prompt edit. Both at once classified every batch twice.
+    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets("prompt_centroids")),
     tags=DUCKDB_WRITER,
     pool=DUCKDB_WRITER_POOL,
     backfill_policy=dg.BackfillPolicy.single_run(),
