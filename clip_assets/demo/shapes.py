@@ -111,27 +111,6 @@ def make_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) -> Sample:
     return Sample(image=img, shapes=specs, background=background)
 
 
-def caption_variants(sample: Sample, rng: random.Random) -> str:
-    """A caption for training, sometimes leaving out colours or shapes so short prompts make sense."""
-    mode = rng.random()
-    parts = []
-    for s in sample.shapes:
-        # Mostly shape-only captions: colour is learnt almost for free, shape needs the signal.
-        if mode < 0.30:
-            parts.append(f"a {s.colour} {s.shape}")
-        elif mode < 0.82:
-            parts.append(f"a {s.shape}")
-        elif mode < 0.95:
-            parts.append(f"something {s.colour}")
-        else:
-            parts.append(f"a {s.colour} shape")
-    rng.shuffle(parts)
-    text = " and ".join(parts)
-    if rng.random() < 0.5:
-        text += f" on a {sample.background} background"
-    return rng.choice(["{}", "a photo of {}", "an image of {}", "{}."]).format(text)
-
-
 LABELS_FILE = "labels.csv"
 
 
