@@ -309,3 +309,17 @@ def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Pat
         before=before, after=after, options=options,
         cpu_s=time.process_time() - cpu_started, wall_s=time.monotonic() - started,
     )
+
+
+def opt_in_note(report: FineTuneReport, model_name: str) -> str:
+    """Where the checkpoint is, and what switching to it re-runs."""
+    from clip_assets.clip_model import model_identity
+
+    return (
+        f"checkpoint: {report.checkpoint}\n"
+        f"To use it, set CLIP_ASSETS_PRETRAINED={report.checkpoint} (CLIP_ASSETS_MODEL stays {model_name}). Its model "
+        f"identity is {model_identity(model_name, str(report.checkpoint))}, not {report.base_identity}: re-materialize "
+        "prompt_centroids and backfill image_embeddings for every batch, then image_classifications. Until both are "
+        "done, classification refuses to compare embeddings and centroids of different models (the blocking "
+        "same_model_as_centroids check, ModelMismatchError), so no batch is scored across the two models."
+    )

@@ -39,8 +39,22 @@ IMAGES_FOLDER = "outlines"
 CAPTIONS_PER_IMAGE = 3
 
 
-def make_outline_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) -> Sample:
-    """One or two shapes of distinct kinds and colours, drawn as coloured outlines on a background."""
+def _stroke(filled: Image.Image, rng: random.Random, style: str) -> Image.Image:
+    """Which pixels of a filled shape's mask get its colour: its rim (outline) or diagonal hatching."""
+    if style == "outline":
+        inside = filled.filter(ImageFilter.MinFilter(rng.choice([5, 7])))
+        return Image.composite(Image.eval(inside, lambda v: 255 - v), filled, filled)
+    step, phase = rng.randint(3, 5), rng.randint(0, 9)
+    hatch = Image.new("L", filled.size, 0)
+    draw = ImageDraw.Draw(hatch)
+    w, h = filled.size
+    for x in range(-h + phase, w, 2 * step):
+        draw.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=255)
+    return Image.composite(hatch, filled, filled)
+
+
+def make_outline_sample(rng: random.Random, size: tuple[int, int] = (96, 96), style: str = "outline") -> Sample:
+    """One or two shapes of distinct kinds and colours, drawn as coloured outlines (or hatched) on a background."""
     n = 1 if rng.random() < 0.5 else 2
     specs = tuple(ShapeSpec(k, c) for k, c in zip(rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)))
     background = rng.choice(BACKGROUNDS)
@@ -54,20 +68,18 @@ def make_outline_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) ->
         shape = Image.new("RGB", size, (0, 0, 0))
         _draw_shape(ImageDraw.Draw(shape), spec, (int(cx - r), int(cy - r), int(cx + r), int(cy + r)), rng)
         filled = shape.convert("L").point(lambda v: 255 if v else 0)
-        width = rng.choice([5, 7])
-        outline = Image.eval(filled.filter(ImageFilter.MinFilter(width)), lambda v: 255 - v)
-        img.paste(COLOURS[spec.colour], mask=Image.composite(outline, filled, filled))
+        img.paste(COLOURS[spec.colour], mask=_stroke(filled, rng, style))
     return Sample(image=img, shapes=specs, background=background)
 
 
-def write_outline_collection(root: Path, images: int = 480, seed: int = 99) -> Path:
+def write_outline_collection(root: Path, images: int = 480, seed: int = 99, style: str = "outline") -> Path:
     """Images under root/outlines, a captions file (path, caption; several per image) and labels.csv."""
     rng = random.Random(seed)
     folder = root / IMAGES_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     captions, labels = [], []
     for i in range(images):
-        sample = make_outline_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]))
+        sample = make_outline_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]), style)
         path = f"{IMAGES_FOLDER}/outline-{i:04d}.png"
         sample.image.save(root / path)
         captions += [(path, caption_variants(sample, rng)) for _ in range(CAPTIONS_PER_IMAGE)]
