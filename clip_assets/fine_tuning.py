@@ -188,12 +188,15 @@ def heldout_figures(clip: ClipModel, model: torch.nn.Module, pairs: list[Caption
     was_training = model.training
     model.eval()
     try:
-        paths = sorted({p.path for p in pairs})
+        first_pair = {}
+        for p in pairs:
+            first_pair.setdefault(p.path, p)
+        paths = sorted(first_pair)
         texts = sorted({p.caption for p in pairs})
         image_emb = torch.cat([
             model.encode_image(torch.stack([clip.preprocess(images.get(p)) for p in chunk]).to(clip.device),
                                normalize=True)
-            for chunk in _chunks([CaptionPair(path, "", 0) for path in paths], batch_size)
+            for chunk in _chunks([first_pair[path] for path in paths], batch_size)
         ])
         text_emb = torch.cat([model.encode_text(clip.tokenizer(chunk).to(clip.device), normalize=True)
                               for chunk in _chunks(texts, batch_size)])

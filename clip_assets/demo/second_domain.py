@@ -1,12 +1,14 @@
-"""The demo's second domain: the same shapes and colours drawn as outlines only, with captions.
+"""The demo's second domain: the same shapes and colours, hatched (or drawn as outlines), with captions.
 
-The demo's tiny model was trained on filled shapes (clip_assets.demo.train); outlines are a domain it
-never saw. This module writes a captioned collection of outline images, fine-tunes the demo model on
-it (clip_assets.fine_tuning) and scores zero-shot classification, with the project's prompt files
-and classification rule, of the base and the fine-tuned model on the images the fine-tuning held
-out (calibration's path-hash split: no held-out image or caption is ever trained on).
+The demo's tiny model was trained on filled shapes (clip_assets.demo.train) and never saw hatched
+fills or outlines: on both it scores macro F1 about 0.57 (circles and squares 0), against about
+0.77 on filled shapes. This module writes a captioned collection of such images, fine-tunes the demo
+model on it (clip_assets.fine_tuning) and scores zero-shot classification, with the project's prompt
+files and classification rule, of the base and the fine-tuned model on the images the fine-tuning
+held out (calibration's path-hash split: no held-out image or caption is ever trained on), and on
+the demo's own filled-shape collection (what the tuning costs there).
 
-    python -m clip_assets.demo.outline_domain      # after `clip-assets demo`
+    python -m clip_assets.demo.second_domain [--outline]     # after `clip-assets demo`
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ from clip_assets.fine_tuning import FineTuneOptions, FineTuneReport, fine_tune_t
 from clip_assets.prompts import load_categories, prompt_version
 
 CAPTIONS_FILE = "captions.csv"
-IMAGES_FOLDER = "outlines"
+IMAGES_FOLDER = "images"
+STYLES = ("hatched", "outline")
 CAPTIONS_PER_IMAGE = 3
+# Measured on the hatched domain (see README, Fine-tuning): about a minute of CPU on the tiny model.
+DEMO_EPOCHS = 15
+DEMO_LR = 1e-3
 
 
 def _stroke(filled: Image.Image, rng: random.Random, style: str) -> Image.Image:
@@ -53,8 +59,8 @@ def _stroke(filled: Image.Image, rng: random.Random, style: str) -> Image.Image:
     return Image.composite(hatch, filled, filled)
 
 
-def make_outline_sample(rng: random.Random, size: tuple[int, int] = (96, 96), style: str = "outline") -> Sample:
-    """One or two shapes of distinct kinds and colours, drawn as coloured outlines (or hatched) on a background."""
+def make_drawn_sample(rng: random.Random, size: tuple[int, int] = (96, 96), style: str = "hatched") -> Sample:
+    """One or two shapes of distinct kinds and colours, hatched or outlined in their colour, on a background."""
     n = 1 if rng.random() < 0.5 else 2
     specs = tuple(ShapeSpec(k, c) for k, c in zip(rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)))
     background = rng.choice(BACKGROUNDS)
@@ -72,15 +78,15 @@ def make_outline_sample(rng: random.Random, size: tuple[int, int] = (96, 96), st
     return Sample(image=img, shapes=specs, background=background)
 
 
-def write_outline_collection(root: Path, images: int = 480, seed: int = 99, style: str = "outline") -> Path:
-    """Images under root/outlines, a captions file (path, caption; several per image) and labels.csv."""
+def write_domain_collection(root: Path, style: str = "hatched", images: int = 480, seed: int = 99) -> Path:
+    """Images under root/images, a captions file (path, caption; several per image) and labels.csv."""
     rng = random.Random(seed)
     folder = root / IMAGES_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     captions, labels = [], []
     for i in range(images):
-        sample = make_outline_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]), style)
-        path = f"{IMAGES_FOLDER}/outline-{i:04d}.png"
+        sample = make_drawn_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]), style)
+        path = f"{IMAGES_FOLDER}/{style}-{i:04d}.png"
         sample.image.save(root / path)
         captions += [(path, caption_variants(sample, rng)) for _ in range(CAPTIONS_PER_IMAGE)]
         labels.append((path, sample.caption(), ";".join(sample.labels)))
@@ -136,8 +142,9 @@ def compare_on_domains(base: ClipModel, tuned: ClipModel, prompts_dir: Path,
     })
 
 
-def run_outline_domain(demo_dir: Path, options: FineTuneOptions, log=print) -> tuple[FineTuneReport, DomainComparison]:
-    """Write the outline collection (once), fine-tune the demo's model on it, compare on held-out images."""
+def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "hatched",
+                      log=print) -> tuple[FineTuneReport, DomainComparison]:
+    """Write the domain's collection (once), fine-tune the demo's model on it, compare on held-out images."""
     from clip_assets.demo.run import demo_settings
     from clip_assets.demo.train import checkpoint_path, training_recipe
 
@@ -145,17 +152,17 @@ def run_outline_domain(demo_dir: Path, options: FineTuneOptions, log=print) -> t
     if not base_checkpoint.is_file():
         raise FileNotFoundError(f"No demo model at {base_checkpoint}: run `clip-assets demo` first.")
     settings = demo_settings(demo_dir, base_checkpoint)
-    root = demo_dir / "outline"
+    root = demo_dir / f"{style}-shapes"
     if not (root / CAPTIONS_FILE).is_file():
-        write_outline_collection(root)
-        log(f"generated the outline collection under {root}")
+        write_domain_collection(root, style)
+        log(f"generated the {style} collection under {root}")
     report = fine_tune_to_checkpoint(settings.model, settings.pretrained, root / CAPTIONS_FILE, root,
                                      settings.data_dir, options, "cpu", log)
     log(report.table())
     base = load_clip_model(settings.model, settings.pretrained, "cpu")
     tuned = load_clip_model(settings.model, str(report.checkpoint), "cpu")
     comparison = compare_on_domains(base, tuned, settings.prompts_dir, {
-        "outline shapes, held out from fine-tuning": (root, heldout_truth(root / LABELS_FILE, options.heldout_fraction)),
+        f"{style} shapes, held out from fine-tuning": (root, heldout_truth(root / LABELS_FILE, options.heldout_fraction)),
         "filled shapes, the demo collection": (settings.image_root, read_labels(settings.image_root / LABELS_FILE)),
     })
     log(comparison.table())
@@ -168,5 +175,5 @@ if __name__ == "__main__":
     from clip_assets.demo.run import DEMO_DIR
 
     accepted_warnings.ignore()
-    lock = "--lock-image" in sys.argv
-    run_outline_domain(DEMO_DIR, FineTuneOptions(lock_image=lock))
+    run_second_domain(DEMO_DIR, FineTuneOptions(lock_image="--lock-image" in sys.argv, epochs=DEMO_EPOCHS, lr=DEMO_LR),
+                      "outline" if "--outline" in sys.argv else "hatched")
