@@ -306,7 +306,7 @@ def add_fine_tune_parser(sub) -> None:
                    help="lock the image tower and tune the text side only (LiT); default: tune both towers")
     p.add_argument("--epochs", type=at_least_one, default=5, help="passes over the training pairs (default 5)")
     p.add_argument("--lr", type=positive_number,
-                   help="peak learning rate (default 0.001 with --lock-image, else 0.0003)")
+                   help="peak learning rate (default 0.0001 with --lock-image, else 0.00001: small steps for a pretrained model)")
     p.add_argument("--batch-size", type=at_least_one, default=64, help="pairs per step (default 64)")
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.25,
                    help="share of the captioned images (by a hash of the path) never trained on, scored before/after "

@@ -42,3 +42,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_sha
 def clamp_logit_scale(model: torch.nn.Module) -> None:
     """Keep the temperature where CLIP keeps it (a scale of at most 100) after each step."""
     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def contrastive_step(model: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, loss_fn,
+                     optimizer: torch.optim.Optimizer, schedule) -> float:
+    """One optimiser step on a batch of (image, caption) pairs; returns the batch's contrastive loss."""
+    image_features, text_features, logit_scale = model(pixels, tokens)[:3]
+    loss = loss_fn(image_features, text_features, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    clamp_logit_scale(model)
+    return loss.item()
