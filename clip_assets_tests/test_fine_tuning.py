@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clip_assets.atomic_files import write_named_by_content
 from clip_assets.cli import main
 from clip_assets.clip_model import load_clip_model, model_identity
 from clip_assets.demo.shapes import make_sample
@@ -139,3 +140,13 @@ def test_the_fine_tune_command_refuses_a_broken_file_in_one_line(settings, cli_e
     assert main(["fine-tune", "--captions", str(broken)]) == 1
     out, err = capsys.readouterr()
     assert err.strip().count("\n") == 0 and "line 2, field 'caption': empty" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_file(tmp_path):
+    def half_written(tmp: Path) -> None:
+        tmp.write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_named_by_content(tmp_path / "models", lambda digest: f"tiny-fine-tuned-{digest}.pt", half_written)
+    assert list((tmp_path / "models").iterdir()) == []
