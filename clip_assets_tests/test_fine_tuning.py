@@ -14,10 +14,21 @@ import torch
 from clip_assets.atomic_files import write_named_by_content
 from clip_assets.cli import main
 from clip_assets.clip_model import load_clip_model, model_identity
-from clip_assets.demo.shapes import make_sample
-from clip_assets.fine_tuning import (
-    CaptionsFileError, FineTuneOptions, fine_tune_to_checkpoint, read_captions_file, split_pairs,
+from clip_assets.demo.second_domain import (
+    heldout_truth,
+    write_domain_collection,
+    zero_shot_scores,
 )
+from clip_assets.demo.shapes import LABELS_FILE, make_sample
+from clip_assets.fine_tuning import (
+    CaptionsFileError,
+    FineTuneOptions,
+    fine_tune_to_checkpoint,
+    read_captions_file,
+    split_pairs,
+)
+from clip_assets.prompts import load_categories
+from clip_assets.settings import REPO_ROOT
 
 TINY = "clip-assets-tiny"
 
@@ -150,3 +161,16 @@ def test_a_checkpoint_write_that_fails_leaves_no_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_named_by_content(tmp_path / "models", lambda digest: f"tiny-fine-tuned-{digest}.pt", half_written)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_the_second_domain_is_scored_on_the_images_fine_tuning_held_out(tmp_path, clip):
+    root = tmp_path / "hatched"
+    captions = write_domain_collection(root, "hatched", images=24, seed=5)
+    truth = heldout_truth(root / LABELS_FILE, 0.25)
+    training, heldout = split_pairs(read_captions_file(captions), 0.25)
+    assert truth and set(truth) == {p.path for p in heldout}
+    assert set(truth).isdisjoint({p.path for p in training})
+    scores = zero_shot_scores(clip, REPO_ROOT / "prompts", root, truth)
+    assert [s.category for s in scores] == [c.name for c in load_categories(REPO_ROOT / "prompts")]
+    for s in scores:  # every held-out image that shows a category is counted as found or missed
+        assert s.true_positives + s.false_negatives == sum(s.category in labels for labels in truth.values())
