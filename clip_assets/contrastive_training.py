@@ -1,8 +1,9 @@
 """The optimiser, schedule and temperature clamp of a CLIP contrastive training loop.
 
-Shared by fine-tuning (clip_assets.fine_tuning); the demo's from-scratch training
-(clip_assets.demo.train) uses the same recipe: AdamW with weight decay on matrices only, a linear
-warm-up then a cosine decay, and the learned logit scale kept within [0, log 100] as CLIP does.
+Used by fine-tuning (clip_assets.fine_tuning). The demo's from-scratch training
+(clip_assets.demo.train) follows the same recipe in its own loop, to be switched over to these:
+AdamW with weight decay on matrices only, a linear warm-up then a cosine decay, and the learned
+logit scale kept within [0, log 100] as CLIP does.
 """
 
 from __future__ import annotations
