@@ -14,13 +14,14 @@ and it says which process on which machine wrote it, so the sweep can tell an ab
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +73,30 @@ def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def write_named_by_content(directory: Path, name_for: Callable[[str], str], write: Callable[[Path], None]) -> Path:
+    """Write a file whose name holds the hash of its content (`name_for(first 12 hex of its sha256)`).
+
+    `write(tmp)` fills a temp file in `directory`; once hashed it is renamed to its name, so a reader
+    sees a whole file or none, and the same content always lands on the same name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(directory / name_for("content"))
+    try:
+        write(tmp)
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        target = directory / name_for(digest.hexdigest()[:12])
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return target
 
 
 def write_parquet_atomically(table: pa.Table, path: Path) -> None:

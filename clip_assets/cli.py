@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"search": run_search, "serve": run_serve, "calibrate": run_calibrate, "adapt": run_adapt,
-                "demo": run_demo}
+                "fine-tune": run_fine_tune, "demo": run_demo}
     try:
         return commands[args.command](args)
     except UsageError as exc:
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_calibrate_parser(sub)
     add_adapt_parser(sub)
+    add_fine_tune_parser(sub)
     return parser
 
 
@@ -97,6 +98,10 @@ def open_fraction(text: str) -> float:
 
 def precision_target(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "a precision above 0 and at most 1 (e.g. 0.9)")
+
+
+def positive_number(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a number above 0 (e.g. 0.0003)")
 
 
 def port_number(text: str) -> int:
@@ -283,6 +288,45 @@ def run_adapt(args) -> int:
     print(f"(at most {shots} labelled images per category; " if shots else "(every tuning label; ", end="")
     print(f"choosing and fitting took {time.process_time() - started:.1f} CPU s. Set CLIP_ASSETS_LABELS and "
           "materialize category_adapters to classify with them.)")
+    return 0
+
+
+# --- fine-tune ------------------------------------------------------------------------------------
+
+
+def add_fine_tune_parser(sub) -> None:
+    p = sub.add_parser(
+        "fine-tune",
+        help="fine-tune the configured model on image-caption pairs (open_clip's contrastive loss) and write a checkpoint",
+    )
+    p.add_argument("--captions", type=Path, required=True,
+                   help="CSV with columns path (relative to the image root) and caption; an image may have several rows")
+    p.add_argument("--image-root", type=Path, help="where the captions' paths are (default: CLIP_ASSETS_IMAGE_ROOT)")
+    p.add_argument("--lock-image", action="store_true",
+                   help="lock the image tower and tune the text side only (LiT); default: tune both towers")
+    p.add_argument("--epochs", type=at_least_one, default=5, help="passes over the training pairs (default 5)")
+    p.add_argument("--lr", type=positive_number,
+                   help="peak learning rate (default 0.0001 with --lock-image, else 0.00001: small steps for a pretrained model)")
+    p.add_argument("--batch-size", type=at_least_one, default=64, help="pairs per step (default 64)")
+    p.add_argument("--heldout-fraction", type=open_fraction, default=0.25,
+                   help="share of the captioned images (by a hash of the path) never trained on, scored before/after "
+                   "(default 0.25)")
+
+
+def run_fine_tune(args) -> int:
+    from clip_assets import accepted_warnings
+
+    accepted_warnings.ignore()
+    from clip_assets.fine_tuning import FineTuneOptions, fine_tune_to_checkpoint, opt_in_note
+
+    settings = load_settings()
+    options = FineTuneOptions(lock_image=args.lock_image, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                              heldout_fraction=args.heldout_fraction)
+    report = fine_tune_to_checkpoint(settings.model, settings.pretrained, args.captions,
+                                     args.image_root or settings.image_root, settings.data_dir, options,
+                                     settings.device, log=print)
+    print(report.table())
+    print(opt_in_note(report, settings.model))
     return 0
 
 

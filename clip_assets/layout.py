@@ -123,6 +123,11 @@ class DataLayout:
         return self.data_dir / "adapters" / "category_adapters.npz"
 
     @property
+    def fine_tuned_models_dir(self) -> Path:
+        """Checkpoints written by `clip-assets fine-tune`, each named by its content hash."""
+        return self.data_dir / "fine_tuned_models"
+
+    @property
     def calibration_proposal_path(self) -> Path:
         return self.data_dir / "calibration" / "calibrated_thresholds.toml"
 
@@ -133,7 +138,7 @@ class DataLayout:
         """Remove temp files abandoned by dead writers in every output folder (and the batch's parts)."""
         folders = [
             self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_index_dir,
-            self.text_query_encoder_dir, self.calibration_proposal_path.parent,
+            self.text_query_encoder_dir, self.calibration_proposal_path.parent, self.fine_tuned_models_dir,
         ]
         if batch is not None:
             folders.append(self.embedding_parts_dir(batch))
