@@ -12,10 +12,10 @@ The training images are drawn fresh from their own seed: the demo collection is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 
 from clip_assets.atomic_files import atomic_write
 from clip_assets.clip_model import register_model_configs
+from clip_assets.contrastive_training import adamw, contrastive_step, warmup_cosine
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import make_sample
 
@@ -80,21 +81,11 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
     pixels = torch.stack([preprocess(s.image) for s in samples])
     log(f"generated {len(samples)} training images in {time.monotonic() - started:.1f} s")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=recipe["lr"], fused=True
-    )
+    optimizer = adamw(model, recipe["lr"])
     bs = recipe["batch_size"]
     steps_per_epoch = len(samples) // bs
-    total = steps_per_epoch * recipe["epochs"]
-    warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
+    schedule = warmup_cosine(optimizer, steps_per_epoch * recipe["epochs"])
     model.train()
-    step = 0
     for epoch in range(recipe["epochs"]):
         order = torch.randperm(len(samples)).tolist()
         running = 0.0
@@ -106,16 +97,8 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
             batch_pixels = pixels[idx]
             if rng.random() < 0.5:
                 batch_pixels = batch_pixels.flip(-1)
-            image_features, text_features, logit_scale = model(batch_pixels, tokens)[:3]
-            loss = multi_positive_clip_loss(image_features, text_features, logit_scale, positives)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            running += loss.item()
-            step += 1
+            loss = functools.partial(multi_positive_clip_loss, positives=positives)
+            running += contrastive_step(model, batch_pixels, tokens, loss, optimizer, schedule)
         log(f"epoch {epoch + 1}/{recipe['epochs']}: contrastive loss {running / steps_per_epoch:.3f} ({time.monotonic() - started:.0f} s)")
     with atomic_write(checkpoint) as tmp:
         torch.save({"state_dict": model.state_dict(), "recipe": recipe}, tmp)
