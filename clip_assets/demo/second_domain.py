@@ -28,8 +28,9 @@ from clip_assets.calibration import category_scores, is_heldout
 from clip_assets.centroids import compute_centroids
 from clip_assets.classification import score_matrices
 from clip_assets.clip_model import ClipModel, load_clip_model
+from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import (
-    BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, caption_variants,
+    BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape,
     read_labels,
 )
 from clip_assets.embedding import load_rgb
@@ -91,7 +92,7 @@ def write_domain_collection(root: Path, style: str = "hatched", images: int = 72
         sample = make_drawn_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]), style)
         path = f"{IMAGES_FOLDER}/{style}-{i:04d}.png"
         sample.image.save(root / path)
-        captions += [(path, caption_variants(sample, rng)) for _ in range(CAPTIONS_PER_IMAGE)]
+        captions += [(path, training_caption(sample, rng).text) for _ in range(CAPTIONS_PER_IMAGE)]
         labels.append((path, sample.caption(), ";".join(sample.labels)))
     for name, header, rows in ((CAPTIONS_FILE, ["path", "caption"], captions),
                                (LABELS_FILE, ["path", "caption", "labels"], labels)):
