@@ -94,7 +94,9 @@ def main() -> None:
         if args.baseline:
             old = extract(args.baseline, Path(tmp))
             ways[f"baseline {args.baseline}: .venv/bin/clip-assets search"] = (
-                [str(VENV_BIN / "clip-assets"), *search], {**env, "PYTHONPATH": str(old)})
+                # its own entry point, as its console script ran it (this venv's script calls today's)
+                [str(VENV_BIN / "python"), "-P", "-c", "import sys; from clip_assets.cli import main; sys.exit(main(sys.argv[1:]))",
+                 *search], {**env, "PYTHONPATH": str(old)})
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores")
         results: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
         for _ in range(args.runs):

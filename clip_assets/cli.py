@@ -58,6 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# Commands that leave nothing open when they return: the console script skips Python's teardown after
+# them. With torch imported, the teardown is 0.4-0.8 s of a 4-5 s search from the shell.
+FAST_EXIT_COMMANDS = {"search"}
+
+
+def run() -> None:
+    """The `clip-assets` console script: `main`, then for a search an exit without the interpreter's
+    teardown, once the output is flushed."""
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def is_project_error(exc: BaseException) -> bool:
     """Raised on purpose by this project, with a message for the user (not a bug's traceback)."""
     return type(exc).__module__.split(".")[0] == "clip_assets"
@@ -344,4 +361,4 @@ def run_demo(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

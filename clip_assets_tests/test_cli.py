@@ -144,3 +144,21 @@ def test_serve_on_a_port_in_use_says_so_before_the_model_loads(no_model, cli_env
         line = one_line_error(capsys, main(["serve", "--port", str(port)]), 1)
     assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
     assert "port number" in one_line_error(capsys, main(["serve", "--port", "99999"]), 2)
+
+
+def test_the_console_script_exits_fast_after_a_search_with_its_output_and_exit_code(settings, classified, cli_env):
+    """`run` skips the interpreter's teardown after a search: what it printed must all be there, and
+    the exit code must be main's."""
+    import json
+    import subprocess
+    import sys
+
+    cli_env(settings)
+    script = "from clip_assets.cli import run; run()"
+    done = subprocess.run([sys.executable, "-c", script, "search", "a red circle", "-k", "4", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [set(json.loads(line)) >= {"image_id", "path", "score"} for line in done.stdout.splitlines()] == [True] * 4
+    refused = subprocess.run([sys.executable, "-c", script, "search", "a red circle", "-k", "0"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.splitlines()) == 1
