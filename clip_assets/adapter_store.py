@@ -17,6 +17,7 @@ import numpy as np
 from clip_assets.adapters import AdapterSet, FileAdapter
 from clip_assets.atomic_files import atomic_write
 from clip_assets.centroids import CentroidSet
+from clip_assets.file_hashes import file_sha256
 
 FORMAT = 1
 _ARRAYS = ("columns", "thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change", "applies",
@@ -30,7 +31,7 @@ class AdapterMismatchError(ValueError):
 
 def content_hash(path: Path) -> str:
     """The labels file's data version: a hash of its bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def adapter_version(labels_hash: str, centroids: CentroidSet, shots: int | None) -> str:

@@ -14,7 +14,6 @@ and it says which process on which machine wrote it, so the sweep can tell an ab
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import secrets
@@ -25,6 +24,8 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from clip_assets.file_hashes import file_sha256
 
 TEMP_MARKER = ".clip-assets-tmp"
 _HOST_BYTES = 32
@@ -86,11 +87,7 @@ def write_named_by_content(directory: Path, name_for: Callable[[str], str], writ
     tmp = temp_path_for(directory / name_for("content"))
     try:
         write(tmp)
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        target = directory / name_for(digest.hexdigest()[:12])
+        target = directory / name_for(file_sha256(tmp)[:12])
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

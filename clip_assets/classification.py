@@ -182,10 +182,11 @@ def classify_batch(
     threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
     """
     m = score_matrices(embeddings, centroids, columns, adapters)
-    return classification_rows(batch, image_ids, m, centroids, adapter_version(adapters))
+    return classification_rows(batch, image_ids, m, centroids, adapters_version(adapters))
 
 
-def adapter_version(adapters) -> str:
+def adapters_version(adapters) -> str:
+    """What the rows' adapter_version column says: the adapters' version, or NO_ADAPTER."""
     return NO_ADAPTER if adapters is None else adapters.version
 
 
@@ -271,4 +272,4 @@ def classify_stream(
         m = score_matrices(vectors_matrix(record_batch.column("embedding")), centroids, columns, adapters)
         if on_scored is not None:
             on_scored(ids, m)
-        yield from classification_rows(batch, ids, m, centroids, adapter_version(adapters)).to_batches()
+        yield from classification_rows(batch, ids, m, centroids, adapters_version(adapters)).to_batches()

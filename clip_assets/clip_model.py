@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -21,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from clip_assets.file_hashes import file_sha256
 from clip_assets.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -182,11 +182,7 @@ def pick_device(override: str | None = None) -> torch.device:
 
 @functools.lru_cache(maxsize=32)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def model_identity(model_name: str, pretrained: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import random
 import time
@@ -35,6 +34,7 @@ from clip_assets.calibration import is_heldout
 from clip_assets.clip_model import ClipModel, import_open_clip, load_clip_model
 from clip_assets.contrastive_training import adamw, contrastive_step, warmup_cosine
 from clip_assets.embedding import load_rgb
+from clip_assets.file_hashes import file_sha256
 from clip_assets.layout import DataLayout
 
 REQUIRED_COLUMNS = ("path", "caption")
@@ -282,10 +282,6 @@ def write_checkpoint(model: torch.nn.Module, directory: Path, model_name: str, p
     )
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Path, image_root: Path,
                             data_dir: Path, options: FineTuneOptions, device: str | None = None,
                             log: Callable[[str], None] = print) -> FineTuneReport:
@@ -296,7 +292,7 @@ def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Pat
     model, before, after, training, heldout = fine_tune(clip, pairs, image_root, options, captions_file, log)
     checkpoint = write_checkpoint(model, DataLayout(data_dir).fine_tuned_models_dir, model_name, {
         "base_model": clip.identity,
-        "captions_sha256": file_digest(captions_file),
+        "captions_sha256": file_sha256(captions_file)[:16],
         "options": dataclasses.asdict(options),
     })
     return FineTuneReport(

@@ -24,6 +24,7 @@ from clip_assets.classification import (
     CLASSIFICATION_SCHEMA,
     DEFAULT_CHUNK_IMAGES,
     NO_ADAPTER,
+    adapters_version,
     check_same_model,
     classify_stream,
     models_in_file,
@@ -249,7 +250,7 @@ def write_classifications(
         matches=figures.matches_per_category(),
         model=centroids.model,
         prompt_version=centroids.prompt_version,
-        adapter_version=NO_ADAPTER if adapters is None else adapters.version,
+        adapter_version=adapters_version(adapters),
         histograms=figures.histograms(),
         top_images=[
             {"category": category, "path": paths.get(image_id, image_id), "score": round(value, 4), "matched": matched}
