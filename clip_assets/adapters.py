@@ -24,8 +24,9 @@ The choice between the three and their hyper-parameters is made by cross-validat
 images given (the caller passes the tuning half of calibration's image-id split only): each candidate
 is fitted on all folds but one and scores the images of that fold; thresholds are tuned on the
 out-of-fold scores of the other folds and judged on the fold. The candidate with the best macro F1
-of the file's categories is fitted on every image given, with thresholds tuned on its out-of-fold
-scores (scores of images it was not fitted on, as the images it will classify are).
+of the file's categories is fitted on every image given (at most MAX_FIT_IMAGES, sampled so that a
+rare category keeps its labelled images), with thresholds tuned on its out-of-fold scores (scores of
+images it was not fitted on, as the images it will classify are).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ CACHE_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 HEAD_DECAYS = (0.001, 0.01, 0.1)
 HEAD_ITERATIONS = 100
 MAX_CACHE_KEYS = 4096  # more labelled images than this: the cache keeps this many (by image-id hash)
-MAX_SELECTION_IMAGES = 4096  # cross-validation runs on at most this many images; the final fit on all
+MAX_SELECTION_IMAGES = 4096  # cross-validation runs on at most this many images
+# The chosen adapter is fitted, and its thresholds tuned, on at most this many: a head has 512 weights
+# a category, and the LBFGS fit on 100k images took most of a minute for no measurable gain.
+MAX_FIT_IMAGES = 16384
 
 
 def stable_fraction(image_id: str, salt: str) -> float:
@@ -61,6 +65,29 @@ def stable_fraction(image_id: str, salt: str) -> float:
 def by_hash(image_ids: list[str], salt: str) -> np.ndarray:
     """Indices of `image_ids` in a stable pseudo-random order."""
     return np.argsort([stable_fraction(i, salt) for i in image_ids], kind="stable")
+
+
+def stratified_sample(image_ids: list[str], truth: np.ndarray, cap: int, salt: str) -> np.ndarray:
+    """Indices of at most `cap` images in a stable order, keeping a rare category's labelled images.
+
+    First, images labelled with a category that has fewer than cap / (2 x categories) in the sample
+    so far; then the rest in hash order until the cap. Every image when there are no more than cap."""
+    if len(image_ids) <= cap:
+        return np.arange(len(image_ids))
+    order = by_hash(image_ids, salt)
+    quota = max(1, cap // (2 * max(truth.shape[1], 1)))
+    counts = np.zeros(truth.shape[1], dtype=int)
+    chosen = np.zeros(len(image_ids), dtype=bool)
+    for i in order:
+        positives = truth[i]
+        if positives.any() and (counts[positives] < quota).any():
+            counts[positives] += 1
+            chosen[i] = True
+            if chosen.sum() >= cap // 2:
+                break
+    rest = order[~chosen[order]][: cap - int(chosen.sum())]
+    chosen[rest] = True
+    return np.flatnonzero(chosen)
 
 
 def select_shots(image_ids: list[str], truth: np.ndarray, shots: int | None) -> np.ndarray:
@@ -345,7 +372,7 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
     shell.labels_used, shell.images_used = truth.sum(0), len(image_ids)
     if len(image_ids) < 2 * FOLDS or not truth.any():
         return shell  # too few labels to choose anything: zero-shot with the file's thresholds
-    select = np.sort(by_hash(image_ids, "selection")[:MAX_SELECTION_IMAGES])
+    select = stratified_sample(image_ids, truth, MAX_SELECTION_IMAGES, "selection")
     xs, ss, ts = x[select], _subset(s, select), truth[select]
     folds = np.array([int(stable_fraction(image_ids[i], "fold") * FOLDS) for i in select])
     best, best_f1, per_kind, columns_f1, memo = None, -1.0, {}, {}, {}
@@ -356,6 +383,8 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
         per_kind[candidate.kind] = max(per_kind.get(candidate.kind, -1.0), f1)
         if f1 > best_f1:
             best, best_f1 = candidate, f1
+    fit = stratified_sample(image_ids, truth, MAX_FIT_IMAGES, "fit")
+    image_ids, x, s, truth = [image_ids[i] for i in fit], x[fit], _subset(s, fit), truth[fit]
     fitted = _fit_candidate(best, x, s, truth, g.start, g.mode, logit_scale, shell)
     if g.mode != SINGLE_LABEL and best.kind != NONE and NONE_CANDIDATE in columns_f1:
         # Categories are independent under the multi_label rule: one the correction did not help keeps zero-shot.

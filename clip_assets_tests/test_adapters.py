@@ -11,7 +11,7 @@ import pytest
 from clip_assets import steps
 from clip_assets.adapter_evaluation import LabelledEmbeddings, compare, fit_on_tuning_half, load_labelled_embeddings
 from clip_assets.adapter_store import AdapterMismatchError, adapters_for, read_adapters, write_adapter_file
-from clip_assets.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters
+from clip_assets.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters, stratified_sample
 from clip_assets.calibration import is_heldout, read_labels_file
 from clip_assets.centroids import CentroidSet
 from clip_assets.classification import score_matrices
@@ -142,3 +142,18 @@ def test_adapter_version_lands_in_the_rows_and_old_files_keep_working(settings, 
     steps.write_classifications(layout, "batch-002")
     with connect(layout.duckdb_path, read_only=True) as con:
         assert con.execute("SELECT DISTINCT adapter_version FROM image_classifications").fetchall() == [("none",)]
+
+
+def test_a_capped_sample_keeps_a_rare_category_labelled_images_and_is_stable():
+    rng = np.random.default_rng(3)
+    n, cap = 50_000, 4096
+    truth = np.zeros((n, 3), dtype=bool)
+    truth[:, 0] = rng.random(n) < 0.5
+    rare = rng.choice(n, size=40, replace=False)
+    truth[rare, 2] = True
+    ids = [f"img-{i}" for i in range(n)]
+    sample = stratified_sample(ids, truth, cap, "fit")
+    assert len(sample) == cap and len(np.unique(sample)) == cap
+    assert set(rare) <= set(sample.tolist())  # a plain hash sample of 8% would keep about 3 of the 40
+    assert np.array_equal(sample, stratified_sample(list(ids), truth.copy(), cap, "fit"))
+    assert np.array_equal(stratified_sample(ids[:100], truth[:100], cap, "fit"), np.arange(100))
