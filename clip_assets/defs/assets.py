@@ -147,7 +147,7 @@ def image_embeddings(
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
     started = time.monotonic()
-    clip = clip_model.load(claim_gpu=True)  # once per run, however many batches a backfill run covers
+    clip = clip_model.load(collection.layout, claim_gpu=True)  # once per run, however many batches a backfill run covers
     context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")
     layout = collection.layout
 
@@ -217,7 +217,7 @@ def image_embeddings(
 )
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
-    summary = steps.write_centroids(clip_model.load(), Path(collection.prompts_dir), collection.layout)
+    summary = steps.write_centroids(clip_model.load(collection.layout), Path(collection.prompts_dir), collection.layout)
     layout = collection.layout
     return dg.MaterializeResult(
         check_results=[

@@ -24,10 +24,13 @@ from clip_assets.prompts import prompt_version
 
 PROMPT_FILES = dg.AssetKey("prompt_files")
 LABELS_FILE = dg.AssetKey("labels_file")
+CAPTIONS_FILE = dg.AssetKey("captions_file")
 PROMPT_OBSERVATION_SENSOR = "prompt_files_observation"
 LABELS_OBSERVATION_SENSOR = "labels_file_observation"
+CAPTIONS_OBSERVATION_SENSOR = "captions_file_observation"
 NO_LABELS = "no-labels"  # the labels file's data version while CLIP_ASSETS_LABELS is unset
-MISSING_LABELS = "missing"  # ... while it names no file
+NO_CAPTIONS = "no-captions"  # the captions file's while CLIP_ASSETS_FINE_TUNE_CAPTIONS is unset
+MISSING_FILE = "missing"  # ... while it names no file
 AUTOMATION_SENSOR = "clip_assets_automation"
 CHECK_INTERVAL_S = 30
 
@@ -50,17 +53,28 @@ def prompt_files_observation(prompts_dir: Path) -> dg.AssetObservation:
     )
 
 
+def file_observation(key: dg.AssetKey, path: Path | None, setting: str, unset_version: str) -> dg.AssetObservation:
+    """An observation of a human-edited file now: its content hash as the data version, `unset_version`
+    while `setting` names no file, MISSING_FILE while the file it names is not there."""
+    if path is None:
+        version, metadata = unset_version, {"path": f"unset ({setting})"}
+    elif not Path(path).is_file():
+        version, metadata = MISSING_FILE, {"path": str(path), "missing": True}
+    else:
+        version, metadata = content_hash(path), {"path": str(path)}
+    return dg.AssetObservation(
+        key, tags={DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}, metadata=metadata
+    )
+
+
 def labels_file_observation(labels_path: Path | None) -> dg.AssetObservation:
     """An observation of the labels file now: its content hash as the data version (or that there is none)."""
-    if labels_path is None:
-        version, metadata = NO_LABELS, {"path": "unset (CLIP_ASSETS_LABELS)"}
-    elif not Path(labels_path).is_file():
-        version, metadata = MISSING_LABELS, {"path": str(labels_path), "missing": True}
-    else:
-        version, metadata = content_hash(labels_path), {"path": str(labels_path)}
-    return dg.AssetObservation(
-        LABELS_FILE, tags={DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}, metadata=metadata
-    )
+    return file_observation(LABELS_FILE, labels_path, "CLIP_ASSETS_LABELS", NO_LABELS)
+
+
+def captions_file_observation(captions_path: Path) -> dg.AssetObservation:
+    """An observation of the captions file fine_tuned_model tunes on: its content hash as the data version."""
+    return file_observation(CAPTIONS_FILE, captions_path, "CLIP_ASSETS_FINE_TUNE_CAPTIONS", NO_CAPTIONS)
 
 
 def last_observed_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
@@ -81,6 +95,11 @@ def new_prompt_observation(instance: dg.DagsterInstance, prompts_dir: Path) -> d
 def new_labels_observation(instance: dg.DagsterInstance, labels_path: Path | None) -> dg.AssetObservation | None:
     """The observation to record, or None when the labels file is as last observed."""
     return changed(instance, labels_file_observation(labels_path))
+
+
+def new_captions_observation(instance: dg.DagsterInstance, captions_path: Path) -> dg.AssetObservation | None:
+    """The observation to record, or None when the captions file is as last observed."""
+    return changed(instance, captions_file_observation(captions_path))
 
 
 @dg.sensor(
