@@ -1,6 +1,7 @@
-"""Prompt and label edits re-run what depends on them: the prompt files and the labels file are
-observed without a run, and what depends on them re-materializes eagerly when the observed content
-hash changes (prompts: centroids, adapters, classifications; labels: adapters, classifications).
+"""Prompt, label and caption edits re-run what depends on them: the prompt files, the labels file and
+(where the deployment fine-tunes) the captions file are observed without a run, and what depends on
+them re-materializes eagerly when the observed content hash changes (prompts: centroids, adapters,
+classifications; labels: adapters, classifications; captions: clip_assets.defs.fine_tuning_assets).
 
 Observing is not work, so it launches no run: the `prompt_files_observation` sensor hashes prompts/
 every 30 s and records an observation (the hash as the data version) only when the hash differs
