@@ -51,7 +51,7 @@ def fine_tuning_definitions(settings: Settings) -> tuple[list, list, dict]:
         assets = [wired.get(a, a) for a in assets]
     resources = {"captioned_pairs": CaptionedPairs(
         captions_path=str(settings.fine_tune_captions), epochs=settings.fine_tune_epochs, lr=settings.fine_tune_lr,
-        lock_image=settings.fine_tune_lock_image,
+        lock_image=settings.fine_tune_lock_image, wise_alpha=settings.fine_tune_wise_alpha,
     )}
     return assets, [observe_captions_file], resources
 

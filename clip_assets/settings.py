@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     fine_tune_lock_image: bool = Field(
         default=False, description="`fine_tuned_model` locks the image tower and tunes the text side only (LiT)"
     )
+    fine_tune_wise_alpha: float = Field(
+        default=1.0, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint; below "
+        "`1`, the rest is the base model's (WiSE-FT): less forgetting of what the base model knew",
+    )
     duckdb_wait_s: float = Field(
         default=120.0,
         ge=0,

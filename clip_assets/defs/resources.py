@@ -73,6 +73,7 @@ class CaptionedPairs(dg.ConfigurableResource):
     epochs: int = default("fine_tune_epochs")
     lr: float | None = default("fine_tune_lr")
     lock_image: bool = default("fine_tune_lock_image")
+    wise_alpha: float = default("fine_tune_wise_alpha")
 
     @property
     def path(self) -> Path:
@@ -80,7 +81,7 @@ class CaptionedPairs(dg.ConfigurableResource):
 
     @property
     def options(self) -> FineTuneOptions:
-        return FineTuneOptions(lock_image=self.lock_image, epochs=self.epochs, lr=self.lr)
+        return FineTuneOptions(lock_image=self.lock_image, epochs=self.epochs, lr=self.lr, wise_alpha=self.wise_alpha)
 
 
 class LabelledSample(dg.ConfigurableResource):
