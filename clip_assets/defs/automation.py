@@ -14,12 +14,13 @@ Dagster's default automation sensor is STOPPED; this one runs by default.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
 from clip_assets.adapter_store import content_hash
-from clip_assets.defs.resources import ImageCollection, LabelledSample
+from clip_assets.defs.resources import ImageCollection
 from clip_assets.prompts import prompt_files as list_prompt_files
 from clip_assets.prompts import prompt_version
 
@@ -120,16 +121,27 @@ def observe_prompt_files(context: dg.SensorEvaluationContext, collection: ImageC
     return dg.SensorResult(asset_events=[observation])
 
 
-@dg.sensor(
-    name=LABELS_OBSERVATION_SENSOR,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=CHECK_INTERVAL_S,
-    description="Hashes the labels file (CLIP_ASSETS_LABELS) and records an observation of labels_file, without a "
-    "run, when the hash changed: category_adapters and image_classifications then re-run.",
+def file_observation_sensor(name: str, what: str, resource_key: str,
+                            new_observation: Callable[[dg.DagsterInstance, Any], dg.AssetObservation | None],
+                            description: str) -> dg.SensorDefinition:
+    """A sensor that records, without a run, `new_observation(instance, resource)` of a human-edited file
+    when there is one (its hash changed)."""
+
+    @dg.sensor(name=name, default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=CHECK_INTERVAL_S,
+               description=description, required_resource_keys={resource_key})
+    def observe_file(context: dg.SensorEvaluationContext):
+        observation = new_observation(context.instance, getattr(context.resources, resource_key))
+        if observation is None:
+            return dg.SkipReason(f"The {what} is unchanged since it was last observed.")
+        context.log.info(f"{what} changed: data version {observation.data_version}")
+        return dg.SensorResult(asset_events=[observation])
+
+    return observe_file
+
+
+observe_labels_file = file_observation_sensor(
+    LABELS_OBSERVATION_SENSOR, "labels file", "labelled_sample",
+    lambda instance, labelled_sample: new_labels_observation(instance, labelled_sample.path),
+    "Hashes the labels file (CLIP_ASSETS_LABELS) and records an observation of labels_file, without a run, when "
+    "the hash changed: category_adapters and image_classifications then re-run.",
 )
-def observe_labels_file(context: dg.SensorEvaluationContext, labelled_sample: LabelledSample):
-    observation = new_labels_observation(context.instance, labelled_sample.path)
-    if observation is None:
-        return dg.SkipReason("The labels file is unchanged since it was last observed.")
-    context.log.info(f"labels file changed: data version {observation.data_version}")
-    return dg.SensorResult(asset_events=[observation])

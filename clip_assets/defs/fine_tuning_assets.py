@@ -16,12 +16,12 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets import steps
-from clip_assets.defs.assets import GPU_POOL, OWNER, observed, observed_files_spec
+from clip_assets.defs.assets import GPU_POOL, OWNER, observed_file_source
 from clip_assets.defs.automation import (
     CAPTIONS_FILE,
     CAPTIONS_OBSERVATION_SENSOR,
-    CHECK_INTERVAL_S,
     captions_file_observation,
+    file_observation_sensor,
     new_captions_observation,
 )
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
@@ -42,17 +42,12 @@ WHEN_THE_MODEL_CHANGED = (
 ).with_label("when_the_model_changed")
 
 
-@dg.multi_observable_source_asset(
-    specs=[observed_files_spec(
-        CAPTIONS_FILE,
-        "The image-caption pairs fine_tuned_model tunes on (CLIP_ASSETS_FINE_TUNE_CAPTIONS). Data version: a hash "
-        "of its content. Observed by the captions_file_observation sensor without a run.",
-        "csv",
-    )],
+captions_file = observed_file_source(
+    CAPTIONS_FILE,
+    "The image-caption pairs fine_tuned_model tunes on (CLIP_ASSETS_FINE_TUNE_CAPTIONS). Data version: a hash "
+    "of its content. Observed by the captions_file_observation sensor without a run.",
+    "captioned_pairs", lambda captioned_pairs: captions_file_observation(captioned_pairs.path),
 )
-def captions_file(captioned_pairs: CaptionedPairs):
-    """Observed in a run only when asked for (the UI's Observe button)."""
-    yield observed(captions_file_observation(captioned_pairs.path))
 
 
 @dg.asset(
@@ -89,19 +84,12 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
     )
 
 
-@dg.sensor(
-    name=CAPTIONS_OBSERVATION_SENSOR,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=CHECK_INTERVAL_S,
-    description="Hashes the captions file (CLIP_ASSETS_FINE_TUNE_CAPTIONS) and records an observation of "
-    "captions_file, without a run, when the hash changed: fine_tuned_model then re-runs.",
+observe_captions_file = file_observation_sensor(
+    CAPTIONS_OBSERVATION_SENSOR, "captions file", "captioned_pairs",
+    lambda instance, captioned_pairs: new_captions_observation(instance, captioned_pairs.path),
+    "Hashes the captions file (CLIP_ASSETS_FINE_TUNE_CAPTIONS) and records an observation of captions_file, "
+    "without a run, when the hash changed: fine_tuned_model then re-runs.",
 )
-def observe_captions_file(context: dg.SensorEvaluationContext, captioned_pairs: CaptionedPairs):
-    observation = new_captions_observation(context.instance, captioned_pairs.path)
-    if observation is None:
-        return dg.SkipReason("The captions file is unchanged since it was last observed.")
-    context.log.info(f"captions file changed: data version {observation.data_version}")
-    return dg.SensorResult(asset_events=[observation])
 
 
 def use_fine_tuned_model(embeddings: dg.AssetsDefinition, centroids: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
