@@ -8,8 +8,8 @@ files and classification rule, of the base and the fine-tuned model on the image
 held out (calibration's path-hash split: no held-out image or caption is ever trained on), and on
 the demo's own filled-shape collection (what the tuning costs there).
 
-    python -m clip_assets.demo.second_domain [--outline] [--lock-image] [--wise-alpha A] [--replay SHARE]
-        [--wise-sweep A,B,...] [--threads N]    # after `clip-assets demo`
+    python -m clip_assets.demo.second_domain [--outline] [--lock-image] [--wise-alpha A] [--threads N]
+    python -m clip_assets.demo.second_domain --wise-sweep TUNED_CHECKPOINT [--alphas 0.3,0.5,0.7,1]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from clip_assets.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import (
     BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape,
-    make_sample, read_labels,
+    read_labels,
 )
 from clip_assets.embedding import load_rgb
 from clip_assets.evaluation import CategoryScore, macro_f1
@@ -42,12 +42,10 @@ from clip_assets.fine_tuning import (
     fine_tune_to_checkpoint,
     interpolate_weights,
     opt_in_note,
-    read_captions_file,
 )
 from clip_assets.prompts import load_categories, prompt_version
 
 CAPTIONS_FILE = "captions.csv"
-REPLAY_FOLDER = "filled-replay"
 IMAGES_FOLDER = "images"
 STYLES = ("hatched", "outline")
 CAPTIONS_PER_IMAGE = 3
@@ -115,24 +113,6 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
-def write_replay_captions(root: Path, share: float, seed: int = 123) -> Path:
-    """The domain's captions plus pairs of newly drawn filled shapes, the base model's own domain, as
-    many images as `share` of the domain's, captioned as the demo's training does: replay against
-    forgetting. None is an image of the demo collection the filled-shape scores are measured on."""
-    pairs = read_captions_file(root / CAPTIONS_FILE)
-    rng = random.Random(seed)
-    (root / REPLAY_FOLDER).mkdir(exist_ok=True)
-    rows = [(p.path, p.caption) for p in pairs]
-    for i in range(round(share * len({p.path for p in pairs}))):
-        sample = make_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]))
-        path = f"{REPLAY_FOLDER}/filled-{i:04d}.png"
-        sample.image.save(root / path)
-        rows += [(path, training_caption(sample, rng).text) for _ in range(CAPTIONS_PER_IMAGE)]
-    out = root / f"captions-replay-{share:g}.csv"
-    _write_csv(out, ["path", "caption"], rows)
-    return out
-
-
 def zero_shot_scores(clip: ClipModel, prompts_dir: Path, image_root: Path, truth: dict[str, set[str]],
                      batch_size: int = 64) -> list[CategoryScore]:
     """Per-category precision/recall/F1 of the prompt files' classification rule, as the pipeline applies it."""
@@ -176,11 +156,9 @@ def compare_on_domains(base: ClipModel, tuned: ClipModel, prompts_dir: Path,
     })
 
 
-def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "hatched", replay: float = 0.0,
-                      wise_sweep: tuple[float, ...] = (), log=print) -> tuple[FineTuneReport, DomainComparison]:
-    """Write the domain's collection (once), fine-tune the demo's model on it (with `replay`, filled-shape
-    pairs mixed in), compare on held-out images; then, for each alpha of `wise_sweep`, the tuned weights
-    interpolated with the base ones (WiSE-FT), compared the same way."""
+def _demo_domains(demo_dir: Path, style: str, heldout_fraction: float, log=print):
+    """(settings, the domain's root, {name: (image root, labels)}): the held-out images of the domain
+    (its collection written once) and the demo's own filled-shape collection."""
     from clip_assets.demo.run import demo_settings
     from clip_assets.demo.train import checkpoint_path, training_recipe
 
@@ -192,30 +170,46 @@ def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "ha
     if not (root / CAPTIONS_FILE).is_file():
         write_domain_collection(root, style)
         log(f"generated the {style} collection under {root}")
-    captions = write_replay_captions(root, replay) if replay else root / CAPTIONS_FILE
-    report = fine_tune_to_checkpoint(settings.model, settings.pretrained, captions, root,
+    return settings, root, {
+        f"{style} shapes, held out from fine-tuning": (root, heldout_truth(root / LABELS_FILE, heldout_fraction)),
+        "filled shapes, the demo collection": (settings.image_root, read_labels(settings.image_root / LABELS_FILE)),
+    }
+
+
+def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "hatched",
+                      log=print) -> tuple[FineTuneReport, DomainComparison]:
+    """Write the domain's collection (once), fine-tune the demo's model on it, compare on held-out images."""
+    settings, root, domains = _demo_domains(demo_dir, style, options.heldout_fraction, log)
+    report = fine_tune_to_checkpoint(settings.model, settings.pretrained, root / CAPTIONS_FILE, root,
                                      settings.data_dir, options, "cpu", log)
     log(report.table())
     base = load_clip_model(settings.model, settings.pretrained, "cpu")
     tuned = load_clip_model(settings.model, str(report.checkpoint), "cpu")
-    domains = {
-        f"{style} shapes, held out from fine-tuning": (root, heldout_truth(root / LABELS_FILE, options.heldout_fraction)),
-        "filled shapes, the demo collection": (settings.image_root, read_labels(settings.image_root / LABELS_FILE)),
-    }
     comparison = compare_on_domains(base, tuned, settings.prompts_dir, domains)
     log(comparison.table())
     log("\n" + opt_in_note(report, settings.model))
-    if wise_sweep:
-        log("\nWiSE-FT: alpha * tuned + (1 - alpha) * base weights, macro F1 (base model: " + ", ".join(
-            f"{name.split(',')[0]} {macro_f1(b):.3f}" for name, (_, b, _) in comparison.domains.items()) + ")")
-        tuned_state = {k: v.clone() for k, v in tuned.model.state_dict().items()}
-        for alpha in wise_sweep:
-            tuned.model.load_state_dict(tuned_state)
-            interpolate_weights(tuned.model, base.model.state_dict(), alpha)
-            scores = {name: zero_shot_scores(tuned, settings.prompts_dir, root_, truth)
-                      for name, (root_, truth) in domains.items()}
-            log(f"alpha {alpha:<4g} " + "  ".join(f"{name.split(',')[0]} {macro_f1(v):.3f}" for name, v in scores.items()))
     return report, comparison
+
+
+def wise_sweep(demo_dir: Path, tuned_checkpoint: Path, alphas: list[float], style: str = "hatched",
+               log=print) -> dict[float, dict[str, float]]:
+    """Macro F1 on both domains of the weights alpha * tuned + (1 - alpha) * base (WiSE-FT) of a checkpoint
+    fine-tuned on the domain with the default held-out split, for each alpha (1: the tuned model)."""
+    settings, _, domains = _demo_domains(demo_dir, style, DEMO_OPTIONS.heldout_fraction, log)
+    base = load_clip_model(settings.model, settings.pretrained, "cpu")
+    tuned = load_clip_model(settings.model, str(tuned_checkpoint), "cpu")
+    tuned_state = {k: v.clone() for k, v in tuned.model.state_dict().items()}
+    short = {name: name.split(",")[0] for name in domains}
+    log(f"macro F1 of alpha * tuned + (1 - alpha) * base weights ({tuned_checkpoint.name})")
+    log(f"{'alpha':<8}" + "".join(f"{short[n]:>16}" for n in domains))
+    figures = {0.0: {n: macro_f1(zero_shot_scores(base, settings.prompts_dir, r, t)) for n, (r, t) in domains.items()}}
+    for alpha in alphas:
+        tuned.model.load_state_dict(tuned_state)
+        interpolate_weights(tuned.model, base.model.state_dict(), alpha)
+        figures[alpha] = {n: macro_f1(zero_shot_scores(tuned, settings.prompts_dir, r, t)) for n, (r, t) in domains.items()}
+    for alpha, scores in figures.items():
+        log(f"{alpha:<8g}" + "".join(f"{scores[n]:>16.3f}" for n in domains) + ("  (base)" if alpha == 0 else ""))
+    return figures
 
 
 def _option(name: str, default: str | None = None) -> str | None:
@@ -228,8 +222,10 @@ if __name__ == "__main__":
 
     accepted_warnings.ignore()
     torch.set_num_threads(int(_option("--threads", str(torch.get_num_threads()))))
-    options = dataclasses.replace(DEMO_OPTIONS, lock_image="--lock-image" in sys.argv,
-                                  wise_alpha=float(_option("--wise-alpha", str(DEMO_OPTIONS.wise_alpha))))
-    sweep = tuple(float(a) for a in _option("--wise-sweep", "").split(",") if a)
-    run_second_domain(DEMO_DIR, options, "outline" if "--outline" in sys.argv else "hatched",
-                      replay=float(_option("--replay", "0")), wise_sweep=sweep)
+    style = "outline" if "--outline" in sys.argv else "hatched"
+    if "--wise-sweep" in sys.argv:
+        wise_sweep(DEMO_DIR, Path(_option("--wise-sweep")), [float(a) for a in _option("--alphas", "0.3,0.5,0.7,1").split(",")],
+                   style)
+    else:
+        run_second_domain(DEMO_DIR, dataclasses.replace(DEMO_OPTIONS, lock_image="--lock-image" in sys.argv,
+                                                        wise_alpha=float(_option("--wise-alpha", "1"))), style)
