@@ -332,9 +332,9 @@ def add_fine_tune_parser(sub) -> None:
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.25,
                    help="share of the captioned images (by a hash of the path) never trained on, scored before/after "
                    "(default 0.25)")
-    p.add_argument("--wise-alpha", type=share_above_zero, default=1.0,
-                   help="share of the tuned weights in the checkpoint, the rest the base model's (WiSE-FT): below 1, "
-                   "less of the gain and less forgetting (default 1: the tuned weights)")
+    p.add_argument("--wise-alpha", type=share_above_zero, default=0.5,
+                   help="share of the tuned weights in the checkpoint, the rest the base model's (WiSE-FT): less "
+                   "forgetting of what the base model knew (default 0.5; 1: the tuned weights alone)")
 
 
 def run_fine_tune(args) -> int:

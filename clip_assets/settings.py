@@ -92,8 +92,8 @@ class Settings(BaseSettings):
         default=False, description="`fine_tuned_model` locks the image tower and tunes the text side only (LiT)"
     )
     fine_tune_wise_alpha: float = Field(
-        default=1.0, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint; below "
-        "`1`, the rest is the base model's (WiSE-FT): less forgetting of what the base model knew",
+        default=0.5, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint, the rest "
+        "the base model's (WiSE-FT): less forgetting of what the base model knew; `1`: the tuned weights alone",
     )
     duckdb_wait_s: float = Field(
         default=120.0,

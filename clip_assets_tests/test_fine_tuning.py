@@ -119,7 +119,7 @@ def test_fine_tuning_lowers_the_heldout_loss_and_writes_a_new_model(tmp_path, ca
 
 def test_wise_ft_writes_the_weights_between_the_base_and_the_tuned_ones(tmp_path, captioned, checkpoint):
     root, captions = captioned
-    options = FineTuneOptions(epochs=1, lr=2e-3, batch_size=16)
+    options = FineTuneOptions(epochs=1, lr=2e-3, batch_size=16, wise_alpha=1)
     tuned = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "tuned", options, "cpu",
                                     log=lambda _: None)
     halfway = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "halfway",
