@@ -296,6 +296,14 @@ def test_opted_in_the_fine_tuned_model_encodes_and_a_captions_edit_re_embeds(set
     assert models_made_with(settings) == {"embeddings": {retuned}, "centroids": {retuned}, "classifications": {retuned}}
     assert all(stale_status(defs, instance, EMBEDDINGS, b) == "FRESH" for b in BATCHES)
 
+    # a broken captions file fails the fine-tuning, naming the line, and the model in use stays
+    captions.write_text(captions.read_text() + "batch-001/missing.png,a red circle,red;circle\n")
+    broken = materialize(defs, instance, [FINE_TUNED_MODEL], raise_on_error=False)
+    assert not broken.success
+    error = next(e for e in broken.all_events if e.is_step_failure).step_failure_data.error
+    assert "field 'path': cannot read image" in error.message + (error.cause.message if error.cause else "")
+    assert fine_tuned_checkpoint(layout) == second
+
 
 def test_broken_prompt_file_fails_the_run_and_keeps_results(settings, instance):
     defs = build_definitions(settings)
