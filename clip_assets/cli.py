@@ -117,6 +117,10 @@ def precision_target(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "a precision above 0 and at most 1 (e.g. 0.9)")
 
 
+def share_above_zero(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "a share above 0 and at most 1 (e.g. 0.5)")
+
+
 def positive_number(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a number above 0 (e.g. 0.0003)")
 
@@ -328,6 +332,9 @@ def add_fine_tune_parser(sub) -> None:
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.25,
                    help="share of the captioned images (by a hash of the path) never trained on, scored before/after "
                    "(default 0.25)")
+    p.add_argument("--wise-alpha", type=share_above_zero, default=0.5,
+                   help="share of the tuned weights in the checkpoint, the rest the base model's (WiSE-FT): less "
+                   "forgetting of what the base model knew (default 0.5; 1: the tuned weights alone)")
 
 
 def run_fine_tune(args) -> int:
@@ -338,7 +345,7 @@ def run_fine_tune(args) -> int:
 
     settings = load_settings()
     options = FineTuneOptions(lock_image=args.lock_image, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                              heldout_fraction=args.heldout_fraction)
+                              heldout_fraction=args.heldout_fraction, wise_alpha=args.wise_alpha)
     report = fine_tune_to_checkpoint(settings.model, settings.pretrained, args.captions,
                                      args.image_root or settings.image_root, settings.data_dir, options,
                                      settings.device, log=print)

@@ -124,8 +124,13 @@ class DataLayout:
 
     @property
     def fine_tuned_models_dir(self) -> Path:
-        """Checkpoints written by `clip-assets fine-tune`, each named by its content hash."""
+        """Checkpoints written by `clip-assets fine-tune` and `fine_tuned_model`, each named by its content hash."""
         return self.data_dir / "fine_tuned_models"
+
+    @property
+    def fine_tuned_model_in_use_path(self) -> Path:
+        """Which of those checkpoints the `fine_tuned_model` asset wrote last (clip_assets.fine_tuned_weights)."""
+        return self.fine_tuned_models_dir / "fine_tuned_model.json"
 
     @property
     def calibration_proposal_path(self) -> Path:

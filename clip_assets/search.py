@@ -101,7 +101,7 @@ def check_query_model(files: list[Path], identity: str) -> None:
         if others:
             raise SearchModelMismatchError(
                 f"{path} holds embeddings made by {sorted(others)}, but the query would be encoded by "
-                f"'{identity}' (CLIP_ASSETS_MODEL / CLIP_ASSETS_PRETRAINED). Similarities across models "
+                f"'{identity}' (CLIP_ASSETS_MODEL / CLIP_ASSETS_PRETRAINED, or CLIP_ASSETS_USE_FINE_TUNED). Similarities across models "
                 "mean nothing, so nothing was searched: set the model that made the embeddings, or "
                 "re-materialize image_embeddings with this one."
             )
@@ -394,13 +394,14 @@ def query_encoder(settings: Settings, layout: DataLayout, identity: str, text_on
     then saved for the next text search."""
     from clip_assets import text_query_encoder
     from clip_assets.clip_model import import_open_clip, load_clip_model
+    from clip_assets.fine_tuned_weights import configured_weights
 
     if text_only and settings.device in (None, "", "cpu"):
         saved = text_query_encoder.load_text_query_encoder(layout.text_query_encoder_dir, identity)
         if saved is not None:
             return saved
     import_open_clip(settings.model, skip_unused_timm=True)  # timm only for a timm tower (see there)
-    clip = load_clip_model(settings.model, settings.pretrained, settings.device)
+    clip = load_clip_model(settings.model, configured_weights(settings), settings.device)
     if text_only and clip.identity == identity:
         text_query_encoder.save_text_query_encoder(clip, layout.text_query_encoder_dir)
     return clip
@@ -449,8 +450,9 @@ def search(
             "(CLIP_ASSETS_DATA_DIR says where to look)."
         )
     from clip_assets.clip_model import model_identity
+    from clip_assets.fine_tuned_weights import configured_weights
 
-    identity = clip.identity if clip is not None else model_identity(settings.model, settings.pretrained)
+    identity = clip.identity if clip is not None else model_identity(settings.model, configured_weights(settings))
     check_query_model(files, identity)
     allowed = images_matching_category(layout, category, batches) if category else None
     timings = {} if timings is None else timings

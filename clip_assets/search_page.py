@@ -371,9 +371,10 @@ def start_server(settings: Settings, host: str, port: int, clip=None, thumbs_dir
     The address is taken first, so a port in use is said before the model loads. Thumbnails are
     cached in `thumbs_dir` (default: a new temporary folder, removed by `serve`)."""
     from clip_assets.clip_model import load_clip_model, model_identity
+    from clip_assets.fine_tuned_weights import configured_weights
 
     files = embedding_files(DataLayout(settings.data_dir))
-    identity = clip.identity if clip is not None else model_identity(settings.model, settings.pretrained)
+    identity = clip.identity if clip is not None else model_identity(settings.model, configured_weights(settings))
     check_query_model(files, identity)  # a model that could never answer: refuse before loading it
     try:
         server = (_Server6 if ":" in host else _Server)((host, port), SearchPageHandler)
@@ -381,7 +382,7 @@ def start_server(settings: Settings, host: str, port: int, clip=None, thumbs_dir
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another with --port)") from exc
     try:
         if clip is None:
-            clip = load_clip_model(settings.model, settings.pretrained, settings.device)
+            clip = load_clip_model(settings.model, configured_weights(settings), settings.device)
         thumbs_dir = thumbs_dir or Path(tempfile.mkdtemp(prefix="clip-assets-thumbs-"))
         server.search_page = SearchPage(settings, clip, thumbs_dir, read_categories(settings))
     except BaseException:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -73,6 +73,28 @@ class Settings(BaseSettings):
         default=0, ge=0,
         description="`category_adapters` learn from at most this many labelled images per category of the tuning half; `0`: all",
     )
+    fine_tune_captions: Path | None = Field(
+        default=None,
+        description="captions file (`path`,`caption`) that `fine_tuned_model` tunes the model on; unset: no "
+        "fine-tuning in the pipeline",
+    )
+    use_fine_tuned: bool = Field(
+        default=False,
+        description="`image_embeddings` and `prompt_centroids` use `fine_tuned_model`'s checkpoint instead of "
+        "`CLIP_ASSETS_PRETRAINED` (needs `CLIP_ASSETS_FINE_TUNE_CAPTIONS`): a new checkpoint re-embeds every batch",
+    )
+    fine_tune_epochs: int = Field(default=5, ge=1, description="passes of `fine_tuned_model` over the training pairs")
+    fine_tune_lr: float | None = Field(
+        default=None, gt=0, description="peak learning rate of `fine_tuned_model`; unset: `1e-4` with the image tower "
+        "locked, else `1e-5`",
+    )
+    fine_tune_lock_image: bool = Field(
+        default=False, description="`fine_tuned_model` locks the image tower and tunes the text side only (LiT)"
+    )
+    fine_tune_wise_alpha: float = Field(
+        default=0.5, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint, the rest "
+        "the base model's (WiSE-FT): less forgetting of what the base model knew; `1`: the tuned weights alone",
+    )
     duckdb_wait_s: float = Field(
         default=120.0,
         ge=0,
@@ -102,6 +124,13 @@ class Settings(BaseSettings):
     duplicate_threshold: float = Field(
         default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are near-duplicates"
     )
+
+    @field_validator("use_fine_tuned")
+    @classmethod
+    def _fine_tuned_needs_captions(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("fine_tune_captions") is None:
+            raise ValueError(f"there is no fine-tuned model without captions: set {ENV_PREFIX}FINE_TUNE_CAPTIONS too")
+        return value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

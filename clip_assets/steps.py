@@ -1,4 +1,4 @@
-"""The four pipeline steps as plain functions: read inputs from disk, compute, write outputs.
+"""The pipeline steps as plain functions: read inputs from disk, compute, write outputs.
 
 The Dagster assets call these and turn the returned summaries into materialization metadata; tests
 call them directly.
@@ -31,6 +31,8 @@ from clip_assets.classification import (
 )
 from clip_assets.classification_figures import ClassificationFigures
 from clip_assets.clip_model import ClipModel
+from clip_assets.fine_tuned_weights import record_fine_tuned_checkpoint
+from clip_assets.fine_tuning import FineTuneOptions, FineTuneReport, fine_tune_to_checkpoint
 from clip_assets.atomic_files import write_parquet_atomically
 from clip_assets.embedding import (
     FAILURES_SCHEMA,
@@ -202,6 +204,18 @@ def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | No
     write_adapter_file(adapters, layout.adapters_path)
     return AdapterSummary(version, adapters, len(data.image_ids), int(data.heldout.sum()),
                           len(data.without_embeddings), data.unknown_categories)
+
+
+def write_fine_tuned_model(model_name: str, pretrained: str, captions_file: Path, image_root: Path,
+                           layout: DataLayout, options: FineTuneOptions, device: str | None = None,
+                           log: Callable[[str], None] = print) -> FineTuneReport:
+    """Tune the configured model on the captions file, write the checkpoint (named by its content hash)
+    and make it the one an opted-in deployment's embeddings and centroids use. A bad captions file
+    raises before anything is written."""
+    report = fine_tune_to_checkpoint(model_name, pretrained, captions_file, image_root, layout.data_dir, options,
+                                     device, log)
+    record_fine_tuned_checkpoint(layout, report.checkpoint)
+    return report
 
 
 @dataclass

@@ -13,17 +13,22 @@ from clip_assets.defs.execution import (
     BATCH_ASSETS,
     materialize,
     materialize_everything,
+    observe_captions_file,
     observe_labels_file,
     observe_prompt_files,
     register_batches,
 )
 from clip_assets.adapter_store import adapter_version, content_hash
+from clip_assets.clip_model import model_identity
+from clip_assets.file_hashes import file_sha256
+from clip_assets.fine_tuned_weights import fine_tuned_checkpoint
 from clip_assets.defs.execution import QUIET_CONSOLE
 from clip_assets.defs.sensors import SPLIT_SENSOR, split_failed_batch_runs
 from clip_assets.definitions import build_definitions
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import load_categories, prompt_version
 from clip_assets.settings import REPO_ROOT
+from clip_assets.search import stored_models
 from clip_assets.warehouse import connect, read_centroids
 
 BATCHES = ["batch-001", "batch-002"]
@@ -33,7 +38,10 @@ CLASSIFICATIONS = dg.AssetKey("image_classifications")
 PROMPT_FILES = dg.AssetKey("prompt_files")
 LABELS_FILE = dg.AssetKey("labels_file")
 ADAPTERS = dg.AssetKey("category_adapters")
-ALL_KEYS = [PROMPT_FILES, LABELS_FILE, dg.AssetKey("image_manifest"), EMBEDDINGS, CENTROIDS, ADAPTERS, CLASSIFICATIONS]
+CAPTIONS_FILE = dg.AssetKey("captions_file")
+FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
+ALL_KEYS = [PROMPT_FILES, LABELS_FILE, CAPTIONS_FILE, FINE_TUNED_MODEL, dg.AssetKey("image_manifest"), EMBEDDINGS,
+            CENTROIDS, ADAPTERS, CLASSIFICATIONS]
 
 
 def rows(settings, sql):
@@ -101,7 +109,7 @@ def test_full_run_over_two_batches_then_rematerialize(settings, instance):
 def _run_requested(defs, instance, result):
     """Do what the daemon would: materialize what was requested, parents first, each asset's
     partitions in one run as its backfill policy groups them (two batches here: one range run)."""
-    unpartitioned = [key for key in (CENTROIDS, ADAPTERS) if result.get_num_requested(key)]
+    unpartitioned = [key for key in (FINE_TUNED_MODEL, CENTROIDS, ADAPTERS) if result.get_num_requested(key)]
     if unpartitioned:
         materialize(defs, instance, unpartitioned)
     for key in BATCH_ASSETS:
@@ -113,11 +121,12 @@ def _run_requested(defs, instance, result):
 def _ticks_until_settled(defs, instance, result, now):
     """Each tick: the observation sensors' work (a runless observation when a hash changed), then the
     automation sensor's, then the runs it asked for. Settled means nothing is asked for any more.
-    Returns what was requested and each tick's observations per observed asset."""
-    requested, quiet_ticks, observations = set(), 0, {PROMPT_FILES: [], LABELS_FILE: []}
+    Returns what was requested, each tick's observations per observed asset, and the last evaluation."""
+    requested, quiet_ticks, observations = set(), 0, {PROMPT_FILES: [], LABELS_FILE: [], CAPTIONS_FILE: []}
     for tick in range(2, 14):
         observations[PROMPT_FILES].append(observe_prompt_files(defs, instance))
         observations[LABELS_FILE].append(observe_labels_file(defs, instance))
+        observations[CAPTIONS_FILE].append(observe_captions_file(defs, instance))
         result = dg.evaluate_automation_conditions(
             defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=tick)
         )
@@ -126,7 +135,7 @@ def _ticks_until_settled(defs, instance, result, now):
         _run_requested(defs, instance, result)
         quiet_ticks = quiet_ticks + 1 if not this_tick and requested else 0
         if quiet_ticks == 3:  # unchanged files are not observed again and re-run nothing
-            return requested, observations
+            return requested, observations, result
     pytest.fail(f"automation did not settle; requested so far: {requested}")
 
 
@@ -145,7 +154,7 @@ def test_prompt_edit_rematerializes_centroids_and_classifications_only(settings,
     path.write_text(path.read_text().replace('"a star", "a photo of a star"', '"a star", "a five-pointed star"'))
     new_version = prompt_version(settings.prompts_dir)
 
-    requested, observations = _ticks_until_settled(defs, instance, result, now)
+    requested, observations, _ = _ticks_until_settled(defs, instance, result, now)
     observations = observations[PROMPT_FILES]
 
     # one observation, of the new version, recorded without a run; nothing else observed since
@@ -190,7 +199,7 @@ def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, 
     lines = labels.read_text().splitlines()
     labels.write_text("\n".join(lines[:-1]) + "\n")  # one labelled image fewer
 
-    requested, observations = _ticks_until_settled(defs, instance, result, now)
+    requested, observations, _ = _ticks_until_settled(defs, instance, result, now)
     assert [o.data_version for o in observations[LABELS_FILE] if o is not None] == [content_hash(labels)]
     assert not any(observations[PROMPT_FILES])
     assert ADAPTERS in requested and CLASSIFICATIONS in requested
@@ -202,6 +211,98 @@ def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, 
         assert materialization_count(instance, EMBEDDINGS, b) == before[(EMBEDDINGS, b)]
     new_version = adapter_version(content_hash(labels), read_centroids(DataLayout(settings.data_dir).duckdb_path), None)
     assert rows(settings, "SELECT DISTINCT adapter_version FROM image_classifications") == [(new_version,)] != old_version
+
+
+def stale_status(defs, instance, key, partition=None):
+    """What the UI shows for the asset: FRESH, STALE (an input's data version changed since) or MISSING."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    return resolver.get_status(key, partition).value
+
+
+def latest_data_version(instance, key):
+    record = instance.fetch_materializations(key, limit=1).records[0]
+    return record.asset_materialization.tags["dagster/data_version"]
+
+
+def models_made_with(settings):
+    """The model identities of the stored embeddings, centroids and classification rows."""
+    layout = DataLayout(settings.data_dir)
+    return {
+        "embeddings": set().union(*(stored_models(f) for f in layout.embedding_files())),
+        "centroids": {m for (m,) in rows(settings, "SELECT DISTINCT model FROM prompt_centroids")},
+        "classifications": {m for (m,) in rows(settings, "SELECT DISTINCT model FROM image_classifications")},
+    }
+
+
+def test_opted_in_the_fine_tuned_model_encodes_and_a_captions_edit_re_embeds(settings, instance, collection, tmp_path):
+    assert build_definitions(settings).resolve_asset_graph().has(FINE_TUNED_MODEL) is False  # not opted in
+    captions = tmp_path / "captions.csv"
+    captions.write_text((collection / "labels.csv").read_text())  # path, caption (and labels, unused)
+    settings = settings.model_copy(update={"fine_tune_captions": captions, "use_fine_tuned": True, "fine_tune_epochs": 1})
+    defs = build_definitions(settings)
+    graph = defs.resolve_asset_graph()
+    assert graph.get(FINE_TUNED_MODEL).parent_keys == {CAPTIONS_FILE}
+    assert graph.get(EMBEDDINGS).parent_keys == {dg.AssetKey("image_manifest"), FINE_TUNED_MODEL}
+    assert graph.get(CENTROIDS).parent_keys == {PROMPT_FILES, FINE_TUNED_MODEL}
+    layout = DataLayout(settings.data_dir)
+    materialize_everything(defs, instance, BATCHES)
+
+    first = fine_tuned_checkpoint(layout)
+    version = latest_data_version(instance, FINE_TUNED_MODEL)
+    assert first.parent == layout.fine_tuned_models_dir and version == file_sha256(first)[:12] and version in first.name
+    tuned = model_identity(settings.model, str(first))
+    assert version in tuned and tuned != model_identity(settings.model, settings.pretrained)
+    assert models_made_with(settings) == {"embeddings": {tuned}, "centroids": {tuned}, "classifications": {tuned}}
+    assert all(stale_status(defs, instance, EMBEDDINGS, b) == "FRESH" for b in BATCHES)
+
+    # a prompt edit re-runs the centroids and what follows them, never the fine-tuning nor the embeddings
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = dg.evaluate_automation_conditions(defs, instance, evaluation_time=now)
+    _run_requested(defs, instance, result)
+    path = settings.prompts_dir / "demo_shapes.toml"
+    path.write_text(path.read_text().replace('"a star", "a photo of a star"', '"a star", "a five-pointed star"'))
+    requested, _, result = _ticks_until_settled(defs, instance, result, now)
+    assert CENTROIDS in requested and CLASSIFICATIONS in requested
+    assert not requested & {FINE_TUNED_MODEL, EMBEDDINGS, CAPTIONS_FILE}
+    assert fine_tuned_checkpoint(layout) == first and materialization_count(instance, FINE_TUNED_MODEL) == 1
+
+    # a captions edit: the fine-tuned model is stale, then, once re-tuned, the embeddings of every batch
+    captions.write_text("\n".join(captions.read_text().splitlines()[:-2]) + "\n")  # two captioned images fewer
+    assert observe_captions_file(defs, instance).data_version == content_hash(captions)
+    assert stale_status(defs, instance, FINE_TUNED_MODEL) == "STALE"
+    materialize(defs, instance, [FINE_TUNED_MODEL])
+    second = fine_tuned_checkpoint(layout)
+    assert second != first and latest_data_version(instance, FINE_TUNED_MODEL) == file_sha256(second)[:12]
+    assert stale_status(defs, instance, FINE_TUNED_MODEL) == "FRESH"
+    assert [stale_status(defs, instance, EMBEDDINGS, b) for b in BATCHES] == ["STALE", "STALE"]
+    assert stale_status(defs, instance, CENTROIDS) == "STALE"
+
+    # in between, centroids of the new model and embeddings of the old one: classification refuses
+    materialize(defs, instance, [CENTROIDS])
+    retuned = model_identity(settings.model, str(second))
+    before = rows(settings, "SELECT * FROM image_classifications ORDER BY batch, image_id, category")
+    refused = materialize(defs, instance, [CLASSIFICATIONS], partition_key="batch-001", raise_on_error=False)
+    assert not refused.success
+    error = next(e for e in refused.all_events if e.is_step_failure).step_failure_data.error
+    assert retuned in error.message + (error.cause.message if error.cause else "")
+    assert rows(settings, "SELECT * FROM image_classifications ORDER BY batch, image_id, category") == before
+
+    # the automation re-embeds every batch with the new model, and classifies again
+    requested, _, _ = _ticks_until_settled(defs, instance, result, now + datetime.timedelta(hours=1))
+    assert EMBEDDINGS in requested and CLASSIFICATIONS in requested
+    assert models_made_with(settings) == {"embeddings": {retuned}, "centroids": {retuned}, "classifications": {retuned}}
+    assert all(stale_status(defs, instance, EMBEDDINGS, b) == "FRESH" for b in BATCHES)
+
+    # a broken captions file fails the fine-tuning, naming the line, and the model in use stays
+    captions.write_text(captions.read_text() + "batch-001/missing.png,a red circle,red;circle\n")
+    broken = materialize(defs, instance, [FINE_TUNED_MODEL], raise_on_error=False)
+    assert not broken.success
+    error = next(e for e in broken.all_events if e.is_step_failure).step_failure_data.error
+    assert "field 'path': cannot read image" in error.message + (error.cause.message if error.cause else "")
+    assert fine_tuned_checkpoint(layout) == second
 
 
 def test_broken_prompt_file_fails_the_run_and_keeps_results(settings, instance):

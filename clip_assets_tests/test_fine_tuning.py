@@ -4,6 +4,7 @@ held-out loss, the checkpoint loads as a new model, and LiT leaves the image tow
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from clip_assets.atomic_files import write_named_by_content
 from clip_assets.cli import main
 from clip_assets.clip_model import load_clip_model, model_identity
+from clip_assets.fine_tuned_weights import NoFineTunedModelError, configured_weights
 from clip_assets.demo.second_domain import (
     heldout_truth,
     write_domain_collection,
@@ -113,6 +115,32 @@ def test_fine_tuning_lowers_the_heldout_loss_and_writes_a_new_model(tmp_path, ca
     base = load_clip_model(TINY, str(checkpoint), "cpu")
     caption = ["something red"]
     assert not torch.allclose(tuned.encode_texts(caption), base.encode_texts(caption))
+
+
+def test_wise_ft_writes_the_weights_between_the_base_and_the_tuned_ones(tmp_path, captioned, checkpoint):
+    root, captions = captioned
+    options = FineTuneOptions(epochs=1, lr=2e-3, batch_size=16, wise_alpha=1)
+    tuned = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "tuned", options, "cpu",
+                                    log=lambda _: None)
+    halfway = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "halfway",
+                                      dataclasses.replace(options, wise_alpha=0.25), "cpu", log=lambda _: None)
+    base = torch.load(checkpoint, weights_only=True)["state_dict"]
+    tuned_state = torch.load(tuned.checkpoint, weights_only=True)["state_dict"]
+    halfway_state = torch.load(halfway.checkpoint, weights_only=True)["state_dict"]
+    moved = [k for k, v in tuned_state.items() if v.is_floating_point() and not torch.equal(v, base[k])]
+    assert moved and halfway.checkpoint.name != tuned.checkpoint.name
+    for key in moved:
+        assert torch.allclose(halfway_state[key], 0.75 * base[key] + 0.25 * tuned_state[key], atol=1e-5), key
+    assert "0.25 tuned + 0.75 base (WiSE-FT)" in halfway.table()
+    with pytest.raises(ValueError, match="wise_alpha 0"):
+        FineTuneOptions(wise_alpha=0)
+
+
+def test_opted_in_before_any_fine_tuned_model_the_search_says_what_to_build(settings, tmp_path):
+    settings = settings.model_copy(update={"fine_tune_captions": tmp_path / "captions.csv", "use_fine_tuned": True})
+    with pytest.raises(NoFineTunedModelError, match="materialize fine_tuned_model first"):
+        configured_weights(settings)
+    assert configured_weights(settings.model_copy(update={"use_fine_tuned": False})) == settings.pretrained
 
 
 def _tower(state: dict, prefix: str) -> dict[str, torch.Tensor]:

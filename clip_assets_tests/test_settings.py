@@ -56,3 +56,11 @@ def test_an_invalid_value_is_one_error_naming_the_variable():
     message = str(err.value)
     assert "CLIP_ASSETS_BATCH_SIZE='abc'" in message and "valid integer" in message
     assert "CLIP_ASSETS_MAX_FAILURE_SHARE='1.5'" in message and "less than or equal to 1" in message
+
+
+def test_the_fine_tuned_model_cannot_be_used_without_captions():
+    with pytest.raises(SettingsError, match="CLIP_ASSETS_USE_FINE_TUNED=.*CLIP_ASSETS_FINE_TUNE_CAPTIONS"):
+        Settings.from_env({"CLIP_ASSETS_USE_FINE_TUNED": "true"})
+    opted_in = Settings.from_env({"CLIP_ASSETS_USE_FINE_TUNED": "true", "CLIP_ASSETS_FINE_TUNE_CAPTIONS": "c.csv"})
+    assert opted_in.use_fine_tuned and opted_in.fine_tune_captions.name == "c.csv"
+    assert not Settings.from_env({}).use_fine_tuned  # unset: nothing changes

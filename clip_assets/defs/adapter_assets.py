@@ -9,23 +9,18 @@ images' stored embeddings when they run; images embedded later count from the ne
 import dagster as dg
 
 from clip_assets import steps
-from clip_assets.defs.assets import DUCKDB_READER, OWNER, observed, observed_files_spec
+from clip_assets.defs.assets import DUCKDB_READER, OWNER, observed_file_source
 from clip_assets.defs.automation import LABELS_FILE, labels_file_observation
 from clip_assets.defs.metadata import table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
 
 
-@dg.multi_observable_source_asset(
-    specs=[observed_files_spec(
-        LABELS_FILE,
-        "The labelled sample (CLIP_ASSETS_LABELS). Data version: a hash of its content, or 'no-labels' while "
-        "the setting is unset. Observed by the labels_file_observation sensor without a run.",
-        "csv",
-    )],
+labels_file = observed_file_source(
+    LABELS_FILE,
+    "The labelled sample (CLIP_ASSETS_LABELS). Data version: a hash of its content, or 'no-labels' while "
+    "the setting is unset. Observed by the labels_file_observation sensor without a run.",
+    "labelled_sample", lambda labelled_sample: labels_file_observation(labelled_sample.path),
 )
-def labels_file(labelled_sample: LabelledSample):
-    """Observed in a run only when asked for (the UI's Observe button)."""
-    yield observed(labels_file_observation(labelled_sample.path))
 
 
 @dg.asset(

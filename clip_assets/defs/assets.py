@@ -2,6 +2,7 @@
 
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import dagster as dg
 
@@ -65,6 +66,19 @@ def observed(observation: dg.AssetObservation) -> dg.ObserveResult:
     """An observation made inside a run (the UI's Observe button) as the result the run records."""
     return dg.ObserveResult(asset_key=observation.asset_key, data_version=dg.DataVersion(observation.data_version),
                             metadata=observation.metadata)
+
+
+def observed_file_source(key: dg.AssetKey, description: str, resource_key: str,
+                         observe: Callable[[Any], dg.AssetObservation]) -> dg.AssetsDefinition:
+    """A human-edited CSV file as an observable source asset named `key`: observed by its sensor without a
+    run, or in a run when asked for (the UI's Observe button); `observe(resource)` makes the observation."""
+
+    @dg.multi_observable_source_asset(specs=[observed_files_spec(key, description, "csv")], name=key.path[-1],
+                                      required_resource_keys={resource_key})
+    def observe_file(context):
+        yield observed(observe(getattr(context.resources, resource_key)))
+
+    return observe_file
 
 
 @dg.multi_observable_source_asset(
@@ -147,7 +161,7 @@ def image_embeddings(
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
     started = time.monotonic()
-    clip = clip_model.load(claim_gpu=True)  # once per run, however many batches a backfill run covers
+    clip = clip_model.load(collection.layout, claim_gpu=True)  # once per run, however many batches a backfill run covers
     context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")
     layout = collection.layout
 
@@ -217,7 +231,7 @@ def image_embeddings(
 )
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
-    summary = steps.write_centroids(clip_model.load(), Path(collection.prompts_dir), collection.layout)
+    summary = steps.write_centroids(clip_model.load(collection.layout), Path(collection.prompts_dir), collection.layout)
     layout = collection.layout
     return dg.MaterializeResult(
         check_results=[

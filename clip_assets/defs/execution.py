@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.defs.automation import new_labels_observation, new_prompt_observation
+from clip_assets.defs.automation import new_captions_observation, new_labels_observation, new_prompt_observation
 from clip_assets.defs.partitions import image_batches
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
@@ -31,6 +31,7 @@ concurrency:
     default_limit: 1
 """
 
+FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
 BATCH_ASSETS = [dg.AssetKey("image_manifest"), dg.AssetKey("image_embeddings"), dg.AssetKey("image_classifications")]
 
 
@@ -55,6 +56,16 @@ def observe_prompt_files(defs: dg.Definitions, instance: dg.DagsterInstance) -> 
 def observe_labels_file(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
     """What the labels_file_observation sensor does on a tick (see observe_prompt_files)."""
     observation = new_labels_observation(instance, defs.resources["labelled_sample"].path)
+    if observation is not None:
+        instance.report_runless_asset_event(observation)
+    return observation
+
+
+def observe_captions_file(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
+    """What the captions_file_observation sensor does on a tick (see observe_prompt_files); None also where
+    the deployment has no fine-tuning."""
+    captioned_pairs = defs.resources.get("captioned_pairs")
+    observation = new_captions_observation(instance, captioned_pairs.path) if captioned_pairs else None
     if observation is not None:
         instance.report_runless_asset_event(observation)
     return observation
@@ -86,11 +97,14 @@ def materialize(
 
 
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, batches: list[str]) -> None:
-    """Observe prompts and labels, build centroids and adapters, then manifest, embeddings and
-    classifications per batch."""
+    """Observe prompts and labels (and the captions, and fine-tune, where the deployment fine-tunes), build
+    centroids and adapters, then manifest, embeddings and classifications per batch."""
     register_batches(instance, batches)
     observe_prompt_files(defs, instance)
     observe_labels_file(defs, instance)
+    if "captioned_pairs" in defs.resources:
+        observe_captions_file(defs, instance)
+        materialize(defs, instance, [FINE_TUNED_MODEL])
     materialize(defs, instance, [dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters")])
     for batch in batches:
         materialize(defs, instance, BATCH_ASSETS, partition_key=batch)

@@ -11,6 +11,8 @@ import dagster as dg
 from clip_assets import calibration
 
 from clip_assets.clip_model import ClipModel, load_clip_model, tuned_for_inference
+from clip_assets.fine_tuned_weights import weights_in_use
+from clip_assets.fine_tuning import FineTuneOptions
 from clip_assets.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
 from clip_assets.layout import DataLayout
 from clip_assets.settings import default
@@ -51,13 +53,35 @@ class ClipModelResource(dg.ConfigurableResource):
     channels_last: bool = default("channels_last")
     compile_model: bool = default("compile_model")
     gpu_lock_dir: str = str(default("gpu_lock_dir"))
+    use_fine_tuned: bool = default("use_fine_tuned")  # encode with fine_tuned_model's checkpoint, not `pretrained`
 
-    def load(self, claim_gpu: bool = False) -> ClipModel:
-        """`claim_gpu`: for the embedding step, which takes a GPU of its own where there are several."""
+    def load(self, layout: DataLayout, claim_gpu: bool = False) -> ClipModel:
+        """The model that encodes images and prompts: `pretrained`'s, or the fine-tuned one the deployment
+        opted in to (found under `layout`). `claim_gpu`: for the embedding step, which takes a GPU of its
+        own where there are several."""
+        weights = weights_in_use(self.pretrained, self.use_fine_tuned, layout)
         device = self.device
         if claim_gpu:
             device = device_for_embedding_step(device, Path(self.gpu_lock_dir), logging.getLogger(__name__).info)
-        return _load_once_per_process(self.model, self.pretrained, device, self.channels_last, self.compile_model)
+        return _load_once_per_process(self.model, weights, device, self.channels_last, self.compile_model)
+
+
+class CaptionedPairs(dg.ConfigurableResource):
+    """The captions file `fine_tuned_model` tunes on, and how it tunes (clip_assets.fine_tuning)."""
+
+    captions_path: str
+    epochs: int = default("fine_tune_epochs")
+    lr: float | None = default("fine_tune_lr")
+    lock_image: bool = default("fine_tune_lock_image")
+    wise_alpha: float = default("fine_tune_wise_alpha")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.captions_path)
+
+    @property
+    def options(self) -> FineTuneOptions:
+        return FineTuneOptions(lock_image=self.lock_image, epochs=self.epochs, lr=self.lr, wise_alpha=self.wise_alpha)
 
 
 class LabelledSample(dg.ConfigurableResource):
