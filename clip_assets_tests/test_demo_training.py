@@ -50,6 +50,17 @@ def test_training_captions_are_true_of_their_own_image_and_some_name_one_of_two_
     assert all(len(c.objects) == 2 for c in (training_caption(s, rng, partial=0.0) for _, s in two_shapes))
 
 
+def test_generic_captions_name_no_shape_and_are_true_of_every_image_on_the_background_they_name():
+    rng = random.Random(1)
+    samples = [make_sample(rng) for _ in range(100)]
+    captions = [training_caption(s, rng, generic=1.0) for s in samples]
+    assert all(c.objects == () for c in captions)
+    assert {c.background for c in captions} - {None}  # some name their image's background
+    for caption in captions:
+        assert all(caption.is_true_of(s) == (caption.background in (None, s.background)) for s in samples)
+    assert not any(training_caption(s, rng, generic=0.0).objects == () for s in samples)
+
+
 def test_the_loss_is_clip_loss_when_only_the_drawn_caption_is_true():
     torch.manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)

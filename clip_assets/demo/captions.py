@@ -35,12 +35,27 @@ class Caption:
         )
 
 
-def training_caption(sample: Sample, rng: random.Random, partial: float = 0.7) -> Caption:
+GENERIC = ("a shape", "some shapes", "a picture", "a drawing")
+
+
+def generic_caption(sample: Sample, rng: random.Random) -> Caption:
+    """A caption true of every image ("a picture"), or of every image on its background
+    ("a shape on a striped background"): what a prompt file's neutral descriptions say."""
+    text = rng.choice(TEMPLATES).format(rng.choice(GENERIC))
+    if rng.random() < 0.5:
+        return Caption(text, (), None)
+    return Caption(f"{text} on a {sample.background} background", (), sample.background)
+
+
+def training_caption(sample: Sample, rng: random.Random, partial: float = 0.7, generic: float = 0.0) -> Caption:
     """Mostly kind-only wording: colour is learnt almost for free, shape needs the signal.
 
     With probability `partial` a two-shape image's caption names only one of its shapes, so a short
-    description such as "a square" is also true of images with a square and something else.
+    description such as "a square" is also true of images with a square and something else. With
+    probability `generic` it names no shape at all (see generic_caption).
     """
+    if generic and rng.random() < generic:
+        return generic_caption(sample, rng)
     shapes = list(sample.shapes)
     if len(shapes) > 1 and rng.random() < partial:
         shapes = [rng.choice(shapes)]
