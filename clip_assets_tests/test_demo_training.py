@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from clip_assets.demo.captions import Caption, training_caption
-from clip_assets.demo.shapes import Sample, ShapeSpec, make_sample
+from clip_assets.demo.shapes import Sample, ShapeSpec, background_tint, make_sample
 from clip_assets.demo.train import multi_positive_clip_loss
 
 BLANK = Image.new("RGB", (8, 8))
 
 
-def sample(*shapes: tuple[str, str], background: str = "plain") -> Sample:
-    return Sample(BLANK, tuple(ShapeSpec(kind, colour) for colour, kind in shapes), background)
+def sample(*shapes: tuple[str, str], background: str = "plain", tint: str | None = None) -> Sample:
+    return Sample(BLANK, tuple(ShapeSpec(kind, colour) for colour, kind in shapes), background, tint)
 
 
 RED_SQUARE_BLUE_CIRCLE = sample(("red", "square"), ("blue", "circle"))
@@ -40,6 +40,28 @@ def test_a_caption_is_true_of_an_image_when_each_claimed_shape_is_a_different_sh
     assert Caption("text", objects, background).is_true_of(RED_SQUARE_BLUE_CIRCLE) is true
 
 
+def test_a_caption_naming_a_background_tint_is_true_only_of_images_with_that_tint():
+    on_yellow = Caption("a circle on a yellow background", ((None, "circle"),), None, "yellow")
+    assert on_yellow.is_true_of(sample(("blue", "circle"), tint="yellow"))
+    assert not on_yellow.is_true_of(sample(("blue", "circle"), tint="blue"))
+    assert not on_yellow.is_true_of(sample(("yellow", "circle")))  # a yellow shape is not a yellow background
+
+
+@pytest.mark.parametrize(("rgb", "tint"), [((240, 230, 160), "yellow"), ((170, 185, 235), "blue"), ((200, 200, 205), None)])
+def test_a_background_is_called_by_its_tint_only_when_clearly_tinted(rgb, tint):
+    assert background_tint(Image.new("RGB", (20, 20), rgb)) == tint
+
+
+def test_captions_name_background_tints_only_when_asked():
+    rng = random.Random(2)
+    samples = [make_sample(rng) for _ in range(300)]
+    assert {s.background_tint for s in samples} >= {None, "yellow"}
+    with_tints = [training_caption(s, rng, tints=True) for s in samples]
+    assert all(c.is_true_of(s) for c, s in zip(with_tints, samples))
+    assert any(c.background_tint == "yellow" and "yellow background" in c.text for c in with_tints)
+    assert not any(training_caption(s, rng, tints=False).background_tint for s in samples)
+
+
 def test_training_captions_are_true_of_their_own_image_and_some_name_one_of_two_shapes():
     rng = random.Random(0)
     samples = [make_sample(rng) for _ in range(200)]
@@ -48,17 +70,6 @@ def test_training_captions_are_true_of_their_own_image_and_some_name_one_of_two_
     two_shapes = [(c, s) for c, s in zip(captions, samples) if len(s.shapes) == 2]
     assert any(len(c.objects) == 1 for c, _ in two_shapes) and any(len(c.objects) == 2 for c, _ in two_shapes)
     assert all(len(c.objects) == 2 for c in (training_caption(s, rng, partial=0.0) for _, s in two_shapes))
-
-
-def test_generic_captions_name_no_shape_and_are_true_of_every_image_on_the_background_they_name():
-    rng = random.Random(1)
-    samples = [make_sample(rng) for _ in range(100)]
-    captions = [training_caption(s, rng, generic=1.0) for s in samples]
-    assert all(c.objects == () for c in captions)
-    assert {c.background for c in captions} - {None}  # some name their image's background
-    for caption in captions:
-        assert all(caption.is_true_of(s) == (caption.background in (None, s.background)) for s in samples)
-    assert not any(training_caption(s, rng, generic=0.0).objects == () for s in samples)
 
 
 def test_the_loss_is_clip_loss_when_only_the_drawn_caption_is_true():
