@@ -2,7 +2,9 @@
 captions in a batch are true of which images.
 
 A caption names every shape of its image or, for some two-shape images, only one of them (as people
-caption photos), each by colour and kind, kind alone or colour alone, sometimes with the background.
+caption photos), each by colour and kind, kind alone or colour alone, sometimes with the background
+(its kind, and its tint when it has one), so the prompt file's neutral descriptions ("a striped
+background", "a yellow background") are words the demo model knows.
 """
 
 from __future__ import annotations
