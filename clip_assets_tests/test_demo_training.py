@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from clip_assets.demo.captions import Caption, training_caption
-from clip_assets.demo.shapes import Sample, ShapeSpec, make_sample
+from clip_assets.demo.shapes import Sample, ShapeSpec, background_tint, make_sample
 from clip_assets.demo.train import multi_positive_clip_loss
 
 BLANK = Image.new("RGB", (8, 8))
 
 
-def sample(*shapes: tuple[str, str], background: str = "plain") -> Sample:
-    return Sample(BLANK, tuple(ShapeSpec(kind, colour) for colour, kind in shapes), background)
+def sample(*shapes: tuple[str, str], background: str = "plain", tint: str | None = None) -> Sample:
+    return Sample(BLANK, tuple(ShapeSpec(kind, colour) for colour, kind in shapes), background, tint)
 
 
 RED_SQUARE_BLUE_CIRCLE = sample(("red", "square"), ("blue", "circle"))
@@ -38,6 +38,28 @@ RED_SQUARE_BLUE_CIRCLE = sample(("red", "square"), ("blue", "circle"))
 )
 def test_a_caption_is_true_of_an_image_when_each_claimed_shape_is_a_different_shape_of_it(objects, background, true):
     assert Caption("text", objects, background).is_true_of(RED_SQUARE_BLUE_CIRCLE) is true
+
+
+def test_a_caption_naming_a_background_tint_is_true_only_of_images_with_that_tint():
+    on_yellow = Caption("a circle on a yellow background", ((None, "circle"),), None, "yellow")
+    assert on_yellow.is_true_of(sample(("blue", "circle"), tint="yellow"))
+    assert not on_yellow.is_true_of(sample(("blue", "circle"), tint="blue"))
+    assert not on_yellow.is_true_of(sample(("yellow", "circle")))  # a yellow shape is not a yellow background
+
+
+@pytest.mark.parametrize(("rgb", "tint"), [((240, 230, 160), "yellow"), ((170, 185, 235), "blue"), ((200, 200, 205), None)])
+def test_a_background_is_called_by_its_tint_only_when_clearly_tinted(rgb, tint):
+    assert background_tint(Image.new("RGB", (20, 20), rgb)) == tint
+
+
+def test_captions_name_background_tints_only_when_asked():
+    rng = random.Random(2)
+    samples = [make_sample(rng) for _ in range(300)]
+    assert {s.background_tint for s in samples} >= {None, "yellow"}
+    with_tints = [training_caption(s, rng, tints=True) for s in samples]
+    assert all(c.is_true_of(s) for c, s in zip(with_tints, samples))
+    assert any(c.background_tint == "yellow" and "yellow background" in c.text for c in with_tints)
+    assert not any(training_caption(s, rng, tints=False).background_tint for s in samples)
 
 
 def test_training_captions_are_true_of_their_own_image_and_some_name_one_of_two_shapes():

@@ -6,6 +6,7 @@ and the colours present, so an image is multi-label, like the first seed's categ
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import math
 import random
@@ -22,6 +23,8 @@ COLOURS = {
     "yellow": (235, 205, 30),
 }
 BACKGROUNDS = ("plain", "noise", "gradient", "stripes")
+# Hue ranges (degrees) in which a pale background is called by a colour name (captions may say it).
+TINT_HUES = {"pink": ((0, 15), (340, 360)), "yellow": ((42, 68),), "green": ((90, 160),), "blue": ((200, 250),)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Sample:
     image: Image.Image
     shapes: tuple[ShapeSpec, ...]
     background: str
+    background_tint: str | None = None  # a colour name when the background is clearly tinted with it
 
     @property
     def labels(self) -> list[str]:
@@ -63,6 +67,17 @@ def _background(rng: random.Random, kind: str, size: tuple[int, int]) -> Image.I
         for x in range(-h, w, step * 2):
             draw.polygon([(x, 0), (x + step, 0), (x + step + h, h), (x + h, h)], fill=other)
     return img
+
+
+def background_tint(img: Image.Image) -> str | None:
+    """The colour name a person would give the background's mean colour, if it is clearly tinted."""
+    pixels = img.resize((8, 8)).getdata()
+    r, g, b = (sum(p[i] for p in pixels) / len(pixels) / 255 for i in range(3))
+    hue, saturation, _ = colorsys.rgb_to_hsv(r, g, b)
+    if saturation < 0.15:
+        return None
+    degrees = hue * 360
+    return next((name for name, ranges in TINT_HUES.items() if any(lo <= degrees < hi for lo, hi in ranges)), None)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, spec: ShapeSpec, box: tuple[int, int, int, int], rng: random.Random):
@@ -96,6 +111,7 @@ def make_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) -> Sample:
     specs = tuple(ShapeSpec(k, c) for k, c in zip(kinds, colours))
     background = rng.choice(BACKGROUNDS)
     img = _background(rng, background, size)
+    tint = None if background == "gradient" else background_tint(img)  # a gradient has two colours
     draw = ImageDraw.Draw(img)
     w, h = size
     side = min(w, h)
@@ -108,7 +124,7 @@ def make_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) -> Sample:
         _draw_shape(draw, spec, (int(cx - r), int(cy - r), int(cx + r), int(cy + r)), rng)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    return Sample(image=img, shapes=specs, background=background)
+    return Sample(image=img, shapes=specs, background=background, background_tint=tint)
 
 
 LABELS_FILE = "labels.csv"

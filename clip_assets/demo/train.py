@@ -34,11 +34,11 @@ DEMO_MODEL = "clip-assets-tiny"
 
 
 def training_recipe(samples: int = 5500, epochs: int = 12, batch_size: int = 64, lr: float = 2e-3, seed: int = 1234,
-                    partial_captions: float = 0.7) -> dict:
+                    partial_captions: float = 0.7, background_tints: bool = True) -> dict:
     # Chosen by comparing the demo's zero-shot F1 on its own collection (never trained on) between
     # recipes of about the same CPU time: see the README's demo section for the figures.
     return {"model": DEMO_MODEL, "samples": samples, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "partial_captions": partial_captions, "loss": "multi-positive", "generator": 2}
+            "partial_captions": partial_captions, "background_tints": background_tints, "loss": "multi-positive", "generator": 2}
 
 
 def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -91,7 +91,7 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
         running = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * bs : (b + 1) * bs]
-            captions = [training_caption(samples[i], rng, recipe["partial_captions"]) for i in idx]
+            captions = [training_caption(samples[i], rng, recipe["partial_captions"], recipe.get("background_tints", False)) for i in idx]
             tokens = tokenizer([c.text for c in captions])
             positives = torch.tensor([[c.is_true_of(samples[i]) for c in captions] for i in idx])
             batch_pixels = pixels[idx]
