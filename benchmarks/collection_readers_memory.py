@@ -4,7 +4,7 @@ Synthesises (or reuses, with `--work`) a DuckDB file with the classifications of
 categories (random similarities; a fifth of the categories single_label), the batches' manifests
 (paths), and a labels file naming L of the images, in the project's own layout. Then runs each
 reader in a fresh Python process and prints its wall and CPU seconds and peak memory (the child's
-ru_maxrss), with the memory the same process has after the imports alone, so the difference is
+VmHWM), with the memory the same process has after the imports alone, so the difference is
 what the reader itself holds:
 
 - `gallery.gallery_rows` over the whole collection (the classification_gallery asset's query: the
@@ -46,7 +46,7 @@ READERS = {
 }
 
 CHILD = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 import clip_assets.gallery, clip_assets.calibration  # imported before the clock starts
 from clip_assets.layout import DataLayout
@@ -54,7 +54,9 @@ layout, labels = DataLayout(Path(sys.argv[1])), Path(sys.argv[2])
 out = None
 t, c = time.perf_counter(), time.process_time()
 {body}
-print("RESULT", time.perf_counter() - t, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, out)
+# VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across fork and exec)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out)
 """
 
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_assets.atomic_files import atomic_write, write_text_atomically
 from clip_assets.layout import DataLayout
-from clip_assets.warehouse import connect
+from clip_assets.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
 
 THUMBNAIL_PX = 128
 
@@ -99,10 +99,11 @@ def gallery_rows(
 
     One pass over the classifications keeps, per category and failed condition, a bounded best-n
     list (DuckDB's `min_by(..., n)`, an aggregate), so memory depends on the categories and n, not
-    on the collection's size; only the chosen images' paths are looked up in the manifests.
+    on the collection's size (DuckDB's block cache capped too); only the chosen images' paths are
+    looked up in the manifests.
     """
     manifests = layout.manifest_path(batch) if batch else layout.manifests_glob
-    with connect(layout.duckdb_path, read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         rows = con.execute(
             f"""
             WITH c AS (
