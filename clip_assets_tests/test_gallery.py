@@ -23,6 +23,7 @@ from clip_assets.gallery import (
 from clip_assets.layout import DataLayout
 from clip_assets.warehouse import connect
 from clip_assets_tests.chromium import CHROMIUM, chromium_dump_dom
+from clip_assets_tests.synthetic_collection import tied_collection
 
 
 
@@ -123,35 +124,6 @@ def test_gallery_asset_page_loads_with_its_images_in_chromium(settings, tmp_path
     assert "near misses: score under the threshold" in dom
 
 
-def _tied_collection(tmp_path, images=300, batches=3) -> DataLayout:
-    """Classifications of `images` images in `batches` batches, scores rounded so that many tie, one
-    single_label category; the manifests hold the paths."""
-    layout = DataLayout(tmp_path / "data")
-    layout.manifest_dir.mkdir(parents=True)
-    with connect(layout.duckdb_path) as con:
-        con.executemany(
-            "INSERT INTO prompt_categories VALUES (?, ?, 'f.toml', ?, ?, ?, 1, 100.0, 'm', 'v')",
-            [("dog", 0, "multi_label", 0.02, 0.01), ("cat", 1, "multi_label", 0.0, 0.0), ("kind", 2, "single_label", 0.4, 0.0)])
-        con.execute(f"""
-            CREATE TEMP TABLE ids AS SELECT i, 'b' || (i % {batches}) AS batch, md5(i::VARCHAR)[:16] AS image_id
-            FROM range({images}) t(i)""")
-        con.execute("""
-            INSERT INTO image_classifications
-            SELECT batch, image_id, category, mode, pos, 0.2, CASE WHEN category = 'cat' THEN NULL ELSE neu END, score,
-                   CASE WHEN mode = 'single_label' THEN prob END, NULL, threshold, neutral_margin,
-                   CASE WHEN mode = 'single_label' THEN prob >= threshold
-                        ELSE score >= threshold AND (category = 'cat' OR pos >= neu + neutral_margin) END,
-                   'm', 'v', 'none'
-            FROM (SELECT ids.*, p.*, round((hash(i, p.category) % 7) / 100.0, 2)::FLOAT AS score,
-                         round(0.2 + (hash(p.category, i) % 5) / 100.0, 2)::FLOAT AS pos, 0.22::FLOAT AS neu,
-                         round((hash(i) % 10) / 10.0, 1)::FLOAT AS prob
-                  FROM ids CROSS JOIN prompt_categories p)""")
-        for b in range(batches):
-            con.execute(f"""COPY (SELECT image_id, batch || '/' || i || '.jpg' AS path FROM ids WHERE batch = 'b{b}')
-                            TO '{layout.manifest_path(f"b{b}")}' (FORMAT parquet)""")
-    return layout
-
-
 def _best_by_sorting_every_row(layout, matched_per_category, near_misses, batch=None):
     """The gallery's choice the slow way: every row fetched, sorted per category and condition in Python."""
     from clip_assets.gallery import FAILED_CONDITION_SQL
@@ -178,7 +150,7 @@ def _best_by_sorting_every_row(layout, matched_per_category, near_misses, batch=
 
 @pytest.mark.parametrize("matched, near, batch", [(3, 2, None), (5, 0, None), (2, 4, "b1"), (1000, 1000, None)])
 def test_gallery_rows_are_the_best_of_every_row_with_ties_broken_by_image_id(tmp_path, matched, near, batch):
-    layout = _tied_collection(tmp_path)
+    layout = tied_collection(tmp_path)
     got = gallery_rows(layout, matched, near, batch=batch)
     expected = _best_by_sorting_every_row(layout, matched, near, batch)
     assert {c: [(i.image_id, i.path, i.batch, round(i.score, 6), i.matched, i.failed,
