@@ -22,13 +22,13 @@ checkout (e.g. `PYTHONPATH=/work/main`), whose clip_assets the child processes t
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from working_folder import working_folder  # noqa: E402
 
 MIB = 1 << 20
 
@@ -56,7 +56,7 @@ t, c = time.perf_counter(), time.process_time()
 {body}
 # VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across fork and exec)
 hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out)
+print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out, Path(clip_assets.gallery.__file__).parent)
 """
 
 
@@ -106,12 +106,13 @@ def synthesise(work: Path, images: int, categories: int, labelled: int, batches:
     (work / "synthesised").write_text(f"{images} {categories} {labelled} {batches}\n")
 
 
-def run_reader(body: str, work: Path) -> tuple[float, float, float, str]:
+def run_reader(body: str, work: Path) -> tuple[float, float, float, str, str]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD.format(body=body), str(work / "data"), str(work / "labels.csv")],
         capture_output=True, text=True, check=True,
+        cwd=work,  # `-c` puts the current folder first on sys.path: not a checkout's, so PYTHONPATH decides
     ).stdout.rsplit("RESULT", 1)[1].split()  # (DuckDB's progress bar may print before it)
-    return float(out[0]), float(out[1]), int(out[2]) * 1024 / MIB, out[3]
+    return float(out[0]), float(out[1]), int(out[2]) * 1024 / MIB, out[3], out[4]
 
 
 def main() -> None:
@@ -122,10 +123,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--work", type=Path, help="where the data goes (kept and reused); default a temp dir, removed")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="clip-assets-readers-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
-    try:
+    with working_folder(args.work, "clip-assets-readers-") as work:
         wanted = f"{args.images} {args.categories} {args.labelled} {args.batches}\n"
         if not (work / "synthesised").is_file() or (work / "synthesised").read_text() != wanted:
             t = time.perf_counter()
@@ -133,18 +131,15 @@ def main() -> None:
             print(f"synthesised {args.images:,} images x {args.categories} categories in {time.perf_counter() - t:.1f} s")
         import clip_assets
 
-        print(f"clip_assets from {Path(clip_assets.__file__).parent}; {args.images:,} images x {args.categories} "
+        print(f"clip_assets from {Path(clip_assets.__file__).parent} (the readers' processes too); {args.images:,} images x {args.categories} "
               f"categories = {args.images * args.categories:,} classification rows, {args.labelled:,} labelled")
         base = None
         for label, body in READERS.items():
-            wall, cpu, peak, out = run_reader(body, work)
+            wall, cpu, peak, out, package = run_reader(body, work)
+            assert package == str(Path(clip_assets.__file__).parent), (package, clip_assets.__file__)
             base = peak if base is None else base
             print(f"  {label:<42} {wall:6.1f} s wall {cpu:6.1f} s CPU  peak {peak:7.0f} MiB "
                   f"({peak - base:+6.0f} MiB over the imports)  [{out}]")
-    finally:
-        print(f"load average at end:   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from working_folder import working_folder  # noqa: E402
 
 BATCH = "many"
 PER_FOLDER = 1_000
@@ -69,13 +71,10 @@ def main() -> None:
     parser.add_argument("--skip-probe", action="store_true", help="do not time the former header probe")
     parser.add_argument("--dir", type=Path, help="where the files go (kept and reused); default a temp dir, removed")
     args = parser.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="clip-assets-manifest-"))
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if free < args.files * 8192:
-        raise SystemExit(f"{free / 1e9:.1f} GB free under {root}: too little for {args.files:,} files")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
-    try:
+    with working_folder(args.dir, "clip-assets-manifest-") as root:
+        free = shutil.disk_usage(root).free
+        if free < args.files * 8192:
+            raise SystemExit(f"{free / 1e9:.1f} GB free under {root}: too little for {args.files:,} files")
         existing = sum(1 for _ in (root / BATCH).rglob("*.png")) if (root / BATCH).is_dir() else 0
         if existing != args.files:
             shutil.rmtree(root / BATCH, ignore_errors=True)
@@ -100,10 +99,6 @@ def main() -> None:
             assert probed == args.files
             print(f"  the step takes {step_wall / probe_wall:.2f}x the time of the former manifest's listing "
                   f"and probe ({probe_wall / step_wall:.1f}x faster)")
-    finally:
-        print(f"load average at end:   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
