@@ -31,7 +31,7 @@ from clip_assets.evaluation import CategoryScore, macro_f1
 from clip_assets.atomic_files import write_text_atomically
 from clip_assets.layout import DataLayout
 from clip_assets.prompts import MULTI_LABEL, OVERRIDES_FILE
-from clip_assets.warehouse import connect
+from clip_assets.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
 
 NONE_LABEL = "none"
 DEFAULT_HELDOUT_FRACTION = 0.5
@@ -134,17 +134,22 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             "for the labelled images' batches first (CLIP_ASSETS_DATA_DIR says where to look)."
         )
     keys = pa.table({"key": list(labels.labels)})
-    with connect(layout.duckdb_path, read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         con.register("labelled", keys)
         cats = con.execute("SELECT category, mode, threshold, neutral_margin FROM prompt_categories ORDER BY position").fetchall()
+        # The labelled images are picked from the manifests first, then only their classification rows
+        # are kept: what is held is the labelled sample's (and DuckDB's capped block cache), whatever
+        # the collection's size.
         rows = con.execute(
             f"""
-            SELECT l.key, c.image_id, m.path, c.category,
+            WITH m AS (
+                SELECT l.key, m.image_id, m.path
+                FROM (SELECT image_id, path FROM read_parquet(?)) m JOIN labelled l ON l.key = m.{labels.key}
+            )
+            SELECT m.key, c.image_id, m.path, c.category,
                    CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END,
                    c.pos_sim - c.neutral_sim, c.matched
-            FROM image_classifications c
-            JOIN read_parquet(?) m USING (image_id)
-            JOIN labelled l ON l.key = {'c.image_id' if labels.key == 'image_id' else 'm.path'}
+            FROM image_classifications c JOIN m USING (image_id)
             """,
             [layout.manifests_glob],
         ).fetchall()

@@ -5,7 +5,9 @@
   never below the input size, so the model's own resize does the rest.
 - Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
   fingerprint matches the one stored with its previous embedding is not decoded again.
-- One bad file never stops a batch: each failure is returned with its reason, and each file has a
+- One bad file never stops a batch: each failure is returned with its reason (the manifest only
+  stats files, so this is where a file that is not an image, has a broken or truncated header or
+  data, or has more pixels than Pillow's decompression-bomb limit is found), and each file has a
   time limit, so a file that blocks (a stalled mount, a FIFO) cannot hang a worker. A file whose
   decoder kills its worker process (a segfault or abort in native code) is found, recorded as
   failed, and the workers restart over the files not yet done (see clip_assets.decode_faults).
@@ -23,6 +25,7 @@ import math
 import multiprocessing
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from clip_assets.clip_model import ClipModel, batch_size_for
@@ -91,13 +94,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The reason recorded for a file that could not be read or decoded, said plainly."""
+    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return f"decompression bomb: {exc}"
+    if isinstance(exc, UnidentifiedImageError):  # Pillow's own text names an in-memory buffer, not the file
+        return "UnidentifiedImageError: cannot identify image file (not an image, or a format Pillow cannot read)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def too_many_pixels(pixels: int) -> bool:
+    """More pixels than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; None: no limit)."""
+    return Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS
+
+
 def decode_image(data: bytes, min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode from memory the way the model should see it: first frame, EXIF orientation, RGB.
 
     With `min_size` (the model's input width and height), a JPEG is decoded at the smallest DCT
-    scale that still covers it in both dimensions.
+    scale that still covers it in both dimensions. An image over Pillow's decompression-bomb limit
+    raises (Pillow itself only warns up to twice the limit).
     """
-    with Image.open(io.BytesIO(data)) as img:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        opened = Image.open(io.BytesIO(data))
+    with opened as img:
         if min_size is not None and img.format == "JPEG":
             img.draft(img.mode, min_size)
         img.seek(0)
@@ -153,7 +174,7 @@ class _ImageFiles(Dataset):
         try:
             return (index, *call_with_time_limit(lambda: self._read(index), self.timeout_s))
         except Exception as exc:  # one bad file must not stop the batch
-            return index, None, None, f"{type(exc).__name__}: {exc}"
+            return index, None, None, failure_reason(exc)
         finally:
             self.in_flight.finish()
 

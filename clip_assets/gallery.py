@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_assets.atomic_files import atomic_write, write_text_atomically
 from clip_assets.layout import DataLayout
-from clip_assets.warehouse import connect
+from clip_assets.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
 
 THUMBNAIL_PX = 128
 
@@ -94,9 +94,16 @@ def gallery_rows(
     layout: DataLayout, matched_per_category: int, near_misses: int, batch: str | None = None
 ) -> dict[str, list[GalleryImage]]:
     """Per category (prompt order): its best matched images, then for each failed condition its best
-    unmatched ones. `batch`: only that batch's images, else the whole collection."""
+    unmatched ones (best: highest score, then lowest image_id). `batch`: only that batch's images,
+    else the whole collection.
+
+    One pass over the classifications keeps, per category and failed condition, a bounded best-n
+    list (DuckDB's `min_by(..., n)`, an aggregate), so memory depends on the categories and n, not
+    on the collection's size (DuckDB's block cache capped too); only the chosen images' paths are
+    looked up in the manifests.
+    """
     manifests = layout.manifest_path(batch) if batch else layout.manifests_glob
-    with connect(layout.duckdb_path, read_only=True) as con:
+    with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         rows = con.execute(
             f"""
             WITH c AS (
@@ -104,15 +111,22 @@ def gallery_rows(
                        {FAILED_CONDITION_SQL} AS failed, c.pos_sim - c.neutral_sim AS above_neutral
                 FROM image_classifications c
                 WHERE ?::VARCHAR IS NULL OR c.batch = ?
-            ), ranked AS (
-                SELECT *, row_number() OVER (PARTITION BY category, failed ORDER BY value DESC, image_id) AS n FROM c
+            ), best AS (
+                SELECT category, failed, unnest(min_by(
+                    {{'image_id': image_id, 'batch': batch, 'value': value, 'matched': matched,
+                      'above_neutral': above_neutral}},
+                    {{'descending': -value, 'image_id': image_id}},
+                    greatest(1, CASE WHEN failed IS NULL THEN ?::BIGINT ELSE ?::BIGINT END)
+                ), recursive := true)
+                FROM c GROUP BY category, failed
+                HAVING CASE WHEN failed IS NULL THEN ?::BIGINT ELSE ?::BIGINT END > 0
             )
-            SELECT c.category, c.image_id, m.path, c.batch, c.value, c.matched, c.failed, c.above_neutral
-            FROM ranked c JOIN prompt_categories p USING (category) JOIN read_parquet(?) m USING (image_id)
-            WHERE c.n <= CASE WHEN c.matched THEN ? ELSE ? END
-            ORDER BY p.position, c.matched DESC, c.failed, c.value DESC
+            SELECT b.category, b.image_id, m.path, b.batch, b.value, b.matched, b.failed, b.above_neutral
+            FROM best b JOIN prompt_categories p USING (category)
+                 JOIN (SELECT image_id, path FROM read_parquet(?)) m USING (image_id)
+            ORDER BY p.position, b.matched DESC, b.failed, b.value DESC, b.image_id
             """,
-            [batch, batch, str(manifests), matched_per_category, near_misses],
+            [batch, batch, matched_per_category, near_misses, matched_per_category, near_misses, str(manifests)],
         ).fetchall()
         categories = [r[0] for r in con.execute("SELECT category FROM prompt_categories ORDER BY position").fetchall()]
     out: dict[str, list[GalleryImage]] = {name: [] for name in categories}

@@ -95,7 +95,7 @@ class EmbeddingSummary:
     resumed: int  # finished by an interrupted run, taken from its part files
     dropped: int  # no longer in the manifest
     failed: int
-    usable: int  # images the manifest says are usable
+    usable: int  # files the manifest found worth opening (stat alone: some may fail to decode)
     model: str
     dim: int
     failures: dict[str, str] = field(default_factory=dict)

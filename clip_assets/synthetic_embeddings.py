@@ -52,8 +52,7 @@ def write_synthetic_batch(
             mtimes = pa.array(np.full(n, mtime))
             vectors = clustered_unit_vectors(rng, n, centres, spread)
             manifest.write_table(pa.table({
-                "image_id": ids, "path": paths, "size": sizes, "mtime": mtimes, "format": ["JPEG"] * n,
-                "width": pa.array(np.full(n, 256, dtype=np.int32)), "height": pa.array(np.full(n, 256, dtype=np.int32)),
+                "image_id": ids, "path": paths, "size": sizes, "mtime": mtimes,
                 "status": [STATUS_OK] * n, "error": pa.nulls(n, pa.string()),
             }, schema=MANIFEST_SCHEMA))
             embeddings.write_table(pa.table({

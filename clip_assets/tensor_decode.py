@@ -36,7 +36,7 @@ from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip_assets.clip_model import ClipModel
-from clip_assets.embedding import _collate, _ImageFiles, decode_image, draft_size
+from clip_assets.embedding import _collate, _ImageFiles, decode_image, draft_size, failure_reason, too_many_pixels
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class JpegBytesOrPixels(_ImageFiles):
 
     def _pixels(self, data: bytes):
         header = sniff_jpeg(data)
-        if header.batch_decodable:
+        if header.batch_decodable and not too_many_pixels(header.pixels):  # a bomb fails on the Pillow path
             return RawJpeg(data, header.orientation, header.pixels)
         return super()._pixels(data)
 
@@ -346,7 +346,7 @@ class TensorDecoder:
                 indices.append(batch.indices[k])
                 digests.append(batch.digests[k])
             except Exception as exc:
-                failed = [*failed, (batch.indices[k], f"{type(exc).__name__}: {exc}")]
+                failed = [*failed, (batch.indices[k], failure_reason(exc))]
         if fallback_pixels:
             parts.append(torch.stack(fallback_pixels).to(self.device))
         pixels = torch.cat(parts) if parts else None

@@ -178,13 +178,24 @@ def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnecti
             delay = min(delay * 2, 1.0)
 
 
+# DuckDB keeps the blocks a query read cached up to its memory limit (80% of RAM by default): a pass
+# over a whole collection's classifications then holds about as much memory as the rows take on disk
+# (+0.9 GiB at 1M images x 50 categories). Readers that pass over every row and keep little (the
+# gallery's best-n lists, the labelled sample's rows) cap it, and with it their peak memory.
+COLLECTION_PASS_MEMORY_LIMIT = "256MB"
+
+
 @contextlib.contextmanager
-def connect(path: Path, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    path: Path, read_only: bool = False, wait_s: float | None = None, memory_limit: str | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """The one way into the DuckDB file, for readers and writers alike: open it, closed on exit.
 
     While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
     this waits up to `wait_s` seconds (default: the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
     WarehouseLockedError naming the process. A writer creates the file and the tables if needed.
+    `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
+    database (its block cache included).
     """
     path = Path(path)
     if wait_s is None:
@@ -193,6 +204,8 @@ def connect(path: Path, read_only: bool = False, wait_s: float | None = None) ->
         path.parent.mkdir(parents=True, exist_ok=True)
     con = _open(path, read_only, wait_s)
     try:
+        if memory_limit is not None:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
         if not read_only:
             con.execute(SCHEMA_SQL)
         yield con

@@ -127,3 +127,38 @@ def test_cli_calibrate_prints_before_after_and_writes(settings, classified, monk
     assert main(["calibrate", "--labels", str(labels), "--write"]) == 0
     assert (settings.prompts_dir / OVERRIDES_FILE).is_file()
     assert main(["calibrate", "--labels", str(settings.image_root / "missing.csv")]) == 1
+
+
+def test_labelled_scores_are_the_labelled_images_rows_of_a_multi_batch_collection(tmp_path):
+    """Only the labelled images' rows are read; they are the same whether the labels name paths or ids."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from clip_assets.calibration import LabelRows, evaluate_current
+    from clip_assets.warehouse import connect
+    from clip_assets_tests.synthetic_collection import tied_collection
+
+    layout = tied_collection(tmp_path, images=300, batches=3)
+    manifest = pq.read_table(layout.manifest_dir).to_pylist()
+    chosen = manifest[::7]  # across the three batches
+    by_path = {r["path"]: ({"dog"} if k % 2 else {"cat", "kind"}) for k, r in enumerate(chosen)}
+    by_path["b0/no-such.jpg"] = {"dog", "horse"}
+    data = load_labelled_scores(layout, LabelRows("path", by_path))
+    same = load_labelled_scores(layout, LabelRows("image_id", {r["image_id"]: by_path[r["path"]] for r in chosen}))
+    assert data.unmatched_labels == ["b0/no-such.jpg"] and data.unknown_categories == ["horse"]
+    assert sorted(data.paths) == sorted(r["path"] for r in chosen) and sorted(data.image_ids) == sorted(same.image_ids)
+    order = [same.image_ids.index(i) for i in data.image_ids]
+    for name in ("score", "neutral_gap", "matched", "truth"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(same, name)[order])
+    with connect(layout.duckdb_path, read_only=True) as con:  # every row of the collection, the slow way
+        every = {(i, c): (v, g, m) for i, c, v, g, m in con.execute(
+            "SELECT image_id, category, CASE WHEN mode = 'single_label' THEN probability ELSE score END, "
+            "pos_sim - neutral_sim, matched FROM image_classifications").fetchall()}
+    for i, image_id in enumerate(data.image_ids):
+        for j, category in enumerate(data.categories):
+            value, gap, matched = every[(image_id, category)]
+            assert data.score[i, j] == np.float64(value) and data.matched[i, j] == matched
+            assert (np.isnan(data.neutral_gap[i, j]) if gap is None else data.neutral_gap[i, j] == np.float64(gap))
+            assert data.truth[i, j] == (category in by_path[data.paths[i]])
+    assert [s.true_positives + s.false_negatives for s in evaluate_current(data)] == [
+        sum(c in labels for p, labels in by_path.items() if p in data.paths) for c in data.categories]

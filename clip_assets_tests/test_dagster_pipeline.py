@@ -97,7 +97,7 @@ def test_full_run_over_two_batches_then_rematerialize(settings, instance):
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("image_manifest"), asset_partitions=["batch-002"]), limit=1
     ).records[0]
     meta = record.asset_materialization.metadata
-    assert meta["dagster/row_count"].value == 12 and meta["unusable_files"].value == 2
+    assert meta["dagster/row_count"].value == 12 and meta["unusable_files"].value == 1  # the empty file (stat)
 
     materialize(defs, instance, BATCH_ASSETS, partition_key="batch-001")
     assert rows(settings, "SELECT count(*), count(DISTINCT (batch, image_id, category)) FROM image_classifications") == [
@@ -359,17 +359,21 @@ def test_a_multi_batch_run_records_each_batch_with_its_own_metadata(settings, in
 
     manifest = metadata("image_manifest")
     assert {b: m["dagster/row_count"].value for b, m in manifest.items()} == {"batch-001": 10, "batch-002": 12}
-    assert {b: m["unusable_files"].value for b, m in manifest.items()} == {"batch-001": 0, "batch-002": 2}
+    assert {b: m["unusable_files"].value for b, m in manifest.items()} == {"batch-001": 0, "batch-002": 1}
     assert manifest["batch-001"]["unusable_examples"].value.records == []
     assert {r.data["path"] for r in manifest["batch-002"]["unusable_examples"].value.records} == {
-        "batch-002/broken-empty.jpg", "batch-002/notes-not-an-image.png"}
+        "batch-002/broken-empty.jpg"}
     assert all(m["path"].value.endswith(f"{b}.parquet") for b, m in manifest.items())
     assert manifest["batch-001"]["files_fingerprint"].value != manifest["batch-002"]["files_fingerprint"].value
 
     embeddings = metadata("image_embeddings")
     assert {b: (m["dagster/row_count"].value, m["encoded"].value) for b, m in embeddings.items()} == {
         "batch-001": (10, 10), "batch-002": (10, 10)}
-    assert {b: m["unusable_in_manifest"].value for b, m in embeddings.items()} == {"batch-001": 0, "batch-002": 2}
+    assert {b: m["unusable_in_manifest"].value for b, m in embeddings.items()} == {"batch-001": 0, "batch-002": 1}
+    # the text file named .png is found by decoding it: recorded with the embedding step's failures
+    assert {b: m["failed_images"].value for b, m in embeddings.items()} == {"batch-001": 0, "batch-002": 1}
+    assert {r.data["path"] for r in embeddings["batch-002"]["failure_examples"].value.records} == {
+        "batch-002/notes-not-an-image.png"}
 
     classifications = metadata("image_classifications")
     for batch, meta in classifications.items():

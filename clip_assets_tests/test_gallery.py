@@ -23,6 +23,7 @@ from clip_assets.gallery import (
 from clip_assets.layout import DataLayout
 from clip_assets.warehouse import connect
 from clip_assets_tests.chromium import CHROMIUM, chromium_dump_dom
+from clip_assets_tests.synthetic_collection import tied_collection
 
 
 
@@ -121,3 +122,39 @@ def test_gallery_asset_page_loads_with_its_images_in_chromium(settings, tmp_path
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom)[1])
     assert total > 0 and loaded == total
     assert "near misses: score under the threshold" in dom
+
+
+def _best_by_sorting_every_row(layout, matched_per_category, near_misses, batch=None):
+    """The gallery's choice the slow way: every row fetched, sorted per category and condition in Python."""
+    from clip_assets.gallery import FAILED_CONDITION_SQL
+
+    with connect(layout.duckdb_path, read_only=True) as con:
+        rows = con.execute(f"""
+            SELECT c.category, c.image_id, c.batch, coalesce(c.probability, c.score), c.matched, {FAILED_CONDITION_SQL},
+                   c.pos_sim - c.neutral_sim, p.position, m.path
+            FROM image_classifications c JOIN prompt_categories p USING (category)
+                 JOIN read_parquet(?) m USING (image_id)""", [layout.manifests_glob]).fetchall()
+    groups: dict = {}
+    for r in rows:
+        if batch is None or r[2] == batch:
+            groups.setdefault((r[7], r[0], r[5]), []).append(r)
+    out: dict[str, list[tuple]] = {}
+    for (_, category, failed), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] is not None, kv[0][2] or "")):
+        members.sort(key=lambda r: (-r[3], r[1]))
+        keep = matched_per_category if failed is None else near_misses
+        out.setdefault(category, []).extend(
+            (r[1], r[8], r[2], round(r[3], 6), bool(r[4]), r[5], None if r[6] is None else round(r[6], 6))
+            for r in members[:keep])
+    return out
+
+
+@pytest.mark.parametrize("matched, near, batch", [(3, 2, None), (5, 0, None), (2, 4, "b1"), (1000, 1000, None)])
+def test_gallery_rows_are_the_best_of_every_row_with_ties_broken_by_image_id(tmp_path, matched, near, batch):
+    layout = tied_collection(tmp_path)
+    got = gallery_rows(layout, matched, near, batch=batch)
+    expected = _best_by_sorting_every_row(layout, matched, near, batch)
+    assert {c: [(i.image_id, i.path, i.batch, round(i.score, 6), i.matched, i.failed,
+                 None if i.above_neutral is None else round(i.above_neutral, 6)) for i in images]
+            for c, images in got.items() if images} == expected
+    kinds = {i.failed for images in got.values() for i in images}
+    assert kinds == {None} if near == 0 else {None, UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL} <= kinds

@@ -31,8 +31,19 @@ def test_manifest_step_writes_parquet(settings, layout):
     summary = steps.write_manifest(settings.image_root, layout, "batch-002")
     table = pq.read_table(layout.manifest_path("batch-002"))
     assert summary.files == table.num_rows == 12
-    assert summary.usable == 10 and summary.unusable == 2
-    assert set(summary.errors) == {"batch-002/broken-empty.jpg", "batch-002/notes-not-an-image.png"}
+    # stat alone: the empty file is known here; the text file named .png is left to the embedding step
+    assert summary.usable == 11 and summary.unusable == 1
+    assert summary.errors == {"batch-002/broken-empty.jpg": "empty file"}
+
+
+def test_a_file_that_is_not_an_image_is_recorded_by_the_embedding_step(settings, layout, clip):
+    steps.write_manifest(settings.image_root, layout, "batch-002")
+    summary = steps.write_embeddings(clip, settings.image_root, layout, "batch-002", batch_size=4, num_workers=0)
+    assert (summary.encoded, summary.failed) == (10, 1)
+    failures = pq.read_table(layout.embedding_failures_path("batch-002")).to_pylist()
+    assert [(r["path"], r["error"].split(":")[0]) for r in failures] == [
+        ("batch-002/notes-not-an-image.png", "UnidentifiedImageError")]
+    assert summary.failures == {r["path"]: r["error"] for r in failures}
 
 
 def test_embedding_step_encodes_usable_images(settings, layout, clip):
@@ -40,8 +51,9 @@ def test_embedding_step_encodes_usable_images(settings, layout, clip):
     summary = steps.write_embeddings(clip, settings.image_root, layout, "batch-002", batch_size=4, num_workers=0)
     table = pq.read_table(layout.embeddings_path("batch-002"))
     manifest = pq.read_table(layout.manifest_path("batch-002"))
-    usable_ids = [r["image_id"] for r in manifest.to_pylist() if r["status"] == STATUS_OK]
-    assert table["image_id"].to_pylist() == usable_ids and summary.encoded == 10
+    failed = {r["image_id"] for r in pq.read_table(layout.embedding_failures_path("batch-002")).to_pylist()}
+    usable_ids = [r["image_id"] for r in manifest.to_pylist() if r["status"] == STATUS_OK and r["image_id"] not in failed]
+    assert table["image_id"].to_pylist() == usable_ids and summary.encoded == 10 and len(failed) == 1
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), clip.embed_dim)
     assert set(table["model"].to_pylist()) == {clip.identity}
     np.testing.assert_allclose(np.linalg.norm(embeddings_matrix(table), axis=1), 1.0, atol=1e-5)

@@ -109,7 +109,10 @@ def _check_batch_folder(image_root: Path, batch: str) -> None:
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
 )
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
-    """Every file of an image batch: stable image_id, path, size, mtime, format, width, height, status, error."""
+    """Every file of an image batch, from stat alone: stable image_id, path, size, mtime, status, error.
+
+    A file is not opened here: one that is not a usable image is recorded by image_embeddings.
+    """
     image_root = Path(collection.image_root)
 
     def list_batch(batch: str) -> str:
