@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -193,14 +194,40 @@ def default_num_workers() -> int:
     return max(1, min(16, os.cpu_count() or 2))
 
 
-def decode_workers(num_workers: int, images: int, batch_size: int) -> int:
-    """Decode processes for a job: as configured (-1: from the core count), no more than it has batches.
+def decode_workers(num_workers: int, images: int, batch_size: int, model_on_cpu: bool = False) -> int:
+    """Decode processes for a job: as configured, no more than it has batches. -1: from the core count,
+    all of it when the model has a device of its own, half of it (at least one) when the model runs
+    on the same CPU cores (see model_threads).
 
     0 decodes in the calling process, where a decoder that crashes takes the run down with it; with
     one worker or more, a crash costs only the file that caused it.
     """
-    workers = default_num_workers() if num_workers < 0 else num_workers
+    if num_workers < 0:
+        workers = max(1, default_num_workers() // 2) if model_on_cpu else default_num_workers()
+    else:
+        workers = num_workers
     return min(workers, math.ceil(images / batch_size))
+
+
+def model_threads(workers: int) -> int:
+    """torch threads for a model on the CPU beside `workers` decode processes: the cores they leave,
+    at least one. With more threads than free cores, torch's threads spin waiting for one another
+    whenever a decode worker holds a core: on 2 cores, ViT-S-32 beside 2 workers cost 57 ms of CPU
+    per image with 2 threads and 41 ms with 1 (benchmarks/embed_throughput.py)."""
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: unchanged) for the block, then as they were."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -271,7 +298,8 @@ def encode_images(
     if not n:
         return result
     batch_size = batch_size_for(clip, batch_size)
-    workers = decode_workers(num_workers, n, batch_size)
+    model_on_cpu = clip.device.type == "cpu"
+    workers = decode_workers(num_workers, n, batch_size, model_on_cpu)
     shares = max(1, min(workers, batch_size // MIN_SHARE))
     in_flight = InFlightFiles(workers)
     decoder = None
@@ -325,72 +353,73 @@ def encode_images(
         mask[list(failures)] = True
         return mask
 
-    remaining = list(range(n))
-    done_at_last_crash = -1
-    while remaining:
-        in_flight.clear()
-        batches = iter(
-            DataLoader(
-                dataset,
-                # A worker collates a whole loader batch alone, so each model batch is cut into one
-                # share per worker: the first images are ready when every worker has decoded its
-                # share, not when one worker has decoded the whole batch.
-                batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
-                num_workers=workers,
-                collate_fn=collate,
-                pin_memory=clip.device.type == "cuda",
-                # Forked workers start at once with everything imported. The default start method is
-                # the parent's: under `forkserver` or `spawn` every worker would import torch and this
-                # package afresh (seconds each, before the first image).
-                multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
+    with torch_threads(model_threads(workers) if model_on_cpu else None):
+        remaining = list(range(n))
+        done_at_last_crash = -1
+        while remaining:
+            in_flight.clear()
+            batches = iter(
+                DataLoader(
+                    dataset,
+                    # A worker collates a whole loader batch alone, so each model batch is cut into one
+                    # share per worker: the first images are ready when every worker has decoded its
+                    # share, not when one worker has decoded the whole batch.
+                    batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
+                    num_workers=workers,
+                    collate_fn=collate,
+                    pin_memory=clip.device.type == "cuda",
+                    # Forked workers start at once with everything imported. The default start method is
+                    # the parent's: under `forkserver` or `spawn` every worker would import torch and this
+                    # package afresh (seconds each, before the first image).
+                    multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
+                )
             )
-        )
-        decoded = tensor_decode.decoded_batches(batches, decoder, ahead=workers > 0) if decoder else batches
-        try:
-            for indices, digests, pixels, unchanged, failed in merged(decoded, shares):
-                if pixels is not None:
-                    pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
-                    encoded[indices] = True
-                if unchanged:
-                    ids = [i for i, _ in unchanged]
-                    vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
-                    pending.append((ids, vectors, [d for _, d in unchanged]))
-                    unchanged_content[ids] = True
-                failures.update(failed)
-                progress.add(len(indices) + len(unchanged) + len(failed))
-                if pending and (
-                    sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
-                    or time.monotonic() - last_flush >= flush_interval_s
-                ):
-                    flush()
-            break
-        except Exception as exc:
-            death = worker_death(exc, batches)
-            if death is None:
-                raise
-            exc = death
-            _stop_workers(batches)
-            finished = done()
-            culprits = {
-                i: reason
-                for i in in_flight.held()
-                if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
-            }
-            if not culprits and int(finished.sum()) == done_at_last_crash:
-                flush()  # what was done stays in part files for the next run
-                suspects = ", ".join(job.paths[i] for i in in_flight.held() if not finished[i]) or "none"
-                raise RuntimeError(
-                    f"Decode workers keep dying ({exc}) and no file can be blamed: the files they were "
-                    f"reading ({suspects}) decode without a crash on their own, and nothing was done between "
-                    "the last two deaths. Move those files aside, or if the machine is short of memory, use "
-                    "fewer workers (CLIP_ASSETS_NUM_WORKERS)."
-                ) from exc
-            done_at_last_crash = int(finished.sum())
-            failures.update(culprits)
-            for i, reason in culprits.items():
-                report(f"{job.paths[i]}: {reason}; recorded as failed")
-            remaining = np.flatnonzero(~done()).tolist()
-            report(f"a decode worker died ({exc}); new workers take up the {len(remaining):,} images not done yet")
+            decoded = tensor_decode.decoded_batches(batches, decoder, ahead=workers > 0) if decoder else batches
+            try:
+                for indices, digests, pixels, unchanged, failed in merged(decoded, shares):
+                    if pixels is not None:
+                        pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
+                        encoded[indices] = True
+                    if unchanged:
+                        ids = [i for i, _ in unchanged]
+                        vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
+                        pending.append((ids, vectors, [d for _, d in unchanged]))
+                        unchanged_content[ids] = True
+                    failures.update(failed)
+                    progress.add(len(indices) + len(unchanged) + len(failed))
+                    if pending and (
+                        sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
+                        or time.monotonic() - last_flush >= flush_interval_s
+                    ):
+                        flush()
+                break
+            except Exception as exc:
+                death = worker_death(exc, batches)
+                if death is None:
+                    raise
+                exc = death
+                _stop_workers(batches)
+                finished = done()
+                culprits = {
+                    i: reason
+                    for i in in_flight.held()
+                    if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
+                }
+                if not culprits and int(finished.sum()) == done_at_last_crash:
+                    flush()  # what was done stays in part files for the next run
+                    suspects = ", ".join(job.paths[i] for i in in_flight.held() if not finished[i]) or "none"
+                    raise RuntimeError(
+                        f"Decode workers keep dying ({exc}) and no file can be blamed: the files they were "
+                        f"reading ({suspects}) decode without a crash on their own, and nothing was done between "
+                        "the last two deaths. Move those files aside, or if the machine is short of memory, use "
+                        "fewer workers (CLIP_ASSETS_NUM_WORKERS)."
+                    ) from exc
+                done_at_last_crash = int(finished.sum())
+                failures.update(culprits)
+                for i, reason in culprits.items():
+                    report(f"{job.paths[i]}: {reason}; recorded as failed")
+                remaining = np.flatnonzero(~done()).tolist()
+                report(f"a decode worker died ({exc}); new workers take up the {len(remaining):,} images not done yet")
     flush()
     result.encoded = int(encoded.sum())
     result.unchanged_content = int(unchanged_content.sum())
