@@ -151,8 +151,9 @@ PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
 def resolved_precision(precision: str, device: torch.device) -> str:
-    """What `auto` means on `device`: int8 on a CPU with an int8 matrix engine, else as loaded (float32
-    on the CPU, autocast on CUDA and MPS). int8 exists on the CPU only."""
+    """What `auto` means on `device`: int8 on a CPU with an int8 matrix engine (with_precision keeps
+    float32 for a tower with nothing to quantise), else as loaded (float32 on the CPU, autocast on
+    CUDA and MPS). int8 exists on the CPU only."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision '{precision}' (CLIP_ASSETS_PRECISION): one of {', '.join(PRECISIONS)}")
     if precision == "auto" and device.type == "cpu":
@@ -169,12 +170,25 @@ def with_precision(clip: ClipModel, precision: str) -> ClipModel:
     if clip.precision == "int8" and chosen != "int8":
         raise ValueError(f"This model's image tower was quantised to int8 in place: load it again for {chosen}")
     if chosen == "int8" and clip.precision != "int8":
+        layers = mlp_linear_layers(clip.model.visual)
+        if not layers:
+            if precision == "int8":
+                raise ValueError("CLIP_ASSETS_PRECISION=int8: this image tower has no MLP Linear layers to quantise "
+                                 "(a ResNet tower); use auto or float32")
+            return dataclasses.replace(clip, precision="float32")
         with warnings.catch_warnings():  # torch.ao's eager quantisation announces its successor, torchao
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            torch.ao.quantization.quantize_dynamic(clip.model.visual, {torch.nn.Linear}, dtype=torch.qint8,
-                                                   inplace=True)
+            torch.ao.quantization.quantize_dynamic(clip.model.visual, layers, dtype=torch.qint8, inplace=True)
     return dataclasses.replace(clip, precision=chosen)
+
+
+def mlp_linear_layers(tower: torch.nn.Module) -> set[str]:
+    """The names of the Linear layers in a tower's MLP blocks (open_clip's and timm's transformers
+    call them `mlp`): two thirds of a transformer block's matrix work, and only ever called. Other
+    Linear layers may have their weights read directly (a ResNet's attention pooling, for one),
+    which a quantised layer does not allow."""
+    return {name for name, m in tower.named_modules() if type(m) is torch.nn.Linear and ".mlp." in f".{name}"}
 
 
 _auto_batch_sizes: dict[tuple[str, str], int] = {}

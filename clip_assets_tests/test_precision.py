@@ -145,3 +145,11 @@ def test_the_engine_runs_the_model_on_the_cores_its_workers_leave_and_restores_t
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
     assert seen and set(seen) == {model_threads(1)}
+
+
+def test_a_tower_with_nothing_to_quantise_stays_float32_under_auto_and_refuses_int8(clip):
+    """The tiny test model's ResNet tower reads its attention pooling's Linear weights directly."""
+    assert not [n for n, m in clip.model.visual.named_modules() if ".mlp." in f".{n}"]
+    assert with_precision(clip, "auto").precision == "float32"
+    with pytest.raises(ValueError, match="nothing|no MLP"):
+        with_precision(clip, "int8")
