@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from clip_assets import steps
-from clip_assets.clip_model import ClipModel, _input_size, resolved_precision, tuned_for_inference, with_precision
+from clip_assets.clip_model import resolved_precision, tuned_for_inference, with_precision
 from clip_assets.embedding import (
     EncodeJob,
     decode_workers,
@@ -29,19 +28,10 @@ from clip_assets.embedding import (
 )
 from clip_assets.layout import DataLayout
 from clip_assets_tests.test_embedding_engine import photo_like, write_bad_batch
-from clip_assets_tests.test_tensor_decode import agreement, with_orientation
+from clip_assets_tests.test_tensor_decode import agreement, seeded_vit_s_32, with_orientation
 
 CPU = torch.device("cpu")
-FAST = ("int8", "bfloat16")
-
-
-def seeded_vit_s_32() -> ClipModel:
-    """ViT-S-32 with the same random weights every call (int8 quantises a model in place)."""
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32")
-    model.eval()
-    return ClipModel(model, preprocess, open_clip.get_tokenizer("ViT-S-32"), "ViT-S-32/random-seed0", CPU,
-                     int(model.text_projection.shape[1]), 100.0, _input_size(model))
+FAST = ("int8", "bfloat16")  # each made with a fresh seeded_vit_s_32: int8 quantises in place
 
 
 def embed_at_precisions(root, tmp_path, batch: str) -> dict[str, tuple[dict, dict]]:
