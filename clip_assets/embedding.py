@@ -3,6 +3,8 @@
 - Decoding and the model's own preprocessing run in DataLoader workers, overlapping inference.
   A JPEG much larger than the model input is decoded at a reduced DCT scale (Pillow's `draft`),
   never below the input size, so the model's own resize does the rest.
+- With the model on the CPU, the decode workers and torch's threads share the cores out between
+  them rather than each taking all of them (see model_threads).
 - Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
   fingerprint matches the one stored with its previous embedding is not decoded again.
 - One bad file never stops a batch: each failure is returned with its reason, and each file has a
