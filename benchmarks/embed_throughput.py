@@ -78,6 +78,7 @@ from clip_assets.tensor_decode import (
 SIZES = [(640, 480), (1024, 768), (1600, 1200), (2048, 1536), (4000, 3000)]
 CORPORA = {"mixed": SIZES, "640x480": [(640, 480)]}
 NAIVE_IMAGES = 256  # the naive loop and the model-only pixels take at most this many distinct files
+MODEL_WARM_UP = 3  # batches the model-only figures encode before the clock starts
 
 
 def photo_like(w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -141,7 +142,7 @@ def model_only(clip: ClipModel, pixels: torch.Tensor, total: int, batch_size: in
     batch = pixels[:batch_size]
     if len(batch) < batch_size:
         batch = batch.repeat((batch_size + len(batch) - 1) // len(batch), 1, 1, 1)[:batch_size]
-    for _ in range(3):
+    for _ in range(MODEL_WARM_UP):
         clip.encode_image_tensors(batch)
     synchronize(clip)
     batches = max(1, total // batch_size)
@@ -274,7 +275,7 @@ def measure(args, name: str, corpus: str, workers: int) -> None:
           + (f" beside {embedding.model_threads(engine_workers)} torch threads" if on_cpu else ""), flush=True)
     pixels = torch.stack([clip.preprocess(Image.open(folder / n).convert("RGB")) for n in names[:NAIVE_IMAGES]])
     pixels = pixels.to(clip.device)
-    n_model = max(1, len(paths) // batch_size) * batch_size
+    n_model = (MODEL_WARM_UP + max(1, len(paths) // batch_size)) * batch_size  # images model_only encodes
     rates = {
         "naive (1 process: PIL open, preprocess, encode)": with_cpu(min(len(names), NAIVE_IMAGES),
                                                                     lambda: naive(clip, folder, names, batch_size)),
