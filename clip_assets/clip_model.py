@@ -49,14 +49,16 @@ class ClipModel:
     # autocast on CUDA and MPS and float32 on the CPU.
     precision: str = "auto"
 
-    def autocast(self):
-        """Mixed precision on GPU (unless `float32` was asked for); on the CPU only for `bfloat16`."""
-        if self.device.type == "cuda" and self.precision != "float32":
-            bf16 = self.precision == "bfloat16" or torch.cuda.is_bf16_supported()
+    def autocast(self, precision: str | None = None):
+        """Mixed precision on GPU (unless `float32` was asked for); on the CPU only for `bfloat16`.
+        `precision`: the image tower's (None) or another, e.g. "auto" for the text tower."""
+        precision = self.precision if precision is None else precision
+        if self.device.type == "cuda" and precision != "float32":
+            bf16 = precision == "bfloat16" or torch.cuda.is_bf16_supported()
             return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
-        if self.device.type == "mps" and self.precision != "float32":
+        if self.device.type == "mps" and precision != "float32":
             return torch.autocast("mps", dtype=torch.float16)
-        if self.device.type == "cpu" and self.precision == "bfloat16":
+        if self.device.type == "cpu" and precision == "bfloat16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
@@ -66,7 +68,7 @@ class ClipModel:
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
-            with self.autocast():
+            with self.autocast("auto"):  # CLIP_ASSETS_PRECISION is the image tower's: text stays as loaded
                 feats = self.model.encode_text(tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)

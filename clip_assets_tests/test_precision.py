@@ -93,6 +93,8 @@ def test_int8_quantises_the_image_towers_linear_layers_only():
     assert not any("quantized" in type(m).__module__ for m in clip.model.transformer.modules())
     texts = clip.encode_texts(["a photo of a cat"])
     assert torch.equal(texts, seeded_vit_s_32().encode_texts(["a photo of a cat"]))
+    bf16 = with_precision(seeded_vit_s_32(), "bfloat16")  # autocast for the image tower only, too
+    assert torch.equal(bf16.encode_texts(["a photo of a cat"]), texts)
     with pytest.raises(ValueError, match="load it again"):
         with_precision(clip, "float32")
 
