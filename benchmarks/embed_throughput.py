@@ -268,7 +268,7 @@ def measure(args, name: str, corpus: str, workers: int) -> None:
     clip = random_clip(name, args.device)
     batch_size = batch_size_for(clip, args.batch_size)
     on_cpu = clip.device.type == "cpu"
-    engine_workers = embedding.decode_workers(workers if args.workers >= 0 else -1, len(paths), batch_size, on_cpu)
+    engine_workers = embedding.decode_workers(args.workers, len(paths), batch_size)
     print(f"\n== {name} on {corpus} JPEGs: {len(names)} files x {args.repeat} = {len(paths)} images "
           f"(made in {time.perf_counter() - t:.1f} s); device {device_name(clip)}; batch {batch_size}, "
           f"{engine_workers} decode workers in the engine"

@@ -3,8 +3,8 @@
 - Decoding and the model's own preprocessing run in DataLoader workers, overlapping inference.
   A JPEG much larger than the model input is decoded at a reduced DCT scale (Pillow's `draft`),
   never below the input size, so the model's own resize does the rest.
-- With the model on the CPU, the decode workers and torch's threads share the cores out between
-  them rather than each taking all of them (see model_threads).
+- With the model on the CPU, torch's threads take the cores the decode workers leave, at least half
+  of them, rather than all of them (see model_threads).
 - Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
   fingerprint matches the one stored with its previous embedding is not decoded again.
 - One bad file never stops a batch: each failure is returned with its reason, and each file has a
@@ -196,27 +196,28 @@ def default_num_workers() -> int:
     return max(1, min(16, os.cpu_count() or 2))
 
 
-def decode_workers(num_workers: int, images: int, batch_size: int, model_on_cpu: bool = False) -> int:
-    """Decode processes for a job: as configured, no more than it has batches. -1: from the core count,
-    all of it when the model has a device of its own, half of it (at least one) when the model runs
-    on the same CPU cores (see model_threads).
+def decode_workers(num_workers: int, images: int, batch_size: int) -> int:
+    """Decode processes for a job: as configured (-1: from the core count), no more than it has batches.
 
     0 decodes in the calling process, where a decoder that crashes takes the run down with it; with
     one worker or more, a crash costs only the file that caused it.
     """
-    if num_workers < 0:
-        workers = max(1, default_num_workers() // 2) if model_on_cpu else default_num_workers()
-    else:
-        workers = num_workers
+    workers = default_num_workers() if num_workers < 0 else num_workers
     return min(workers, math.ceil(images / batch_size))
 
 
 def model_threads(workers: int) -> int:
     """torch threads for a model on the CPU beside `workers` decode processes: the cores they leave,
-    at least one. With more threads than free cores, torch's threads spin waiting for one another
-    whenever a decode worker holds a core: on 2 cores, ViT-S-32 beside 2 workers cost 57 ms of CPU
-    per image with 2 threads and 41 ms with 1 (benchmarks/embed_throughput.py)."""
-    return max(1, (os.cpu_count() or 1) - workers)
+    but at least half of the cores (rounded up).
+
+    With a thread per core beside the workers, torch's threads spin waiting for one another whenever
+    a worker holds a core: on 2 cores, ViT-S-32 beside 2 workers cost 57 ms of CPU per image with 2
+    threads, 41 ms with 1. Workers beyond the cores the threads leave cost little (they sleep once
+    they are ahead of the model) and take up a core's slack when decoding is the slower half: on 2
+    cores, int8 ViT-S-32 beside 2 workers and 1 thread ran about 7% faster than beside 1 worker
+    (benchmarks/embed_throughput.py)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - workers, -(-cores // 2))
 
 
 @contextlib.contextmanager
@@ -301,7 +302,7 @@ def encode_images(
         return result
     batch_size = batch_size_for(clip, batch_size)
     model_on_cpu = clip.device.type == "cpu"
-    workers = decode_workers(num_workers, n, batch_size, model_on_cpu)
+    workers = decode_workers(num_workers, n, batch_size)
     shares = max(1, min(workers, batch_size // MIN_SHARE))
     in_flight = InFlightFiles(workers)
     decoder = None

@@ -19,7 +19,6 @@ from clip_assets import steps
 from clip_assets.clip_model import resolved_precision, tuned_for_inference, with_precision
 from clip_assets.embedding import (
     EncodeJob,
-    decode_workers,
     default_num_workers,
     embeddings_matrix,
     encode_images,
@@ -112,14 +111,13 @@ def test_auto_precision_follows_the_device_and_the_int8_engine(monkeypatch):
         resolved_precision("half", CPU)
 
 
-def test_on_the_cpu_decode_workers_and_model_threads_share_the_cores():
+def test_on_the_cpu_the_model_threads_take_the_cores_the_workers_leave_and_at_least_half():
     cores = os.cpu_count() or 1
-    on_cpu = decode_workers(-1, 10_000, 64, model_on_cpu=True)
-    assert on_cpu == max(1, default_num_workers() // 2)
-    assert decode_workers(-1, 10_000, 64, model_on_cpu=False) == default_num_workers()
-    assert decode_workers(3, 10_000, 64, model_on_cpu=True) == 3  # as configured
-    assert model_threads(on_cpu) == max(1, cores - on_cpu)
-    assert model_threads(cores + 4) == 1
+    half = -(-cores // 2)
+    assert model_threads(default_num_workers()) == max(1, cores - default_num_workers(), half)
+    assert model_threads(0) == cores  # decoding in the calling process: it takes turns with the model
+    assert model_threads(cores + 4) == half
+    assert all(1 <= model_threads(w) <= cores for w in range(0, 20))
 
 
 def test_the_engine_runs_the_model_on_the_cores_its_workers_leave_and_restores_torch_threads(tmp_path, clip):
