@@ -5,14 +5,18 @@ Generates photo-like JPEGs (smooth colour fields with noise, not flat colour) fo
 
 - naive: one process, PIL open, the model's preprocess, batched encode;
 - model only: preprocessed tensors already on the device, batched encode (and with channels_last,
-  and torch.compile with --compile), the ceiling for the engine;
+  and torch.compile with --compile), the ceiling for the engine; on the CPU also at each precision
+  of CLIP_ASSETS_PRECISION (int8: Linear layers dynamically quantised; bfloat16 autocast);
 - decode only, CPU workers: the Pillow path's workers decoding and preprocessing, no model;
 - decode only, tensor path: workers read the bytes, JPEGs batch-decoded and preprocessed on the
   model's device (nvJPEG on CUDA), no model;
 - engine, each path: clip_assets.embedding.encode_images with decode="pillow" and decode="tensor",
-  and the path decode="auto" picks;
+  and the path decode="auto" picks; on the CPU also the Pillow path at the precision `auto` picks,
+  and as it ran before the cores were shared out (as many decode workers as cores, and beside them
+  as many torch threads);
 
-and prints images/s, the ratios and the GPU's name. Then (CPU) peak RSS of a whole `write_embeddings`
+and prints images/s with the CPU time per image (user + sys, decode workers included: on a shared
+machine it says more than the wall time), the ratios and the GPU's name. Then (CPU) peak RSS of a whole `write_embeddings`
 run for a batch and a 10x larger one, each in its own process. `--repeat` lists every file several
 times, so that runs on a fast GPU last long enough to time (the files come from the page cache).
 
@@ -31,6 +35,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,7 +48,16 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
-from clip_assets.clip_model import ClipModel, _input_size, batch_size_for, pick_device, register_model_configs, tuned_for_inference
+from clip_assets import embedding
+from clip_assets.clip_model import (
+    ClipModel,
+    _input_size,
+    batch_size_for,
+    pick_device,
+    register_model_configs,
+    resolved_precision,
+    tuned_for_inference,
+)
 from clip_assets.embedding import (
     EncodeJob,
     _collate,
@@ -64,6 +78,7 @@ from clip_assets.tensor_decode import (
 SIZES = [(640, 480), (1024, 768), (1600, 1200), (2048, 1536), (4000, 3000)]
 CORPORA = {"mixed": SIZES, "640x480": [(640, 480)]}
 NAIVE_IMAGES = 256  # the naive loop and the model-only pixels take at most this many distinct files
+MODEL_WARM_UP = 3  # batches the model-only figures encode before the clock starts
 
 
 def photo_like(w: int, h: int, rng: np.random.Generator) -> Image.Image:
@@ -127,7 +142,7 @@ def model_only(clip: ClipModel, pixels: torch.Tensor, total: int, batch_size: in
     batch = pixels[:batch_size]
     if len(batch) < batch_size:
         batch = batch.repeat((batch_size + len(batch) - 1) // len(batch), 1, 1, 1)[:batch_size]
-    for _ in range(3):
+    for _ in range(MODEL_WARM_UP):
         clip.encode_image_tensors(batch)
     synchronize(clip)
     batches = max(1, total // batch_size)
@@ -220,6 +235,31 @@ def device_name(clip: ClipModel) -> str:
     return f"cpu, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (torch {torch.__version__})"
 
 
+def cpu_seconds() -> float:
+    """User + sys CPU time of this process and of its finished children (the decode workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def with_cpu(images: int, run) -> tuple[float, float]:
+    """(images/s as `run` returns it, CPU milliseconds per image while it ran)."""
+    before = cpu_seconds()
+    rate = run()
+    return rate, 1000 * (cpu_seconds() - before) / images
+
+
+def engine_as_before(clip: ClipModel, folder: Path, paths: list[str], batch_size: int) -> float:
+    """The engine as it ran before the CPU's cores were shared out: a decode worker per core and,
+    beside them, a torch thread per core."""
+    cores = embedding.default_num_workers()
+    shared_out = embedding.model_threads
+    embedding.model_threads = lambda workers: cores
+    try:
+        return engine(clip, folder, paths, batch_size, cores, "pillow")
+    finally:
+        embedding.model_threads = shared_out
+
+
 def measure(args, name: str, corpus: str, workers: int) -> None:
     folder = args.cache / f"jpegs-{corpus}"
     t = time.perf_counter()
@@ -227,41 +267,67 @@ def measure(args, name: str, corpus: str, workers: int) -> None:
     paths = names * args.repeat
     clip = random_clip(name, args.device)
     batch_size = batch_size_for(clip, args.batch_size)
+    on_cpu = clip.device.type == "cpu"
+    engine_workers = embedding.decode_workers(args.workers, len(paths), batch_size)
     print(f"\n== {name} on {corpus} JPEGs: {len(names)} files x {args.repeat} = {len(paths)} images "
           f"(made in {time.perf_counter() - t:.1f} s); device {device_name(clip)}; batch {batch_size}, "
-          f"{workers} decode workers", flush=True)
+          f"{engine_workers} decode workers in the engine"
+          + (f" beside {embedding.model_threads(engine_workers)} torch threads" if on_cpu else ""), flush=True)
     pixels = torch.stack([clip.preprocess(Image.open(folder / n).convert("RGB")) for n in names[:NAIVE_IMAGES]])
     pixels = pixels.to(clip.device)
+    n_model = (MODEL_WARM_UP + max(1, len(paths) // batch_size)) * batch_size  # images model_only encodes
     rates = {
-        "naive (1 process: PIL open, preprocess, encode)": naive(clip, folder, names, batch_size),
-        "model only (tensors on the device)": model_only(clip, pixels, len(paths), batch_size),
+        "naive (1 process: PIL open, preprocess, encode)": with_cpu(min(len(names), NAIVE_IMAGES),
+                                                                    lambda: naive(clip, folder, names, batch_size)),
+        "model only (tensors on the device)": with_cpu(n_model, lambda: model_only(clip, pixels, len(paths), batch_size)),
     }
     tuned = tuned_for_inference(clip, channels_last=True)
-    rates["model only, channels_last"] = model_only(tuned, pixels, len(paths), batch_size)
+    rates["model only, channels_last"] = with_cpu(n_model, lambda: model_only(tuned, pixels, len(paths), batch_size))
     clip.model.to(memory_format=torch.contiguous_format)
+    fast = {}  # precision -> a model of its own (int8 quantises in place)
+    if on_cpu:
+        for precision in ("bfloat16", "int8"):
+            fast[precision] = tuned_for_inference(random_clip(name, args.device), precision=precision)
+            rates[f"model only, {precision}"] = with_cpu(
+                n_model, lambda: model_only(fast[precision], pixels, len(paths), batch_size))
     if args.compile:
         compiled = tuned_for_inference(random_clip(name, args.device), compile_model=True)
         model_only(compiled, pixels, batch_size * 2, batch_size)  # compiles
-        rates["model only, torch.compile"] = model_only(compiled, pixels, len(paths), batch_size)
-    rates["decode only, CPU workers (Pillow path)"] = decode_only_workers(clip, folder, paths, batch_size, workers)
-    rates[f"decode only, tensor path on {clip.device.type}"] = decode_only_tensor(clip, folder, paths, batch_size,
-                                                                                 workers)
-    rates["engine, Pillow path"] = engine(clip, folder, paths, batch_size, workers, "pillow")
-    rates[f"engine, tensor path on {clip.device.type}"] = engine(clip, folder, paths, batch_size, workers, "tensor")
+        rates["model only, torch.compile"] = with_cpu(n_model,
+                                                      lambda: model_only(compiled, pixels, len(paths), batch_size))
+    rates["decode only, CPU workers (Pillow path)"] = with_cpu(
+        len(paths), lambda: decode_only_workers(clip, folder, paths, batch_size, workers))
+    rates[f"decode only, tensor path on {clip.device.type}"] = with_cpu(
+        len(paths), lambda: decode_only_tensor(clip, folder, paths, batch_size, workers))
+    if on_cpu:
+        rates["engine, Pillow path, float32, as before (threads = cores)"] = with_cpu(
+            len(paths), lambda: engine_as_before(clip, folder, paths, batch_size))
+    rates["engine, Pillow path" + (", float32" if on_cpu else "")] = with_cpu(
+        len(paths), lambda: engine(clip, folder, paths, batch_size, args.workers, "pillow"))
+    rates[f"engine, tensor path on {clip.device.type}"] = with_cpu(
+        len(paths), lambda: engine(clip, folder, paths, batch_size, args.workers, "tensor"))
+    auto = resolved_precision("auto", clip.device)
+    if auto in fast:
+        rates[f"engine, Pillow path, {auto} (CLIP_ASSETS_PRECISION=auto)"] = with_cpu(
+            len(paths), lambda: engine(fast[auto], folder, paths, batch_size, args.workers, "pillow"))
     chosen = []
     decoder_for("auto", clip, folder, paths, workers, chosen.append)
-    for label, rate in rates.items():
-        print(f"  {label:<52} {rate:9.1f} images/s", flush=True)
-    best_model = max(v for k, v in rates.items() if k.startswith("model only"))
-    best_engine = max(v for k, v in rates.items() if k.startswith("engine"))
-    print(f"  auto picks: {chosen[-1] if chosen else 'pillow'}")
-    print(f"  best engine / naive       = {best_engine / rates['naive (1 process: PIL open, preprocess, encode)']:.2f}x")
+    for label, (rate, cpu_ms) in rates.items():
+        print(f"  {label:<62} {rate:9.1f} images/s  {cpu_ms:7.1f} ms CPU/image", flush=True)
+    rate = {label: r for label, (r, _) in rates.items()}
+    best_model = max(v for k, v in rate.items() if k.startswith("model only"))
+    best_engine = max(v for k, v in rate.items() if k.startswith("engine") and "as before" not in k)
+    print(f"  auto picks: {chosen[-1] if chosen else 'pillow'}; precision {auto}")
+    print(f"  best engine / naive       = {best_engine / rate['naive (1 process: PIL open, preprocess, encode)']:.2f}x")
     print(f"  best engine / model only  = {best_engine / best_model:.0%}")
+    if on_cpu:
+        before = rate["engine, Pillow path, float32, as before (threads = cores)"]
+        print(f"  best engine / engine as before = {best_engine / before:.2f}x")
     same, cross = equivalence(clip, folder, names[:64], workers)
     print(f"  tensor vs Pillow path, same {min(64, len(names))} files: embeddings agree to cosine >= {same:.5f} "
           f"(two different images: median {cross:.4f})")
-    print(f"  tensor path / Pillow path = "
-          f"{rates[f'engine, tensor path on {clip.device.type}'] / rates['engine, Pillow path']:.2f}x")
+    pillow = next(k for k in rate if k.startswith("engine, Pillow path") and "as before" not in k)
+    print(f"  tensor path / Pillow path = {rate[f'engine, tensor path on {clip.device.type}'] / rate[pillow]:.2f}x")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,15 +45,22 @@ class ClipModel:
     logit_scale: float  # the learned temperature: softmax(logit_scale * cosine) for zero-shot
     input_size: tuple[int, int] | None = None  # (width, height) the model's preprocessing produces
     channels_last: bool = False  # feed the image tower channels_last tensors (see tuned_for_inference)
+    # How the image tower computes (see with_precision): "auto" as loaded is the device's own default,
+    # autocast on CUDA and MPS and float32 on the CPU.
+    precision: str = "auto"
 
-    def autocast(self):
-        """Mixed precision on GPU, plain float32 on CPU."""
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        if self.device.type == "mps":
+    def autocast(self, precision: str | None = None):
+        """Mixed precision on GPU (unless `float32` was asked for); on the CPU only for `bfloat16`.
+        `precision`: the image tower's (None) or another, e.g. "auto" for the text tower."""
+        precision = self.precision if precision is None else precision
+        if self.device.type == "cuda" and precision != "float32":
+            bf16 = precision == "bfloat16" or torch.cuda.is_bf16_supported()
+            return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
+        if self.device.type == "mps" and precision != "float32":
             return torch.autocast("mps", dtype=torch.float16)
-        return torch.autocast("cpu", enabled=False)
+        if self.device.type == "cpu" and precision == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -60,7 +68,7 @@ class ClipModel:
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
-            with self.autocast():
+            with self.autocast("auto"):  # CLIP_ASSETS_PRECISION is the image tower's: text stays as loaded
                 feats = self.model.encode_text(tokens)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
@@ -124,14 +132,65 @@ AUTO_BATCH_RANGE = (16, 512)
 AUTO_BATCH_MEMORY_SHARE = 0.5
 
 
-def tuned_for_inference(clip: ClipModel, channels_last: bool = False, compile_model: bool = False) -> ClipModel:
-    """channels_last memory format and/or torch.compile for the image tower (off unless asked for:
-    `benchmarks/embed_throughput.py` measures whether they help on a given machine)."""
+def tuned_for_inference(clip: ClipModel, channels_last: bool = False, compile_model: bool = False,
+                        precision: str | None = None) -> ClipModel:
+    """The image tower at `precision` (see with_precision; None: as it is), with channels_last memory format and/or
+    torch.compile (off unless asked for: `benchmarks/embed_throughput.py` measures whether they help)."""
+    if precision is not None:
+        clip = with_precision(clip, precision)
     if channels_last:
         clip.model.to(memory_format=torch.channels_last)
     if compile_model:
         clip.model.visual = torch.compile(clip.model.visual)
     return dataclasses.replace(clip, channels_last=channels_last)
+
+
+# How the image tower computes (CLIP_ASSETS_PRECISION). The text tower always stays as loaded.
+# On a 2-core avx512_bf16 CPU without AMX (benchmarks/embed_throughput.py, ViT-S-32, one thread):
+# int8 dynamic quantisation of the Linear layers costs about 0.7x the float32 CPU time, bfloat16
+# autocast about 1.9x; embeddings agree with float32 to cosine 0.999 or better (the tests hold 0.995).
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """What `auto` means on `device`: int8 on a CPU with an int8 matrix engine (with_precision keeps
+    float32 for a tower with nothing to quantise), else as loaded (float32 on the CPU, autocast on
+    CUDA and MPS). int8 exists on the CPU only."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision '{precision}' (CLIP_ASSETS_PRECISION): one of {', '.join(PRECISIONS)}")
+    if precision == "auto" and device.type == "cpu":
+        return "int8" if torch.backends.quantized.engine in ("x86", "fbgemm", "onednn") else "float32"
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"CLIP_ASSETS_PRECISION=int8 runs on the CPU only, not on {device}: use auto or bfloat16")
+    return precision
+
+
+def with_precision(clip: ClipModel, precision: str) -> ClipModel:
+    """`clip` computing its image tower at `precision` (see resolved_precision). int8 swaps the image
+    tower's Linear layers for dynamically quantised ones, in place; the others only choose autocast."""
+    chosen = resolved_precision(precision, clip.device)
+    if clip.precision == "int8" and chosen != "int8":
+        raise ValueError(f"This model's image tower was quantised to int8 in place: load it again for {chosen}")
+    if chosen == "int8" and clip.precision != "int8":
+        layers = mlp_linear_layers(clip.model.visual)
+        if not layers:
+            if precision == "int8":
+                raise ValueError("CLIP_ASSETS_PRECISION=int8: this image tower has no MLP Linear layers to quantise "
+                                 "(a ResNet tower); use auto or float32")
+            return dataclasses.replace(clip, precision="float32")
+        with warnings.catch_warnings():  # torch.ao's eager quantisation announces its successor, torchao
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.ao.quantization.quantize_dynamic(clip.model.visual, layers, dtype=torch.qint8, inplace=True)
+    return dataclasses.replace(clip, precision=chosen)
+
+
+def mlp_linear_layers(tower: torch.nn.Module) -> set[str]:
+    """The names of the Linear layers in a tower's MLP blocks (open_clip's and timm's transformers
+    call them `mlp`): two thirds of a transformer block's matrix work, and only ever called. Other
+    Linear layers may have their weights read directly (a ResNet's attention pooling, for one),
+    which a quantised layer does not allow."""
+    return {name for name, m in tower.named_modules() if type(m) is torch.nn.Linear and ".mlp." in f".{name}"}
 
 
 _auto_batch_sizes: dict[tuple[str, str], int] = {}

@@ -84,6 +84,7 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
                 chunk_rows=settings.chunk_rows,
                 flush_interval_s=settings.flush_interval_s,
                 decode=settings.decode,
+                precision=settings.precision,
                 channels_last=settings.channels_last,
                 compile_model=settings.compile_model,
                 gpu_lock_dir=str(settings.gpu_lock_dir),

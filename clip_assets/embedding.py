@@ -3,6 +3,8 @@
 - Decoding and the model's own preprocessing run in DataLoader workers, overlapping inference.
   A JPEG much larger than the model input is decoded at a reduced DCT scale (Pillow's `draft`),
   never below the input size, so the model's own resize does the rest.
+- With the model on the CPU, torch's threads take the cores the decode workers leave, at least half
+  of them, rather than all of them (see model_threads).
 - Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
   fingerprint matches the one stored with its previous embedding is not decoded again.
 - One bad file never stops a batch: each failure is returned with its reason (the manifest only
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -224,6 +227,33 @@ def decode_workers(num_workers: int, images: int, batch_size: int) -> int:
     return min(workers, math.ceil(images / batch_size))
 
 
+def model_threads(workers: int) -> int:
+    """torch threads for a model on the CPU beside `workers` decode processes: the cores they leave,
+    but at least half of the cores (rounded up).
+
+    With a thread per core beside the workers, torch's threads spin waiting for one another whenever
+    a worker holds a core: on 2 cores, ViT-S-32 beside 2 workers cost 57 ms of CPU per image with 2
+    threads, 41 ms with 1. Workers beyond the cores the threads leave cost little (they sleep once
+    they are ahead of the model) and take up a core's slack when decoding is the slower half: on 2
+    cores, int8 ViT-S-32 beside 2 workers and 1 thread ran about 7% faster than beside 1 worker
+    (benchmarks/embed_throughput.py)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - workers, -(-cores // 2))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: unchanged) for the block, then as they were."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class EncodeJob:
     """The images still to encode, with what is known about each from the manifest."""
@@ -292,6 +322,7 @@ def encode_images(
     if not n:
         return result
     batch_size = batch_size_for(clip, batch_size)
+    model_on_cpu = clip.device.type == "cpu"
     workers = decode_workers(num_workers, n, batch_size)
     shares = max(1, min(workers, batch_size // MIN_SHARE))
     in_flight = InFlightFiles(workers)
@@ -346,72 +377,73 @@ def encode_images(
         mask[list(failures)] = True
         return mask
 
-    remaining = list(range(n))
-    done_at_last_crash = -1
-    while remaining:
-        in_flight.clear()
-        batches = iter(
-            DataLoader(
-                dataset,
-                # A worker collates a whole loader batch alone, so each model batch is cut into one
-                # share per worker: the first images are ready when every worker has decoded its
-                # share, not when one worker has decoded the whole batch.
-                batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
-                num_workers=workers,
-                collate_fn=collate,
-                pin_memory=clip.device.type == "cuda",
-                # Forked workers start at once with everything imported. The default start method is
-                # the parent's: under `forkserver` or `spawn` every worker would import torch and this
-                # package afresh (seconds each, before the first image).
-                multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
+    with torch_threads(model_threads(workers) if model_on_cpu else None):
+        remaining = list(range(n))
+        done_at_last_crash = -1
+        while remaining:
+            in_flight.clear()
+            batches = iter(
+                DataLoader(
+                    dataset,
+                    # A worker collates a whole loader batch alone, so each model batch is cut into one
+                    # share per worker: the first images are ready when every worker has decoded its
+                    # share, not when one worker has decoded the whole batch.
+                    batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
+                    num_workers=workers,
+                    collate_fn=collate,
+                    pin_memory=clip.device.type == "cuda",
+                    # Forked workers start at once with everything imported. The default start method is
+                    # the parent's: under `forkserver` or `spawn` every worker would import torch and this
+                    # package afresh (seconds each, before the first image).
+                    multiprocessing_context="fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None,
+                )
             )
-        )
-        decoded = tensor_decode.decoded_batches(batches, decoder, ahead=workers > 0) if decoder else batches
-        try:
-            for indices, digests, pixels, unchanged, failed in merged(decoded, shares):
-                if pixels is not None:
-                    pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
-                    encoded[indices] = True
-                if unchanged:
-                    ids = [i for i, _ in unchanged]
-                    vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
-                    pending.append((ids, vectors, [d for _, d in unchanged]))
-                    unchanged_content[ids] = True
-                failures.update(failed)
-                progress.add(len(indices) + len(unchanged) + len(failed))
-                if pending and (
-                    sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
-                    or time.monotonic() - last_flush >= flush_interval_s
-                ):
-                    flush()
-            break
-        except Exception as exc:
-            death = worker_death(exc, batches)
-            if death is None:
-                raise
-            exc = death
-            _stop_workers(batches)
-            finished = done()
-            culprits = {
-                i: reason
-                for i in in_flight.held()
-                if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
-            }
-            if not culprits and int(finished.sum()) == done_at_last_crash:
-                flush()  # what was done stays in part files for the next run
-                suspects = ", ".join(job.paths[i] for i in in_flight.held() if not finished[i]) or "none"
-                raise RuntimeError(
-                    f"Decode workers keep dying ({exc}) and no file can be blamed: the files they were "
-                    f"reading ({suspects}) decode without a crash on their own, and nothing was done between "
-                    "the last two deaths. Move those files aside, or if the machine is short of memory, use "
-                    "fewer workers (CLIP_ASSETS_NUM_WORKERS)."
-                ) from exc
-            done_at_last_crash = int(finished.sum())
-            failures.update(culprits)
-            for i, reason in culprits.items():
-                report(f"{job.paths[i]}: {reason}; recorded as failed")
-            remaining = np.flatnonzero(~done()).tolist()
-            report(f"a decode worker died ({exc}); new workers take up the {len(remaining):,} images not done yet")
+            decoded = tensor_decode.decoded_batches(batches, decoder, ahead=workers > 0) if decoder else batches
+            try:
+                for indices, digests, pixels, unchanged, failed in merged(decoded, shares):
+                    if pixels is not None:
+                        pending.append((indices, clip.encode_image_tensors(pixels).numpy(), digests))
+                        encoded[indices] = True
+                    if unchanged:
+                        ids = [i for i, _ in unchanged]
+                        vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
+                        pending.append((ids, vectors, [d for _, d in unchanged]))
+                        unchanged_content[ids] = True
+                    failures.update(failed)
+                    progress.add(len(indices) + len(unchanged) + len(failed))
+                    if pending and (
+                        sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
+                        or time.monotonic() - last_flush >= flush_interval_s
+                    ):
+                        flush()
+                break
+            except Exception as exc:
+                death = worker_death(exc, batches)
+                if death is None:
+                    raise
+                exc = death
+                _stop_workers(batches)
+                finished = done()
+                culprits = {
+                    i: reason
+                    for i in in_flight.held()
+                    if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
+                }
+                if not culprits and int(finished.sum()) == done_at_last_crash:
+                    flush()  # what was done stays in part files for the next run
+                    suspects = ", ".join(job.paths[i] for i in in_flight.held() if not finished[i]) or "none"
+                    raise RuntimeError(
+                        f"Decode workers keep dying ({exc}) and no file can be blamed: the files they were "
+                        f"reading ({suspects}) decode without a crash on their own, and nothing was done between "
+                        "the last two deaths. Move those files aside, or if the machine is short of memory, use "
+                        "fewer workers (CLIP_ASSETS_NUM_WORKERS)."
+                    ) from exc
+                done_at_last_crash = int(finished.sum())
+                failures.update(culprits)
+                for i, reason in culprits.items():
+                    report(f"{job.paths[i]}: {reason}; recorded as failed")
+                remaining = np.flatnonzero(~done()).tolist()
+                report(f"a decode worker died ({exc}); new workers take up the {len(remaining):,} images not done yet")
     flush()
     result.encoded = int(encoded.sum())
     result.unchanged_content = int(unchanged_content.sum())

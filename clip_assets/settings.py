@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         description="`pillow` (CPU workers decode), `tensor` (JPEGs batch-decoded on the model's device), "
         "`auto` (tensor on CUDA where it measures faster): see [On a GPU](#on-a-gpu)",
     )
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        default="auto",
+        description="how the image tower computes: `auto` (on the CPU `int8`, the Linear layers of its MLP blocks "
+        "dynamically quantised, where torch has an int8 engine; on CUDA bfloat16 or float16 autocast), `float32`, `bfloat16` (autocast), "
+        "`int8` (CPU only); embeddings agree with `float32` to cosine 0.995 or better (see "
+        "[Encoding speed on the CPU](#encoding-speed-on-the-cpu))",
+    )
     channels_last: bool = Field(default=False, description="feed the image tower `channels_last` tensors")
     compile_model: bool = Field(
         default=False, validation_alias=f"{ENV_PREFIX}COMPILE", description="`torch.compile` the image tower"

@@ -171,14 +171,19 @@ def test_auto_takes_the_tensor_path_only_on_cuda_where_it_measures_faster():
         choose_decode_path("gpu", CPU, None)
 
 
-@pytest.fixture(scope="module")
-def vit_s_32() -> ClipModel:
-    """ViT-S-32 with random weights (seeded): ViT-B-32's preprocessing, real open_clip, no download."""
+def seeded_vit_s_32() -> ClipModel:
+    """ViT-S-32 with random weights (seeded: the same every call): ViT-B-32's preprocessing, real
+    open_clip, no download."""
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32")
     model.eval()
     return ClipModel(model, preprocess, open_clip.get_tokenizer("ViT-S-32"), "ViT-S-32/random-seed0", CPU,
                      int(model.text_projection.shape[1]), 100.0, _input_size(model))
+
+
+@pytest.fixture(scope="module")
+def vit_s_32() -> ClipModel:
+    return seeded_vit_s_32()
 
 
 def embed_both_ways(clip: ClipModel, root, tmp_path, batch: str, workers: int):

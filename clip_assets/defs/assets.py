@@ -214,6 +214,7 @@ def image_embeddings(
             "model": clip.identity,
             "dimension": clip.embed_dim,
             "device": str(clip.device),
+            "precision": clip.precision,  # of the image tower (CLIP_ASSETS_PRECISION, resolved)
         },
     )
 

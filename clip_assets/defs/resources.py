@@ -34,8 +34,8 @@ class ImageCollection(dg.ConfigurableResource):
 
 @functools.lru_cache(maxsize=2)
 def _load_once_per_process(model: str, pretrained: str, device: str | None, channels_last: bool,
-                           compile_model: bool) -> ClipModel:
-    return tuned_for_inference(load_clip_model(model, pretrained, device), channels_last, compile_model)
+                           compile_model: bool, precision: str) -> ClipModel:
+    return tuned_for_inference(load_clip_model(model, pretrained, device), channels_last, compile_model, precision)
 
 
 class ClipModelResource(dg.ConfigurableResource):
@@ -50,6 +50,7 @@ class ClipModelResource(dg.ConfigurableResource):
     chunk_rows: int = default("chunk_rows")  # images per part file: what a killed run re-encodes at most
     flush_interval_s: float = default("flush_interval_s")  # ... or this many seconds of work, if sooner
     decode: str = default("decode")  # auto, pillow or tensor (tensor_decode.py)
+    precision: str = default("precision")  # of the image tower: auto, float32, bfloat16 or int8 (clip_model.py)
     channels_last: bool = default("channels_last")
     compile_model: bool = default("compile_model")
     gpu_lock_dir: str = str(default("gpu_lock_dir"))
@@ -63,7 +64,8 @@ class ClipModelResource(dg.ConfigurableResource):
         device = self.device
         if claim_gpu:
             device = device_for_embedding_step(device, Path(self.gpu_lock_dir), logging.getLogger(__name__).info)
-        return _load_once_per_process(self.model, weights, device, self.channels_last, self.compile_model)
+        return _load_once_per_process(self.model, weights, device, self.channels_last, self.compile_model,
+                                      self.precision)
 
 
 class CaptionedPairs(dg.ConfigurableResource):
