@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.evaluation import CategoryScore, macro_f1
@@ -147,37 +148,42 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
                 FROM (SELECT image_id, path FROM read_parquet(?)) m JOIN labelled l ON l.key = m.{labels.key}
             )
             SELECT m.key, c.image_id, m.path, c.category,
-                   CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END,
-                   c.pos_sim - c.neutral_sim, c.matched
+                   CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END AS value,
+                   c.pos_sim - c.neutral_sim AS neutral_gap, c.matched
             FROM image_classifications c JOIN m USING (image_id)
             """,
             [layout.manifests_glob],
-        ).fetchall()
+        ).to_arrow_table()
     if not cats:
         raise NotClassifiedError(f"No prompt categories in {layout.duckdb_path}: materialize prompt_centroids first.")
     categories = [c[0] for c in cats]
-    col = {name: j for j, name in enumerate(categories)}
-    keys_found = sorted({r[0] for r in rows})
+    # Into (image, category) arrays with Arrow kernels, not a Python tuple per row: 100k labelled
+    # images x 50 categories are 5M rows.
+    rows = rows.filter(pc.is_in(rows["category"], value_set=pa.array(categories)))
+    keys_found = sorted(pc.unique(rows["key"]).to_pylist())
     if not keys_found:
         raise LabelsFileError(
             f"None of the {len(labels.labels)} labelled images has classifications: the labels file's "
             f"'{labels.key}' values must match the manifest (paths relative to CLIP_ASSETS_IMAGE_ROOT)."
         )
-    row_of = {k: i for i, k in enumerate(keys_found)}
     n, c = len(keys_found), len(categories)
+    i = pc.index_in(rows["key"], value_set=pa.array(keys_found, type=rows.schema.field("key").type)).to_numpy()
+    j = pc.index_in(rows["category"], value_set=pa.array(categories)).to_numpy()
     score = np.full((n, c), np.nan, dtype=np.float64)
     gap = np.full((n, c), np.nan, dtype=np.float64)
     matched = np.zeros((n, c), dtype=bool)
-    image_ids, paths = [""] * n, [""] * n
-    for key, image_id, path, category, value, neutral_gap, is_matched in rows:
-        if category not in col:
-            continue
-        i, j = row_of[key], col[category]
-        image_ids[i], paths[i] = image_id, path
-        score[i, j] = value
-        gap[i, j] = np.nan if neutral_gap is None else neutral_gap
-        matched[i, j] = bool(is_matched)
-    truth = np.array([[name in labels.labels[k] for name in categories] for k in keys_found], dtype=bool)
+    score[i, j] = pc.fill_null(pc.cast(rows["value"], pa.float64()), np.nan).to_numpy()
+    gap[i, j] = pc.fill_null(pc.cast(rows["neutral_gap"], pa.float64()), np.nan).to_numpy()
+    matched[i, j] = pc.fill_null(rows["matched"], False).to_numpy(zero_copy_only=False)
+    first = np.unique(i, return_index=True)[1]  # a row of each image, in keys_found's order
+    image_ids = rows["image_id"].take(pa.array(first)).to_pylist()
+    paths = rows["path"].take(pa.array(first)).to_pylist()
+    col = {name: j for j, name in enumerate(categories)}
+    truth = np.zeros((n, c), dtype=bool)
+    for r, k in enumerate(keys_found):
+        for name in labels.labels[k]:
+            if name in col:
+                truth[r, col[name]] = True
     named = set().union(*labels.labels.values()) if labels.labels else set()
     return LabelledScores(
         image_ids=image_ids,
