@@ -138,46 +138,53 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
     with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         con.register("labelled", keys)
         cats = con.execute("SELECT category, mode, threshold, neutral_margin FROM prompt_categories ORDER BY position").fetchall()
+        if not cats:
+            raise NotClassifiedError(f"No prompt categories in {layout.duckdb_path}: materialize prompt_centroids first.")
+        categories = [c[0] for c in cats]
+        con.register("category_columns", pa.table({"category": categories, "j": list(range(len(categories)))}))
         # The labelled images are picked from the manifests first, then only their classification rows
-        # are kept: what is held is the labelled sample's (and DuckDB's capped block cache), whatever
-        # the collection's size.
-        rows = con.execute(
-            f"""
+        # are kept, and they come back as numbers (image row, category column, scores), not strings:
+        # what is held is the labelled sample's arrays (and DuckDB's capped block cache), whatever the
+        # collection's size. 100k labelled images x 50 categories are 5M rows.
+        labelled_images = f"""
             WITH m AS (
                 SELECT l.key, m.image_id, m.path
                 FROM (SELECT image_id, path FROM read_parquet(?)) m JOIN labelled l ON l.key = m.{labels.key}
-            )
-            SELECT m.key, c.image_id, m.path, c.category,
-                   CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END AS value,
-                   c.pos_sim - c.neutral_sim AS neutral_gap, c.matched
-            FROM image_classifications c JOIN m USING (image_id)
+            )"""
+        images = con.execute(
+            labelled_images + """
+            SELECT key, any_value(image_id) AS image_id, any_value(path) AS path FROM m
+            WHERE image_id IN (SELECT image_id FROM image_classifications JOIN category_columns USING (category))
+            GROUP BY key ORDER BY key
             """,
             [layout.manifests_glob],
         ).to_arrow_table()
-    if not cats:
-        raise NotClassifiedError(f"No prompt categories in {layout.duckdb_path}: materialize prompt_centroids first.")
-    categories = [c[0] for c in cats]
-    # Into (image, category) arrays with Arrow kernels, not a Python tuple per row: 100k labelled
-    # images x 50 categories are 5M rows.
-    rows = rows.filter(pc.is_in(rows["category"], value_set=pa.array(categories)))
-    keys_found = sorted(pc.unique(rows["key"]).to_pylist())
-    if not keys_found:
-        raise LabelsFileError(
-            f"None of the {len(labels.labels)} labelled images has classifications: the labels file's "
-            f"'{labels.key}' values must match the manifest (paths relative to CLIP_ASSETS_IMAGE_ROOT)."
-        )
+        if images.num_rows == 0:
+            raise LabelsFileError(
+                f"None of the {len(labels.labels)} labelled images has classifications: the labels file's "
+                f"'{labels.key}' values must match the manifest (paths relative to CLIP_ASSETS_IMAGE_ROOT)."
+            )
+        con.register("image_rows", pa.table({"key": images["key"], "i": np.arange(images.num_rows)}))
+        rows = con.execute(
+            labelled_images + """
+            SELECT r.i, a.j,
+                   CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END AS value,
+                   c.pos_sim - c.neutral_sim AS neutral_gap, c.matched
+            FROM image_classifications c JOIN m USING (image_id) JOIN image_rows r ON r.key = m.key
+                 JOIN category_columns a USING (category)
+            """,
+            [layout.manifests_glob],
+        ).to_arrow_table()
+    keys_found = images["key"].to_pylist()
+    image_ids, paths = images["image_id"].to_pylist(), images["path"].to_pylist()
     n, c = len(keys_found), len(categories)
-    i = pc.index_in(rows["key"], value_set=pa.array(keys_found, type=rows.schema.field("key").type)).to_numpy()
-    j = pc.index_in(rows["category"], value_set=pa.array(categories)).to_numpy()
+    i, j = rows["i"].to_numpy(), rows["j"].to_numpy()
     score = np.full((n, c), np.nan, dtype=np.float64)
     gap = np.full((n, c), np.nan, dtype=np.float64)
     matched = np.zeros((n, c), dtype=bool)
     score[i, j] = pc.fill_null(pc.cast(rows["value"], pa.float64()), np.nan).to_numpy()
     gap[i, j] = pc.fill_null(pc.cast(rows["neutral_gap"], pa.float64()), np.nan).to_numpy()
     matched[i, j] = pc.fill_null(rows["matched"], False).to_numpy(zero_copy_only=False)
-    first = np.unique(i, return_index=True)[1]  # a row of each image, in keys_found's order
-    image_ids = rows["image_id"].take(pa.array(first)).to_pylist()
-    paths = rows["path"].take(pa.array(first)).to_pylist()
     col = {name: j for j, name in enumerate(categories)}
     truth = np.zeros((n, c), dtype=bool)
     for r, k in enumerate(keys_found):
