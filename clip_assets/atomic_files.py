@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_assets.file_hashes import file_sha256
+from clip_assets.file_hashes import content_digest
 
 TEMP_MARKER = ".clip-assets-tmp"
 _HOST_BYTES = 32
@@ -77,7 +77,7 @@ def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
 
 
 def write_named_by_content(directory: Path, name_for: Callable[[str], str], write: Callable[[Path], None]) -> Path:
-    """Write a file whose name holds the hash of its content (`name_for(first 12 hex of its sha256)`).
+    """Write a file whose name holds the hash of its content (`name_for(file_hashes.content_digest)`).
 
     `write(tmp)` fills a temp file in `directory`; once hashed it is renamed to its name, so a reader
     sees a whole file or none, and the same content always lands on the same name.
@@ -87,7 +87,7 @@ def write_named_by_content(directory: Path, name_for: Callable[[str], str], writ
     tmp = temp_path_for(directory / name_for("content"))
     try:
         write(tmp)
-        target = directory / name_for(file_sha256(tmp)[:12])
+        target = directory / name_for(content_digest(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from clip_assets.file_hashes import file_sha256
+from clip_assets.file_hashes import content_digest
 from clip_assets.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -241,7 +241,7 @@ def pick_device(override: str | None = None) -> torch.device:
 
 @functools.lru_cache(maxsize=32)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)[:12]
+    return content_digest(path)
 
 
 def model_identity(model_name: str, pretrained: str) -> str:

@@ -14,12 +14,9 @@ import json
 from pathlib import Path
 
 from clip_assets.atomic_files import write_text_atomically
-from clip_assets.file_hashes import file_sha256
+from clip_assets.file_hashes import content_digest
 from clip_assets.layout import DataLayout
 from clip_assets.settings import Settings
-
-CHECKPOINT_HASH_CHARS = 12  # as the checkpoint's name and its model identity hold it
-
 
 class NoFineTunedModelError(RuntimeError):
     """The deployment opted in to the fine-tuned model, and there is none (yet)."""
@@ -27,7 +24,7 @@ class NoFineTunedModelError(RuntimeError):
 
 def checkpoint_version(checkpoint: Path) -> str:
     """The checkpoint's content hash: `fine_tuned_model`'s data version, in its name and model identity."""
-    return file_sha256(checkpoint)[:CHECKPOINT_HASH_CHARS]
+    return content_digest(checkpoint)
 
 
 def record_fine_tuned_checkpoint(layout: DataLayout, checkpoint: Path) -> None:
