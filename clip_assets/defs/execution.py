@@ -12,6 +12,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from clip_assets.defs.automation import new_captions_observation, new_labels_observation, new_prompt_observation
+from clip_assets.defs.fine_tuning_assets import FINE_TUNED_MODEL
 from clip_assets.defs.partitions import image_batches
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
@@ -31,7 +32,6 @@ concurrency:
     default_limit: 1
 """
 
-FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
 BATCH_ASSETS = [dg.AssetKey("image_manifest"), dg.AssetKey("image_embeddings"), dg.AssetKey("image_classifications")]
 
 
