@@ -78,14 +78,16 @@ def stratified_sample(image_ids: list[str], truth: np.ndarray, cap: int, salt: s
     quota = max(1, cap // (2 * max(truth.shape[1], 1)))
     counts = np.zeros(truth.shape[1], dtype=int)
     chosen = np.zeros(len(image_ids), dtype=bool)
+    taken = 0
     for i in order:
         positives = truth[i]
         if positives.any() and (counts[positives] < quota).any():
             counts[positives] += 1
             chosen[i] = True
-            if chosen.sum() >= cap // 2:
+            taken += 1
+            if taken >= cap // 2:
                 break
-    rest = order[~chosen[order]][: cap - int(chosen.sum())]
+    rest = order[~chosen[order]][: cap - taken]
     chosen[rest] = True
     return np.flatnonzero(chosen)
 
