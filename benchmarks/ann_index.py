@@ -6,15 +6,19 @@ full matrix is never held: 10,000,000 x 512 is 20 GB. Then:
 
 1. ground truth: the exact top-10 of each held-out query, streaming over every file (cached);
 2. exact search: what one query costs scoring every stored vector (the `--exact` path);
-3. one IVF-PQ shard per batch file (clip_assets.ann_index.build_shard), timed, with its size;
-4. queries one at a time over all shards (approximate candidates merged across shards, then
-   re-ranked exactly from the float32 files): p50 / p90 latency and recall@10 for a few settings.
+3. the codec (clip_assets.ann_index.train_codec) trained once on a sample drawn across the files,
+   then one shard per batch file filled from it (fill_shard): timed, with the index size;
+4. queries one at a time over all shards (quantised once, each shard scanning its part of the same
+   lists, candidates merged, then re-ranked exactly from the float32 files): p50 / p90 latency and
+   recall@10 for a few settings. Each setting runs twice: "first" reads candidate rows the process
+   has not read before (from disk where the page cache does not hold them; `--drop-caches`, as
+   root, empties the page cache first), "again" repeats the same queries (those rows cached).
 
 Everything runs on the threads given (default 2), on whatever else the machine is doing: the load
 average is printed with the figures.
 
     uv run python benchmarks/ann_index.py --vectors 1000000                  # minutes
-    uv run python benchmarks/ann_index.py --vectors 10000000 --dir /big/disk # 20 GB of vectors, hours on 2 cores
+    uv run python benchmarks/ann_index.py --vectors 10000000 --dir /big/disk # 20 GB of vectors, ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -106,11 +110,12 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=100_000, help="vectors per batch shard (default 100,000)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--settings", default="8:40,16:40,16:100,32:100,64:200",
+    parser.add_argument("--settings", default="32:200,64:300,96:500,128:500,192:1000",
                         help="nprobe:candidates pairs to measure (candidates re-ranked exactly)")
     parser.add_argument("--exact-queries", type=int, default=3, help="queries timed on the exact path")
     parser.add_argument("--dir", type=Path, help="keep vectors, ground truth and shards here (default: a temp dir)")
-    parser.add_argument("--reuse-shards", action="store_true", help="keep index shards built by an earlier run")
+    parser.add_argument("--reuse-shards", action="store_true", help="keep the codec and shards built by an earlier run")
+    parser.add_argument("--drop-caches", action="store_true", help="empty the page cache before each setting (root)")
     parser.add_argument("--prepare-only", action="store_true", help="write vectors and ground truth, then stop")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -131,6 +136,11 @@ def main() -> None:
         run_index_benchmark(args, work, paths, queries, truth)
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
 def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray, truth: np.ndarray) -> None:
     import faiss
 
@@ -143,40 +153,64 @@ def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray
         exact_top_k(q[None], paths, K)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    print(f"exact search, one query over all {args.vectors:,}: p50 {statistics.median(times) * 1e3:,.0f} ms "
-          f"({statistics.median(cpu) * 1e3:,.0f} ms CPU; {len(times)} queries)")
+    if times:
+        print(f"exact search, one query over all {args.vectors:,}: p50 {statistics.median(times) * 1e3:,.0f} ms "
+              f"({statistics.median(cpu) * 1e3:,.0f} ms CPU; {len(times)} queries)")
 
-    shard_dir = work / f"shards-{args.shard_rows}"
+    shard_dir = work / f"codec-shards-{args.shard_rows}"
     shard_dir.mkdir(exist_ok=True)
-    t = time.perf_counter()
+    codec_path = shard_dir / "codec.faiss"
+    if not (args.reuse_shards and codec_path.is_file()):
+        for old in shard_dir.glob("*.faiss"):
+            old.unlink()
+        t, c = time.perf_counter(), time.process_time()
+        factory = ann_index.codec_factory(args.vectors, DIM)
+        lists = int(factory.split(",")[0][3:])
+        wanted = min(args.vectors, lists * ann_index.TRAINING_POINTS_PER_LIST * 2)
+        rng = np.random.default_rng(args.seed)
+        sources = paths if len(paths) <= ann_index.MAX_TRAINING_BATCHES else \
+            [paths[i] for i in sorted(rng.choice(len(paths), ann_index.MAX_TRAINING_BATCHES, replace=False))]
+        sample = np.concatenate([np.asarray(mapped(p)[np.sort(rng.choice(len(mapped(p)), wanted // len(sources), replace=False))])
+                                 for p in sources])
+        ann_index.train_codec(sample, args.vectors, codec_path)
+        print(f"codec {factory} trained on {len(sample):,} vectors from {len(sources)} files: "
+              f"{time.perf_counter() - t:,.0f} s ({time.process_time() - c:,.0f} CPU s)", flush=True)
+    codec = ann_index.read_faiss(codec_path)
+    t, c = time.perf_counter(), time.process_time()
     built = 0
     for path in paths:
         target = shard_dir / f"{path.stem}.faiss"
         if args.reuse_shards and target.is_file():
             continue
-        ann_index.build_shard(mapped(path), target, seed=args.seed)
+        ann_index.fill_shard(codec, mapped(path), target)
         built += 1
-    build_s = time.perf_counter() - t
+    build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
     index_bytes = sum((shard_dir / f"{p.stem}.faiss").stat().st_size for p in paths)
-    kind = ann_index.shard_factory(args.shard_rows, DIM)
-    print(f"built {built} shards ({kind} each) in {build_s:,.0f} s ({build_s / max(built, 1):.1f} s per shard, "
-          f"{args.vectors / max(build_s, 1e-9) * built / len(paths):,.0f} vectors/s); index {index_bytes / 2**20:,.0f} MiB = "
-          f"{index_bytes / args.vectors:.1f} bytes per vector (+ {DIM * 4} bytes of float32 for re-ranking, on disk); {load()}")
+    if built:
+        print(f"filled {built} shards of {args.shard_rows:,} in {build_s:,.0f} s ({build_cpu:,.0f} CPU s; "
+              f"{build_s / built:.1f} s per new batch, {built * args.shard_rows / build_s:,.0f} vectors/s)")
+    print(f"index {index_bytes / 2**20:,.0f} MiB = {index_bytes / args.vectors:.1f} bytes per vector "
+          f"(+ {DIM * 4} bytes of float32 per vector on disk for re-ranking); {load()}")
 
-    shards = ann_index.ShardSet([ann_index.Shard(p.stem, mapped(p), ann_index.open_shard(shard_dir / f"{p.stem}.faiss"))
-                                 for p in paths])
+    t = time.perf_counter()
+    shards = ann_index.ShardSet([ann_index.Shard(p.stem, mapped(p), ann_index.read_faiss(shard_dir / f"{p.stem}.faiss"),
+                                                 "codec") for p in paths], threads=args.threads)
+    print(f"opened {len(paths)} shards in {time.perf_counter() - t:.1f} s (read into memory; a search process keeps them open)")
     offsets = np.cumsum([0] + [len(s.vectors) for s in shards.shards])
-    print(f"{'nprobe':>6} {'candidates':>10} {'p50 ms':>8} {'p90 ms':>8} {'recall@10':>9}")
+    print(f"{'nprobe':>6} {'candidates':>10} {'pass':>6} {'p50 ms':>8} {'p90 ms':>8} {'recall@10':>9}")
     for setting in args.settings.split(","):
         nprobe, candidates = (int(x) for x in setting.split(":"))
-        lat, found = [], []
-        for q in queries:
-            t = time.perf_counter()
-            _, shard_no, rows = shards.top_k(q[None], K, nprobe=nprobe, candidates=candidates)
-            lat.append(time.perf_counter() - t)
-            found.append(offsets[shard_no[0]] + rows[0])
-        print(f"{nprobe:>6} {candidates:>10} {np.percentile(lat, 50) * 1e3:8.2f} {np.percentile(lat, 90) * 1e3:8.2f} "
-              f"{recall_at_k(found, truth):9.3f}")
+        if args.drop_caches:
+            drop_page_cache()
+        for label in ("first", "again"):
+            lat, found = [], []
+            for q in queries:
+                t = time.perf_counter()
+                _, shard_no, rows = shards.top_k(q[None], K, nprobe=nprobe, candidates=candidates)
+                lat.append(time.perf_counter() - t)
+                found.append(offsets[shard_no[0]] + rows[0])
+            print(f"{nprobe:>6} {candidates:>10} {label:>6} {np.percentile(lat, 50) * 1e3:8.2f} "
+                  f"{np.percentile(lat, 90) * 1e3:8.2f} {recall_at_k(found, truth):9.3f}", flush=True)
     print(load())
 
 

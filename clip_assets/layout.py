@@ -88,6 +88,14 @@ class DataLayout:
         """The batch's approximate-nearest-neighbour index shard (faiss)."""
         return self.ann_index_dir / f"{batch_stem(batch)}.faiss"
 
+    def ann_codec_path(self, model: str) -> Path:
+        """The model's trained, empty IVF-PQ index that every batch's shard is filled from."""
+        return self.ann_index_dir / f"codec-{hashlib.sha1(model.encode()).hexdigest()[:12]}.faiss"
+
+    def ann_codec_note_path(self, model: str) -> Path:
+        """What the model's codec was trained for (model, factory, the collection's rows then)."""
+        return self.ann_codec_path(model).with_suffix(".json")
+
     def ann_shard_note_path(self, batch: str) -> Path:
         """What the batch's shard was built from (embeddings file size and mtime), its kind and version."""
         return self.ann_index_dir / f"{batch_stem(batch)}.json"

@@ -134,15 +134,26 @@ def _source_note(embeddings_file: Path) -> dict:
     return {"source": embeddings_file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def ensure_search_index(embeddings_file: Path, record_batch_rows: int = DEFAULT_RECORD_BATCH_ROWS) -> SearchIndexFile:
-    """The index of one embeddings file, (re)built from the parquet file when missing or stale."""
+def fresh_search_index(embeddings_file: Path) -> SearchIndexFile | None:
+    """The index of one embeddings file when it is written and matches the file as it is now, else None."""
     data = index_path(embeddings_file)
     note_path = data.with_suffix(".json")
-    source = _source_note(embeddings_file)
     if note_path.is_file() and data.is_file():
+        source = _source_note(embeddings_file)
         note = json.loads(note_path.read_text())
         if {k: note.get(k) for k in source} == source and data.stat().st_size == note["rows"] * note["dim"] * 4:
             return SearchIndexFile(data, note["rows"], note["dim"])
+    return None
+
+
+def ensure_search_index(embeddings_file: Path, record_batch_rows: int = DEFAULT_RECORD_BATCH_ROWS) -> SearchIndexFile:
+    """The index of one embeddings file, (re)built from the parquet file when missing or stale."""
+    found = fresh_search_index(embeddings_file)
+    if found is not None:
+        return found
+    data = index_path(embeddings_file)
+    note_path = data.with_suffix(".json")
+    source = _source_note(embeddings_file)
     pf = pq.ParquetFile(embeddings_file)
     dim = pf.schema_arrow.field("embedding").type.list_size
     rows = 0

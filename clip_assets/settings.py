@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         default=2_000_000, ge=0,
         description="search scores every stored embedding (no index) while the batches searched hold fewer than this",
     )
-    ann_nprobe: int = Field(default=256, ge=1, description="inverted lists each index shard probes per search")
+    ann_nprobe: int = Field(default=128, ge=1, description="inverted lists of the index codec a search probes")
     duplicate_threshold: float = Field(
         default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are near-duplicates"
     )

@@ -1,4 +1,4 @@
-"""The approximate-nearest-neighbour index shards (one per batch) and the near-duplicate groups, as assets.
+"""The approximate-nearest-neighbour index shards (one per batch, filled from one codec) and the near-duplicate groups, as assets.
 
 The bodies call clip_assets.ann_index and clip_assets.near_duplicates and report what they wrote.
 """
@@ -27,8 +27,10 @@ from clip_assets.gallery import write_duplicates_page
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
 )
 def image_search_index(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
-    """The batch's shard of the approximate-nearest-neighbour index (faiss IVF-PQ; a small batch is
-    searched exactly instead). Only this batch's shard is built: the other batches' are untouched."""
+    """The batch's shard of the approximate-nearest-neighbour index: the collection's faiss IVF-PQ
+    codec filled with this batch's embeddings (the first shard trains the codec; a collection too
+    small for one is searched exactly instead). Only this batch's shard is built: the other
+    batches' are untouched."""
     layout = collection.layout
 
     def index_batch(batch: str) -> str:
@@ -41,6 +43,9 @@ def image_search_index(context: dg.AssetExecutionContext, collection: ImageColle
             "build_s": round(s.build_s, 2),
             "index_bytes": s.index_bytes,
             "model": s.model,
+            "codec": s.codec or "-",
+            "codec_trained_in_this_run": s.codec_trained,
+            "codec_trained_for_rows": s.codec_rows,
             "path": dg.MetadataValue.path(str(layout.ann_shard_path(batch))),
         })
         return s.version
