@@ -109,3 +109,25 @@ def test_codec_lists_grow_with_the_square_root_of_the_collection_and_stay_traina
     assert ann_index.codec_factory(10**9, 512) == f"IVF{ann_index.MAX_LISTS},PQ256x4fs"
     lists = int(ann_index.codec_factory(20_000, 512).split(",")[0][3:])
     assert 20_000 // lists >= ann_index.TRAINING_POINTS_PER_LIST
+
+
+def test_through_dagster_the_first_partition_trains_the_codec_and_the_next_fills_it(settings, instance, tmp_path):
+    import dagster as dg
+
+    from clip_assets.defs.execution import materialize, register_batches
+    from clip_assets.definitions import build_definitions
+
+    settings = settings.model_copy(update={"data_dir": tmp_path / "indexed"})
+    layout = DataLayout(settings.data_dir)
+    batches_of(layout, {"batch-1": ann_index.MIN_ROWS_FOR_IVF, "batch-2": 5_000})
+    defs = build_definitions(settings)
+    register_batches(instance, ["batch-1", "batch-2"])
+    meta = {}
+    for batch in ("batch-1", "batch-2"):
+        result = materialize(defs, instance, [dg.AssetKey("image_search_index")], partition_key=batch)
+        meta[batch] = {k: v.value for k, v in result.asset_materializations_for_node("image_search_index")[0].metadata.items()}
+    assert meta["batch-1"]["codec_trained_in_this_run"] is True and meta["batch-2"]["codec_trained_in_this_run"] is False
+    assert meta["batch-1"]["codec"] == meta["batch-2"]["codec"] != "-"
+    assert meta["batch-1"]["codec_trained_for_rows"] == meta["batch-2"]["codec_trained_for_rows"] == ann_index.MIN_ROWS_FOR_IVF
+    assert [meta[b]["kind"] for b in meta] == [ann_index.KIND_IVF, ann_index.KIND_IVF]
+    assert [meta[b]["dagster/row_count"] for b in meta] == [ann_index.MIN_ROWS_FOR_IVF, 5_000]
