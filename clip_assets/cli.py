@@ -121,6 +121,10 @@ def share_above_zero(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "a share above 0 and at most 1 (e.g. 0.5)")
 
 
+def share_or_auto(text: str) -> float | None:
+    return None if text.strip().lower() == "auto" else share_above_zero(text)
+
+
 def positive_number(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a number above 0 (e.g. 0.0003)")
 
@@ -332,9 +336,10 @@ def add_fine_tune_parser(sub) -> None:
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.25,
                    help="share of the captioned images (by a hash of the path) never trained on, scored before/after "
                    "(default 0.25)")
-    p.add_argument("--wise-alpha", type=share_above_zero, default=0.5,
+    p.add_argument("--wise-alpha", type=share_or_auto, default=None,
                    help="share of the tuned weights in the checkpoint, the rest the base model's (WiSE-FT): less "
-                   "forgetting of what the base model knew (default 0.5; 1: the tuned weights alone)")
+                   "forgetting of what the base model knew; 1: the tuned weights alone (default auto: the one "
+                   "of 0.25, 0.5, 0.75, 1 that does best on a validation split of the training images)")
 
 
 def run_fine_tune(args) -> int:

@@ -10,9 +10,14 @@ preprocessing, either
   embeddings already stored stay meaningful to the tuned image tower, which is the base one; or
 - tuning both towers with a small learning rate.
 
-The checkpoint holds the tuned weights interpolated with the base ones, half and half by default
-(`wise_alpha`; WiSE-FT, Wortsman et al. 2022): a little less of the new domain's gain, much less
-forgetting of what the base model knew; `wise_alpha=1` keeps the tuned weights alone.
+The checkpoint holds the tuned weights interpolated with the base ones (`wise_alpha`; WiSE-FT,
+Wortsman et al. 2022): less of the new domain's gain, less forgetting of what the base model knew;
+`wise_alpha=1` keeps the tuned weights alone. By default (`wise_alpha=None`, "auto") the share is
+chosen after training among `WISE_ALPHAS`: a fifth of the training images (by another hash of the
+path) is set aside as a validation split, never trained on, and the share with the best validation
+image-to-text retrieval accuracy is kept, ties broken by the lower validation contrastive loss
+(WiSE-FT's own recipe: the share chosen on validation data of the new domain). The held-out split
+is never used for the choice.
 
 Held-out contrastive loss and image-to-text retrieval accuracy are measured before and after. The
 checkpoint (`{"state_dict": ...}`, loadable by `open_clip.create_model_from_pretrained(arch,
@@ -48,9 +53,9 @@ DEFAULT_HELDOUT_FRACTION = 0.25
 # is tuned at 2e-3 (clip_assets.demo.second_domain).
 DEFAULT_LR_LOCKED = 1e-4
 DEFAULT_LR_BOTH = 1e-5
-# WiSE-FT's usual middle: on the demo's hatched shapes it keeps +0.23 of the +0.26 macro F1 gain and
-# 0.84 of the filled shapes' 0.85 (the fully tuned weights: 0.71); README, Fine-tuning.
-DEFAULT_WISE_ALPHA = 0.5
+DEFAULT_WISE_ALPHA: float | None = None  # chosen on the validation split among WISE_ALPHAS
+WISE_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+VALIDATION_FRACTION = 0.2  # of the training images, set aside to choose the WiSE-FT share
 
 
 class CaptionsFileError(ValueError):
@@ -122,10 +127,11 @@ class FineTuneOptions:
     weight_decay: float = 0.1
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
     seed: int = 0
-    wise_alpha: float = DEFAULT_WISE_ALPHA  # the tuned weights' share in the checkpoint; below 1, WiSE-FT
+    # the tuned weights' share in the checkpoint; below 1, WiSE-FT; None: chosen on a validation split
+    wise_alpha: float | None = DEFAULT_WISE_ALPHA
 
     def __post_init__(self):
-        if not 0 < self.wise_alpha <= 1:
+        if self.wise_alpha is not None and not 0 < self.wise_alpha <= 1:
             raise ValueError(f"wise_alpha {self.wise_alpha}: the tuned weights' share must be in (0, 1]")
 
     @property
@@ -142,6 +148,20 @@ class HeldoutFigures:
 
 
 @dataclass(frozen=True)
+class WiseChoice:
+    alpha: float  # the tuned weights' share in the checkpoint
+    validation: tuple[tuple[float, float, float], ...] = ()  # (share, retrieval accuracy, loss) on validation, when chosen
+    validation_images: int = 0
+
+    def line(self) -> str:
+        if not self.validation:
+            return f"weights {self.alpha:g} tuned + {1 - self.alpha:g} base (set)"
+        tried = ", ".join(f"{a:g}: {acc:.3f} / {loss:.3f}" for a, acc, loss in self.validation)
+        return (f"weights {self.alpha:g} tuned + {1 - self.alpha:g} base, chosen on {self.validation_images} validation "
+                f"images (retrieval accuracy / contrastive loss by share: {tried})")
+
+
+@dataclass(frozen=True)
 class FineTuneReport:
     checkpoint: Path | None
     base_identity: str
@@ -154,11 +174,12 @@ class FineTuneReport:
     options: FineTuneOptions
     cpu_s: float
     wall_s: float
+    wise: WiseChoice = WiseChoice(1.0)
 
     def table(self) -> str:
         mode = "image tower locked, text side tuned (LiT)" if self.options.lock_image else "both towers tuned"
-        if self.options.wise_alpha < 1:
-            mode += f", weights {self.options.wise_alpha:g} tuned + {1 - self.options.wise_alpha:g} base (WiSE-FT)"
+        if self.wise.alpha < 1:
+            mode += f", weights {self.wise.alpha:g} tuned + {1 - self.wise.alpha:g} base (WiSE-FT)"
         return "\n".join([
             f"{mode}: {self.options.epochs} epochs, lr {self.options.learning_rate:g}, batch {self.options.batch_size}, "
             f"on {self.training_pairs} pairs ({self.training_images} images); "
@@ -167,6 +188,7 @@ class FineTuneReport:
             f"{'contrastive loss':<28} {self.before.loss:>8.3f} {self.after.loss:>8.3f}",
             f"{'image->text retrieval acc.':<28} {self.before.retrieval_accuracy:>8.3f} "
             f"{self.after.retrieval_accuracy:>8.3f}",
+            f"WiSE-FT: {self.wise.line()}",
             f"took {self.wall_s:.0f} s ({self.cpu_s:.0f} CPU s)",
         ])
 
@@ -251,15 +273,44 @@ def interpolate_weights(model: torch.nn.Module, base_state: dict[str, torch.Tens
                 tensor.copy_(torch.lerp(base_state[name].to(tensor.device), tensor, alpha))
 
 
+def validation_split(training: list[CaptionPair]) -> tuple[list[CaptionPair], list[CaptionPair]]:
+    """(pairs trained on, validation pairs) of the training pairs, by another hash of the path than the held-out split's."""
+    def validates(p: CaptionPair) -> bool:
+        return is_heldout(f"wise-validation/{p.path}", VALIDATION_FRACTION)
+
+    return [p for p in training if not validates(p)], [p for p in training if validates(p)]
+
+
+def choose_wise_alpha(clip: ClipModel, model: torch.nn.Module, base_state: dict[str, torch.Tensor],
+                      validation: list[CaptionPair], images, loss_fn) -> WiseChoice:
+    """Leave `model` at the share of WISE_ALPHAS with the best validation retrieval accuracy, ties
+    broken by the lower validation loss (its tuned weights are the share 1)."""
+    tuned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scored = []
+    for alpha in WISE_ALPHAS:
+        model.load_state_dict(tuned_state)
+        interpolate_weights(model, base_state, alpha)
+        figures = heldout_figures(clip, model, validation, images, loss_fn)
+        scored.append((alpha, figures.retrieval_accuracy, figures.loss))
+    chosen = max(scored, key=lambda s: (s[1], -s[2]))[0]
+    model.load_state_dict(tuned_state)
+    interpolate_weights(model, base_state, chosen)
+    return WiseChoice(chosen, tuple(scored), len({p.path for p in validation}))
+
+
 def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path, options: FineTuneOptions,
               captions_file: Path | None = None, log: Callable[[str], None] = print
-              ) -> tuple[torch.nn.Module, HeldoutFigures, HeldoutFigures, list[CaptionPair], list[CaptionPair]]:
-    """Tune `clip.model` in place on the training pairs; (model, before, after, training, held-out)."""
+              ) -> tuple[torch.nn.Module, HeldoutFigures, HeldoutFigures, list[CaptionPair], list[CaptionPair], WiseChoice]:
+    """Tune `clip.model` in place on the training pairs; (model, before, after, training, held-out, WiSE-FT share)."""
     training, heldout = split_pairs(pairs, options.heldout_fraction)
-    if not training or not heldout:
+    validation: list[CaptionPair] = []
+    if options.wise_alpha is None:
+        training, validation = validation_split(training)
+    if not training or not heldout or (options.wise_alpha is None and not validation):
         raise CaptionsFileError(
-            f"{len({p.path for p in pairs})} captioned images cannot be split into training and held-out parts "
-            f"(held-out fraction {options.heldout_fraction}); caption more images.")
+            f"{len({p.path for p in pairs})} captioned images cannot be split into training, held-out"
+            f"{' and validation' if options.wise_alpha is None else ''} parts (held-out fraction "
+            f"{options.heldout_fraction}); caption more images, or set the WiSE-FT share (wise_alpha) instead of choosing it.")
     started = time.monotonic()
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
@@ -268,7 +319,7 @@ def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path, optio
     loss_fn = import_open_clip().ClipLoss()
     augment = train_preprocess(model)
     before = heldout_figures(clip, model, heldout, images, loss_fn)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if options.wise_alpha < 1 else None
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if options.wise_alpha != 1 else None
     if options.lock_image:
         lock_image_tower(model)
     optimizer = adamw(model, options.learning_rate, options.weight_decay)
@@ -289,10 +340,15 @@ def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path, optio
         log(f"epoch {epoch + 1}/{options.epochs}: training contrastive loss {running / steps_per_epoch:.3f} "
             f"({time.monotonic() - started:.0f} s)")
     model.eval()
-    if base_state is not None:
-        interpolate_weights(model, base_state, options.wise_alpha)
+    if options.wise_alpha is None:
+        wise = choose_wise_alpha(clip, model, base_state, validation, images, loss_fn)
+        log(f"WiSE-FT: {wise.line()}")
+    else:
+        wise = WiseChoice(options.wise_alpha)
+        if base_state is not None:
+            interpolate_weights(model, base_state, options.wise_alpha)
     after = heldout_figures(clip, model, heldout, images, loss_fn)
-    return model, before, after, training, heldout
+    return model, before, after, training, heldout, wise
 
 
 def checkpoint_name(model_name: str, digest: str) -> str:
@@ -315,18 +371,19 @@ def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Pat
     pairs = read_captions_file(captions_file)
     started, cpu_started = time.monotonic(), time.process_time()
     clip = load_clip_model(model_name, pretrained, device)
-    model, before, after, training, heldout = fine_tune(clip, pairs, image_root, options, captions_file, log)
+    model, before, after, training, heldout, wise = fine_tune(clip, pairs, image_root, options, captions_file, log)
     checkpoint = write_checkpoint(model, DataLayout(data_dir).fine_tuned_models_dir, model_name, {
         "base_model": clip.identity,
         "captions_sha256": file_sha256(captions_file)[:16],
         "options": dataclasses.asdict(options),
+        "wise_alpha": wise.alpha,
     })
     return FineTuneReport(
         checkpoint=checkpoint, base_identity=clip.identity,
         training_pairs=len(training), training_images=len({p.path for p in training}),
         heldout_pairs=len(heldout), heldout_images=len({p.path for p in heldout}),
         before=before, after=after, options=options,
-        cpu_s=time.process_time() - cpu_started, wall_s=time.monotonic() - started,
+        cpu_s=time.process_time() - cpu_started, wall_s=time.monotonic() - started, wise=wise,
     )
 
 

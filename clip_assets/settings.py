@@ -91,9 +91,11 @@ class Settings(BaseSettings):
     fine_tune_lock_image: bool = Field(
         default=False, description="`fine_tuned_model` locks the image tower and tunes the text side only (LiT)"
     )
-    fine_tune_wise_alpha: float = Field(
-        default=0.5, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint, the rest "
-        "the base model's (WiSE-FT): less forgetting of what the base model knew; `1`: the tuned weights alone",
+    fine_tune_wise_alpha: float | None = Field(
+        default=None, gt=0, le=1, description="share of the tuned weights in `fine_tuned_model`'s checkpoint, the rest "
+        "the base model's (WiSE-FT): less forgetting of what the base model knew; `1`: the tuned weights alone; unset "
+        "or `auto`: the one of 0.25, 0.5, 0.75, 1 that does best on a validation split of the "
+        "training images",
     )
     duckdb_wait_s: float = Field(
         default=120.0,
@@ -131,6 +133,11 @@ class Settings(BaseSettings):
     duplicate_threshold: float = Field(
         default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are near-duplicates"
     )
+
+    @field_validator("fine_tune_wise_alpha", mode="before")
+    @classmethod
+    def _auto_wise_alpha(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     @field_validator("use_fine_tuned")
     @classmethod

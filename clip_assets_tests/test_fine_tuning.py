@@ -27,7 +27,9 @@ from clip_assets.fine_tuning import (
     FineTuneOptions,
     fine_tune_to_checkpoint,
     read_captions_file,
+    WISE_ALPHAS,
     split_pairs,
+    validation_split,
 )
 from clip_assets.prompts import load_categories
 from clip_assets.settings import REPO_ROOT
@@ -105,7 +107,8 @@ def test_the_split_keeps_an_images_captions_together_and_does_not_depend_on_the_
 def test_fine_tuning_lowers_the_heldout_loss_and_writes_a_new_model(tmp_path, captioned, checkpoint):
     root, captions = captioned
     report = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "data",
-                                     FineTuneOptions(epochs=6, lr=2e-3, batch_size=16), "cpu", log=lambda _: None)
+                                     FineTuneOptions(epochs=6, lr=2e-3, batch_size=16, wise_alpha=1), "cpu",
+                                     log=lambda _: None)
     assert report.after.loss < report.before.loss, report.table()
     assert report.checkpoint.parent == tmp_path / "data" / "fine_tuned_models"
     tuned = load_clip_model(TINY, str(report.checkpoint), "cpu")
@@ -134,6 +137,24 @@ def test_wise_ft_writes_the_weights_between_the_base_and_the_tuned_ones(tmp_path
     assert "0.25 tuned + 0.75 base (WiSE-FT)" in halfway.table()
     with pytest.raises(ValueError, match="wise_alpha 0"):
         FineTuneOptions(wise_alpha=0)
+
+
+def test_by_default_the_wise_ft_share_is_chosen_on_a_validation_split_apart_from_the_heldout_one(tmp_path, captioned,
+                                                                                                 checkpoint):
+    root, captions = captioned
+    report = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "data",
+                                     FineTuneOptions(epochs=2, lr=2e-3, batch_size=16), "cpu", log=lambda _: None)
+    pairs = read_captions_file(captions)
+    training, heldout = split_pairs(pairs)
+    trained, validation = validation_split(training)
+    assert validation and trained and not {p.path for p in validation} & {p.path for p in trained}
+    assert report.training_pairs == len(trained) and report.heldout_pairs == len(heldout)
+    assert report.wise.validation_images == len({p.path for p in validation})
+    # the rule, checked against the figures it reports: the best validation accuracy, then the lower loss
+    assert sorted(a for a, _, _ in report.wise.validation) == sorted(WISE_ALPHAS)
+    assert report.wise.alpha == max(report.wise.validation, key=lambda s: (s[1], -s[2]))[0]
+    assert torch.load(report.checkpoint, weights_only=True)["fine_tuning"]["wise_alpha"] == report.wise.alpha
+    assert f"chosen on {report.wise.validation_images} validation images" in report.table()
 
 
 def test_opted_in_before_any_fine_tuned_model_the_search_says_what_to_build(settings, tmp_path):

@@ -79,6 +79,7 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
             "heldout_loss_after": report.after.loss,
             "heldout_retrieval_accuracy_before": report.before.retrieval_accuracy,
             "heldout_retrieval_accuracy_after": report.after.retrieval_accuracy,
+            "wise_alpha": report.wise.alpha,
             "report": dg.MetadataValue.md(f"```\n{report.table()}\n```"),
         },
     )

@@ -75,7 +75,7 @@ class CaptionedPairs(dg.ConfigurableResource):
     epochs: int = default("fine_tune_epochs")
     lr: float | None = default("fine_tune_lr")
     lock_image: bool = default("fine_tune_lock_image")
-    wise_alpha: float = default("fine_tune_wise_alpha")
+    wise_alpha: float | None = default("fine_tune_wise_alpha")  # None: chosen on a validation split
 
     @property
     def path(self) -> Path:

@@ -221,6 +221,8 @@ if __name__ == "__main__":
     from clip_assets import accepted_warnings
     from clip_assets.demo.run import DEMO_DIR
 
+    from clip_assets.cli import share_or_auto
+
     accepted_warnings.ignore()
     torch.set_num_threads(int(_option("--threads", str(torch.get_num_threads()))))
     style = "outline" if "--outline" in sys.argv else "hatched"
@@ -229,4 +231,4 @@ if __name__ == "__main__":
                    style)
     else:
         run_second_domain(DEMO_DIR, dataclasses.replace(DEMO_OPTIONS, lock_image="--lock-image" in sys.argv,
-                                                        wise_alpha=float(_option("--wise-alpha", str(DEMO_OPTIONS.wise_alpha)))), style)
+                                                        wise_alpha=share_or_auto(_option("--wise-alpha", "auto"))), style)
