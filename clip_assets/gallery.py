@@ -62,6 +62,9 @@ def failed_conditions(m: dict[str, np.ndarray | None], modes: list[str], thresho
     return codes
 
 
+DUPLICATE = "duplicate"  # a near-duplicate of its group's first image (orange on the duplicates page)
+
+
 @dataclass(frozen=True)
 class GalleryImage:
     image_id: str
@@ -69,7 +72,7 @@ class GalleryImage:
     batch: str
     score: float  # what the threshold applies to: the score, or the probability for single_label
     matched: bool
-    failed: str | None = None  # for a near miss, the condition it failed (one of NEAR_MISS_KINDS)
+    failed: str | None = None  # for a near miss, the condition it failed (one of NEAR_MISS_KINDS); DUPLICATE on the duplicates page
     above_neutral: float | None = None  # pos_sim - neutral_sim, where the category has neutral descriptions
 
 
@@ -199,7 +202,7 @@ section { margin-bottom: 2em; }
 .row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
 figure { margin: 0; width: 140px; text-align: center; font-size: 12px; }
 figure img { max-width: 128px; max-height: 128px; border: 3px solid #2a2; }
-figure.under_threshold img { border-color: #d80; }
+figure.under_threshold img, figure.duplicate img { border-color: #d80; }
 figure.not_above_neutral img { border-color: #86c; }
 figure.not_in_top_k img { border-color: #37d; }
 small { color: #666; word-break: break-all; }
@@ -328,7 +331,9 @@ def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, m
 
     groups: dict[str, list[GalleryImage]] = {}
     for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
-        groups.setdefault(group_id, []).append(GalleryImage(image_id, path, batch, float(similarity), position == 0))
+        first = position == 0
+        groups.setdefault(group_id, []).append(
+            GalleryImage(image_id, path, batch, float(similarity), first, None if first else DUPLICATE))
     sections = []
     for n, (group_id, images) in enumerate(groups.items(), 1):
         cards = []

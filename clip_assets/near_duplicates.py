@@ -4,8 +4,10 @@ Each batch's images are queried against every batch's shard (clip_assets.ann_ind
 `NEIGHBOURS` best candidates by approximate similarity, over all shards, are re-scored exactly, and
 pairs at or above the threshold are kept in a pair file per batch
 (`near_duplicates/pairs/<batch>.parquet`), stamped with the shard version it was computed from.
-Pairs become groups by union-find; each group's first image (by batch, then path) is the one the
-others are compared with.
+Pairs become groups around a first image: images are taken by batch, then path, and each one not
+yet in a group starts one with its partners not yet in one, so every image of a group is at or above
+the threshold against the group's first image (connected components would chain look-alikes of
+look-alikes far below it).
 
 Incremental: a batch is queried again only when its shard changed (or the threshold did). A pair of
 two batches is taken from whichever of their two pair files was computed later: that one saw both
@@ -20,6 +22,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -148,28 +151,30 @@ def current_pairs(layout: DataLayout, batches: list[str]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def groups_of(pairs: pa.Table) -> list[list[tuple[str, str]]]:
-    """Connected components (union-find) of the pairs, as lists of (batch, image_id), 2 or more each."""
-    parent: dict[tuple[str, str], tuple[str, str]] = {}
-
-    def root(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+def groups_of(pairs: pa.Table, order: Callable[[tuple[str, str]], Any] = lambda image: image) -> list[list[tuple[str, str]]]:
+    """Groups of (batch, image_id), 2 or more each, first image first, in which every image is a pair
+    of the group's first image: images are taken in `order`, and each one not yet in a group starts a
+    group with its partners not yet in one. A look-alike of a look-alike is not joined through the
+    middle image (connected components would chain them, far below the threshold)."""
+    partners: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for batch, image_id, other_batch, other_id in zip(
         pairs["batch"].to_pylist(), pairs["image_id"].to_pylist(),
         pairs["other_batch"].to_pylist(), pairs["other_image_id"].to_pylist(),
     ):
-        a, b = root((batch, image_id)), root((other_batch, other_id))
+        a, b = (batch, image_id), (other_batch, other_id)
         if a != b:
-            parent[max(a, b)] = min(a, b)
-    members: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for x in list(parent):
-        members.setdefault(root(x), []).append(x)
-    return [sorted(m) for m in members.values() if len(m) > 1]
+            partners.setdefault(a, set()).add(b)
+            partners.setdefault(b, set()).add(a)
+    grouped: set[tuple[str, str]] = set()
+    groups = []
+    for first in sorted(partners, key=order):
+        if first in grouped:
+            continue
+        members = sorted((m for m in partners[first] if m not in grouped), key=order)
+        if members:
+            grouped.update([first, *members])
+            groups.append([first, *members])
+    return groups
 
 
 GROUP_ROWS_SCHEMA = pa.schema(
@@ -185,15 +190,26 @@ GROUP_ROWS_SCHEMA = pa.schema(
 )
 
 
-def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], threshold: float) -> pa.Table:
-    """One row per image in a group: paths from the manifests, similarity to the first image, exactly."""
-    from clip_assets.search import ensure_search_index, image_paths
+def paired_image_paths(layout: DataLayout, pairs: pa.Table) -> dict[str, str]:
+    """{image_id: path} of every image in the pairs, from the manifests."""
+    from clip_assets.search import image_paths
+
+    by_batch: dict[str, set[str]] = {}
+    for batch_column, id_column in (("batch", "image_id"), ("other_batch", "other_image_id")):
+        for batch, image_id in zip(pairs[batch_column].to_pylist(), pairs[id_column].to_pylist()):
+            by_batch.setdefault(batch, set()).add(image_id)
+    return image_paths(layout, {b: sorted(ids) for b, ids in by_batch.items()})
+
+
+def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], paths: dict[str, str],
+               threshold: float) -> pa.Table:
+    """One row per image in a group (first image first): its path, its similarity to the first image, exactly."""
+    from clip_assets.search import ensure_search_index
 
     by_batch: dict[str, list[str]] = {}
     for g in groups:
         for batch, image_id in g:
             by_batch.setdefault(batch, []).append(image_id)
-    paths = image_paths(layout, by_batch)
     vectors: dict[tuple[str, str], np.ndarray] = {}
     for batch, wanted in by_batch.items():
         ids = pq.read_table(layout.embeddings_path(batch), columns=["image_id"])["image_id"].to_pylist()
@@ -204,10 +220,9 @@ def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], threshol
             vectors[(batch, image_id)] = np.asarray(mapped[row_of[image_id]])
     columns = {name: [] for name in GROUP_ROWS_SCHEMA.names}
     for g in groups:
-        ordered = sorted(g, key=lambda m: (m[0], paths.get(m[1], ""), m[1]))
-        first = vectors[ordered[0]]
-        for position, (batch, image_id) in enumerate(ordered):
-            columns["group_id"].append(ordered[0][1])
+        first = vectors[g[0]]
+        for position, (batch, image_id) in enumerate(g):
+            columns["group_id"].append(g[0][1])
             columns["position"].append(position)
             columns["image_id"].append(image_id)
             columns["path"].append(paths.get(image_id, ""))
@@ -227,8 +242,9 @@ def update_duplicate_groups(layout: DataLayout, batches: list[str], threshold: f
     summary = update_pairs(layout, batches, threshold)
     started = time.perf_counter()
     pairs = current_pairs(layout, summary.indexed_batches)
-    groups = groups_of(pairs)
-    rows = group_rows(layout, groups, threshold)
+    paths = paired_image_paths(layout, pairs)
+    groups = groups_of(pairs, order=lambda image: (image[0], paths.get(image[1], ""), image[1]))  # by batch, then path
+    rows = group_rows(layout, groups, paths, threshold)
     replace_duplicate_groups(layout.duckdb_path, rows)
     summary.pairs, summary.groups, summary.images_in_groups = pairs.num_rows, len(groups), rows.num_rows
     summary.seconds += time.perf_counter() - started

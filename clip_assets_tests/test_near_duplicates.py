@@ -173,6 +173,26 @@ def test_only_changed_batches_are_queried_again(copies, tmp_path):
     assert removed.groups == 1 and not layout.duplicate_pairs_path("batch-b").exists()
 
 
+def test_a_chain_of_look_alikes_is_not_grouped_through_its_middle_image(tmp_path):
+    """a ~ b and b ~ c at the threshold, a and c far below it: a's group holds b only; c is left alone."""
+    layout = DataLayout(tmp_path / "data")
+    dim = 16
+    a = np.eye(dim, dtype=np.float32)[0]
+    c = np.eye(dim, dtype=np.float32)[1]
+    b = (a + c) / np.linalg.norm(a + c)  # cosine 0.707 to each
+    d = (a + 0.2 * np.eye(dim, dtype=np.float32)[2]) / np.linalg.norm(a + 0.2 * np.eye(dim, dtype=np.float32)[2])
+    ids = write_vectors(layout, "batch-1", np.stack([a, b, c, d]))
+    ann_index.build_batch_shard(layout, "batch-1")
+    summary = update_duplicate_groups(layout, ["batch-1"], threshold=0.7)
+    groups = groups_in_duckdb(layout)
+    assert summary.groups == 1 and list(groups) == [ids[0]]
+    members = groups[ids[0]]
+    assert [m[2] >= 0.7 for m in members] == [True] * 3 and len(members) == 3  # a, then b and d: never c
+    with connect(layout.duckdb_path, read_only=True) as con:
+        grouped = {r[0] for r in con.execute("SELECT image_id FROM duplicate_groups").fetchall()}
+    assert grouped == {ids[0], ids[1], ids[3]}
+
+
 def planted(rows: int, dim: int, seed: int) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -259,6 +279,7 @@ def test_duplicates_page_shows_groups_side_by_side(copies, tmp_path):
     page = write_duplicates_page(layout, root, tmp_path / "page")
     text = page.read_text()
     assert text.count('class="group"') == 4
+    assert text.count('<figure class="match">') == 4 and text.count('<figure class="duplicate">') == 4  # green first, orange others
     for original, others in expected.items():
         assert all(html_path in text for html_path in [original, *others])
     assert len(list((tmp_path / "page" / "thumbs").glob("*.jpg"))) == 8
