@@ -38,15 +38,12 @@ def image_search_index(context: dg.AssetExecutionContext, collection: ImageColle
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": s.rows,
             "kind": s.kind,
-            "factory": s.factory or "-",
-            "bytes_per_vector": round(s.bytes_per_vector, 1),
-            "build_s": round(s.build_s, 2),
-            "index_bytes": s.index_bytes,
             "model": s.model,
-            "codec": s.codec or "-",
-            "codec_trained_in_this_run": s.codec_trained,
-            "codec_trained_for_rows": s.codec_rows,
-            "path": dg.MetadataValue.path(str(layout.ann_shard_path(batch))),
+            "build_s": round(s.build_s, 2),
+            **(shard_metadata(s, layout.ann_shard_path(batch)) if s.kind == ann_index.KIND_IVF else {
+                "why_exact": f"no index codec yet: the collection holds fewer than {ann_index.MIN_ROWS_FOR_IVF:,} "
+                             "embeddings, and search scores this batch's rows directly",
+            }),
         })
         return s.version
 
@@ -55,6 +52,18 @@ def image_search_index(context: dg.AssetExecutionContext, collection: ImageColle
         data_version=one_batch_data_version(versions),
         metadata={"batches_in_run": len(versions)},
     )
+
+
+def shard_metadata(s: ann_index.ShardSummary, path: Path) -> dict:
+    return {
+        "factory": s.factory,
+        "bytes_per_vector": round(s.bytes_per_vector, 1),
+        "index_bytes": s.index_bytes,
+        "codec": s.codec,
+        "codec_trained_in_this_run": s.codec_trained,
+        "codec_trained_for_rows": s.codec_rows,
+        "path": dg.MetadataValue.path(str(path)),
+    }
 
 
 @dg.asset(
