@@ -96,7 +96,8 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     shutil.move(ops_settings.image_root / "later" / "batch-001", ops_settings.image_root / "batch-004")
     shutil.rmtree(ops_settings.image_root / "later")
     fourth = tick(defs, instance, third.cursor)
-    assert [r.partition_key_range for r in fourth.run_requests] == [dg.PartitionKeyRange("batch-004", "batch-004")]
+    # one batch: a run of that partition (the Runs list shows which), not a range of one
+    assert [(r.partition_key, r.partition_key_range) for r in fourth.run_requests] == [("batch-004", None)]
     assert [b for b, *_ in classification_counts(ops_settings)] == ["batch-001", "batch-002", "batch-003", "batch-004"]
     assert materializations(instance, dg.AssetKey("prompt_centroids")) == 1
 
@@ -126,8 +127,7 @@ def test_rescan_schedule_reruns_only_the_batch_whose_files_changed(ops_settings,
     shutil.copy(extra, ops_settings.image_root / "batch-001" / "copied.png")
     shutil.copy(extra, ops_settings.image_root / "batch-003" / "copied.png")
     data = evaluate_schedule(schedule, defs, instance)
-    assert [r.partition_key_range for r in data.run_requests] == [
-        dg.PartitionKeyRange("batch-001", "batch-001"), dg.PartitionKeyRange("batch-003", "batch-003")]
+    assert [r.partition_key for r in data.run_requests] == ["batch-001", "batch-003"]
     run_requests(defs, instance, data.run_requests)
     for key in BATCH_KEYS:
         assert materializations(instance, key, "batch-001") == before[key]["batch-001"] + 1

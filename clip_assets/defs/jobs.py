@@ -30,12 +30,15 @@ def batch_run_requests(
 ) -> list[dg.RunRequest]:
     """Runs of `classify_image_batch` over up to BATCHES_PER_RUN consecutive batches each, as a backfill
     groups them: one model load per run. `order` is the partitions' order in the instance. Each run's
-    key is `<prefix>:<first>..<last>` (a sensor requests a key once; a schedule once per tick)."""
+    key is `<prefix>:<first>..<last>` (a sensor requests a key once; a schedule once per tick). A run of
+    one batch is a run of that partition, so the Runs list shows which batch it is."""
     return [
         dg.RunRequest(
             run_key=f"{run_key_prefix}:{first}..{last}",
             job_name=CLASSIFY_BATCH_JOB,
             tags={**(tags or {}), ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+        ) if first != last else dg.RunRequest(
+            run_key=f"{run_key_prefix}:{first}..{last}", job_name=CLASSIFY_BATCH_JOB, partition_key=first, tags=tags,
         )
         for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
     ]
