@@ -122,5 +122,5 @@ def failure_share_within_limit(usable: int, failed: int, unusable_in_manifest: i
     return CheckOutcome(
         share <= max_share,
         f"{bad} of {files} files could not be embedded ({share:.1%}; warns above {max_share:.1%})",
-        {"failed_files": bad, "files": files, "failure_share": share, "max_share": max_share},
+        {"failed_files": bad, "files": files, "failure_share": round(share, 4), "max_share": max_share},
     )

@@ -112,6 +112,8 @@ def test_dagster_records_checks_and_shows_plot_and_preview(settings, instance):
     ]:
         execution = latest_check(instance, key, name)
         assert execution.event.dagster_event.event_specific_data.passed, (key, name)
+        if key != "prompt_centroids":  # a batch's check says which batch it is about
+            assert execution.event.dagster_event.event_specific_data.description.startswith("batch-001: "), (key, name)
     record = instance.fetch_materializations(dg.AssetKey("image_classifications"), limit=1).records[0]
     meta = record.asset_materialization.metadata
     png = base64.b64decode(meta["score_distribution"].value.split("base64,")[1].rstrip(")"))
@@ -134,3 +136,21 @@ def test_blocking_model_check_stops_the_classification(settings, instance, other
     assert "image_classifications" not in succeeded
     assert result.asset_materializations_for_node("image_classifications") == []
     assert sql(DataLayout(settings.data_dir), "SELECT count(*), any_value(model) FROM image_classifications") == before
+
+
+def test_a_check_over_several_batches_names_each_batch_failed_ones_first():
+    from clip_assets.defs.assets import _combined
+
+    ok = checks.CheckOutcome(True, "2 of 122 files could not be embedded (1.6%; warns above 5.0%)", {"failure_share": 0.0164})
+    bad = checks.CheckOutcome(False, "9 of 100 files could not be embedded (9.0%; warns above 5.0%)", {"failure_share": 0.09})
+    combined = _combined({"batch-001": ok, "batch-002": bad, "batch-003": ok})
+    assert not combined.passed
+    lines = combined.description.splitlines()
+    assert lines[0] == "1 of 3 batches failed"
+    assert lines[1].startswith("batch-002: FAILED: 9 of 100") and lines[2].startswith("batch-001: passed: 2 of 122")
+    assert combined.metadata["failed_batches"] == "batch-002" and combined.metadata["batches"] == 3
+    table = combined.metadata["by_batch"].value
+    assert table.count("| passed |") == 2 and "| batch-002 | failed | 9 of 100" in table
+    assert _combined({"batch-001": ok, "batch-003": ok}).metadata["failed_batches"] == "none"
+    one = _combined({"batch-004": ok})
+    assert one.description.startswith("batch-004: 2 of 122") and one.metadata == {"batch": "batch-004", "failure_share": 0.0164}

@@ -45,14 +45,22 @@ def _check_result(name: str, outcome: checks.CheckOutcome, warn: bool = False) -
 
 
 def _combined(outcomes: dict[str, checks.CheckOutcome]) -> checks.CheckOutcome:
-    """One outcome for the batches of a run: passed when every batch passed."""
+    """One outcome for the batches of a run (checks are not per partition in Dagster): passed when
+    every batch passed; the description names each batch, failed ones first, one line each; one
+    batch's figures are kept as they are, several batches' in a table."""
     if len(outcomes) == 1:
-        return next(iter(outcomes.values()))
-    failed = {b: o for b, o in outcomes.items() if not o.passed}
+        (batch, outcome), = outcomes.items()
+        return checks.CheckOutcome(outcome.passed, f"{batch}: {outcome.description}", {"batch": batch, **outcome.metadata})
+    failed = sorted(b for b, o in outcomes.items() if not o.passed)
+    lines = [f"{b}: {'FAILED' if b in failed else 'passed'}: {outcomes[b].description}"
+             for b in failed + sorted(set(outcomes) - set(failed))]
+    head = f"{len(failed)} of {len(outcomes)} batches failed" if failed else f"all {len(outcomes)} batches passed"
+    rows = "".join(f"| {b} | {'failed' if b in failed else 'passed'} | {outcomes[b].description} |\n" for b in sorted(outcomes))
     return checks.CheckOutcome(
         passed=not failed,
-        description="; ".join(f"{b}: {o.description}" for b, o in (failed or outcomes).items())[:2000],
-        metadata={"batches": len(outcomes), "failed_batches": sorted(failed)},
+        description=(head + "\n" + "\n".join(lines))[:2000],
+        metadata={"batches": len(outcomes), "failed_batches": ", ".join(failed) or "none",
+                  "by_batch": dg.MetadataValue.md("| batch | check | figures |\n| --- | --- | --- |\n" + rows)},
     )
 
 
