@@ -98,7 +98,8 @@ def materialize(
 
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, batches: list[str]) -> None:
     """Observe prompts and labels (and the captions, and fine-tune, where the deployment fine-tunes), build
-    centroids and adapters, then manifest, embeddings and classifications per batch."""
+    centroids and adapters, then manifest, embeddings, classifications and the index shard per batch,
+    then the near-duplicate groups."""
     register_batches(instance, batches)
     observe_prompt_files(defs, instance)
     observe_labels_file(defs, instance)
@@ -108,3 +109,5 @@ def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, b
     materialize(defs, instance, [dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters")])
     for batch in batches:
         materialize(defs, instance, BATCH_ASSETS, partition_key=batch)
+        materialize(defs, instance, [dg.AssetKey("image_search_index")], partition_key=batch)
+    materialize(defs, instance, [dg.AssetKey("near_duplicates")])
