@@ -151,13 +151,13 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
                 SELECT l.key, m.image_id, m.path
                 FROM (SELECT image_id, path FROM read_parquet(?)) m JOIN labelled l ON l.key = m.{labels.key}
             )"""
-        images = con.execute(
+        images = con.sql(
             labelled_images + """
             SELECT key, any_value(image_id) AS image_id, any_value(path) AS path FROM m
             WHERE image_id IN (SELECT image_id FROM image_classifications JOIN category_columns USING (category))
             GROUP BY key ORDER BY key
             """,
-            [layout.manifests_glob],
+            params=[layout.manifests_glob],
         ).to_arrow_table()
         if images.num_rows == 0:
             raise LabelsFileError(
@@ -165,7 +165,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
                 f"'{labels.key}' values must match the manifest (paths relative to CLIP_ASSETS_IMAGE_ROOT)."
             )
         con.register("image_rows", pa.table({"key": images["key"], "i": np.arange(images.num_rows)}))
-        rows = con.execute(
+        rows = con.sql(
             labelled_images + """
             SELECT r.i, a.j,
                    CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END AS value,
@@ -173,7 +173,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             FROM image_classifications c JOIN m USING (image_id) JOIN image_rows r ON r.key = m.key
                  JOIN category_columns a USING (category)
             """,
-            [layout.manifests_glob],
+            params=[layout.manifests_glob],
         ).to_arrow_table()
     keys_found = images["key"].to_pylist()
     image_ids, paths = images["image_id"].to_pylist(), images["path"].to_pylist()
