@@ -97,7 +97,8 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print) -> float:
     with dg.DagsterInstance.get() as instance:
         t = time.monotonic()
         materialize_everything(build_definitions(settings), instance, batches)
-        log(f"materialized prompt_files, prompt_centroids and {len(batches)} batches x 3 assets in {time.monotonic() - t:.0f} s")
+        log(f"materialized prompt_files, prompt_centroids, {len(batches)} batches x 4 assets (manifest, embeddings, "
+            f"classifications, index shard) and near_duplicates in {time.monotonic() - t:.0f} s")
 
     layout = DataLayout(settings.data_dir)
     summary = category_summary(layout)
