@@ -323,6 +323,17 @@ def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], co
     return buffer.getvalue()
 
 
+def prune_pages(parent: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest page folders (one per run) under `parent`; the removed ones."""
+    import shutil
+
+    folders = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns, reverse=True) \
+        if parent.is_dir() else []
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folders[keep:]
+
+
 def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, max_groups: int = 200,
                           title: str = "clip-assets near-duplicates") -> Path:
     """out_dir/index.html: the largest near-duplicate groups, one row each, images side by side with

@@ -275,6 +275,14 @@ def test_assets_through_dagster_build_shards_then_groups_and_rerun_only_what_cha
     meta = second.asset_materializations_for_node("near_duplicates")[0].metadata
     assert meta["recomputed_batches"].value == 0 and meta["reused_batches"].value == 2
 
+    # a page per run, the newest few kept: the asset re-runs after every new batch
+    from clip_assets.defs.index_assets import KEEP_DUPLICATES_PAGES
+
+    for _ in range(KEEP_DUPLICATES_PAGES):
+        last = materialize(defs, instance, [dg.AssetKey("near_duplicates")])
+    pages = sorted(p.name for p in classified.duplicates_page_dir("x").parent.iterdir())
+    assert len(pages) == KEEP_DUPLICATES_PAGES and last.run_id in pages and first.run_id not in pages
+
 
 def test_duplicates_page_shows_groups_side_by_side(copies, tmp_path):
     root, expected = copies

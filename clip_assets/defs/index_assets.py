@@ -13,7 +13,9 @@ from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITE
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
-from clip_assets.gallery import write_duplicates_page
+from clip_assets.gallery import prune_pages, write_duplicates_page
+
+KEEP_DUPLICATES_PAGES = 5  # the newest runs' near-duplicate pages; older ones (5-6 MB each at 1,300 images) go
 
 
 @dg.asset(
@@ -84,6 +86,7 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
     batches = sorted(context.instance.get_dynamic_partitions(image_batches.name))
     summary = duplicates.update_duplicate_groups(layout, batches, collection.duplicate_threshold)
     page = write_duplicates_page(layout, Path(collection.image_root), layout.duplicates_page_dir(context.run.run_id))
+    prune_pages(page.parent.parent, KEEP_DUPLICATES_PAGES)  # one page per run: it re-runs after every new batch
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": summary.images_in_groups,
