@@ -165,8 +165,7 @@ def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray
             old.unlink()
         t, c = time.perf_counter(), time.process_time()
         factory = ann_index.codec_factory(args.vectors, DIM)
-        lists = int(factory.split(",")[0][3:])
-        wanted = min(args.vectors, lists * ann_index.TRAINING_POINTS_PER_LIST * 2)
+        wanted = min(args.vectors, ann_index.codec_lists(args.vectors) * ann_index.TRAINING_POINTS_PER_LIST * 2)
         rng = np.random.default_rng(args.seed)
         sources = paths if len(paths) <= ann_index.MAX_TRAINING_BATCHES else \
             [paths[i] for i in sorted(rng.choice(len(paths), ann_index.MAX_TRAINING_BATCHES, replace=False))]

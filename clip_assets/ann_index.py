@@ -65,12 +65,17 @@ class IndexNotBuiltError(LookupError):
     """A batch has no embeddings to index, or no fresh shard to search."""
 
 
-def codec_factory(rows: int, dim: int) -> str:
-    """The faiss factory string of a codec for a collection of `rows` vectors: sqrt(rows) lists
-    (a power of two, at most MAX_LISTS, at least TRAINING_POINTS_PER_LIST rows each) and 4-bit PQ
-    over dim/2 parts."""
+def codec_lists(rows: int) -> int:
+    """The inverted lists of a codec for a collection of `rows` vectors: sqrt(rows) rounded down to a
+    power of two, at most MAX_LISTS, with at least TRAINING_POINTS_PER_LIST rows each."""
     lists = 2 ** math.floor(math.log2(max(16.0, math.sqrt(rows))))
-    lists = max(16, min(MAX_LISTS, lists, 2 ** math.floor(math.log2(max(16, rows // TRAINING_POINTS_PER_LIST)))))
+    return max(16, min(MAX_LISTS, lists, 2 ** math.floor(math.log2(max(16, rows // TRAINING_POINTS_PER_LIST)))))
+
+
+def codec_factory(rows: int, dim: int) -> str:
+    """The faiss factory string of a codec for a collection of `rows` vectors: codec_lists(rows)
+    lists and 4-bit PQ over dim/2 parts."""
+    lists = codec_lists(rows)
     parts = max(2, dim // 2)
     while dim % parts:
         parts -= 1
@@ -293,9 +298,10 @@ def is_fresh(layout: DataLayout, batch: str, note: dict | None = None) -> bool:
 
 
 def codec_sample(layout: DataLayout, model: str, batch: str, vectors: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
-    """(a training sample, the collection's rows it stands for): this batch's vectors and those of up
-    to MAX_TRAINING_BATCHES - 1 other batches of the same model whose float32 search index is already
-    written, TRAINING_POINTS_PER_LIST per list of the codec those rows call for."""
+    """(a training sample, the collection's rows): the sample is drawn from this batch's vectors and
+    those of up to MAX_TRAINING_BATCHES - 1 other batches of the same model whose float32 search
+    index is already written, each in proportion to its rows, twice TRAINING_POINTS_PER_LIST per list
+    of the codec the collection's rows (all such batches) call for."""
     from clip_assets.search import fresh_search_index, stored_models
 
     rng = np.random.default_rng(seed)
@@ -306,17 +312,17 @@ def codec_sample(layout: DataLayout, model: str, batch: str, vectors: np.ndarray
         found = fresh_search_index(embeddings)
         if found is not None and found.rows and found.dim == vectors.shape[1] and stored_models(embeddings) == {model}:
             others.append(found)
+    collection_rows = len(vectors) + sum(f.rows for f in others)
     if len(others) > MAX_TRAINING_BATCHES - 1:
         others = [others[i] for i in sorted(rng.choice(len(others), MAX_TRAINING_BATCHES - 1, replace=False))]
     sources = [vectors] + [np.memmap(f.path, np.float32, "r", shape=(f.rows, f.dim)) for f in others]
     rows = sum(len(v) for v in sources)
-    lists = int(codec_factory(rows, vectors.shape[1]).split(",")[0][3:])
-    wanted = min(rows, lists * TRAINING_POINTS_PER_LIST * 2)
+    wanted = min(rows, codec_lists(collection_rows) * TRAINING_POINTS_PER_LIST * 2)
     parts = []
     for v in sources:  # each batch in proportion to its rows
         take = min(len(v), max(1, round(wanted * len(v) / rows)))
         parts.append(np.asarray(v[np.sort(rng.choice(len(v), take, replace=False))], dtype=np.float32))
-    return np.concatenate(parts), rows
+    return np.concatenate(parts), collection_rows
 
 
 def model_codec(layout: DataLayout, model: str, batch: str, vectors: np.ndarray, seed: int = 0):

@@ -107,8 +107,7 @@ def test_codec_lists_grow_with_the_square_root_of_the_collection_and_stay_traina
     assert ann_index.codec_factory(1_000_000, 512) == "IVF512,PQ256x4fs"
     assert ann_index.codec_factory(10_000_000, 512) == "IVF2048,PQ256x4fs"
     assert ann_index.codec_factory(10**9, 512) == f"IVF{ann_index.MAX_LISTS},PQ256x4fs"
-    lists = int(ann_index.codec_factory(20_000, 512).split(",")[0][3:])
-    assert 20_000 // lists >= ann_index.TRAINING_POINTS_PER_LIST
+    assert 20_000 // ann_index.codec_lists(20_000) >= ann_index.TRAINING_POINTS_PER_LIST
 
 
 def test_through_dagster_the_first_partition_trains_the_codec_and_the_next_fills_it(settings, instance, tmp_path):
@@ -131,3 +130,16 @@ def test_through_dagster_the_first_partition_trains_the_codec_and_the_next_fills
     assert meta["batch-1"]["codec_trained_for_rows"] == meta["batch-2"]["codec_trained_for_rows"] == ann_index.MIN_ROWS_FOR_IVF
     assert [meta[b]["kind"] for b in meta] == [ann_index.KIND_IVF, ann_index.KIND_IVF]
     assert [meta[b]["dagster/row_count"] for b in meta] == [ann_index.MIN_ROWS_FOR_IVF, 5_000]
+
+
+def test_the_codec_counts_every_batch_of_the_collection_though_it_samples_at_most_64(tmp_path):
+    layout = DataLayout(tmp_path / "data")
+    small = {f"b-{i:03d}": 300 for i in range(ann_index.MAX_TRAINING_BATCHES)}  # 19,200 rows: no codec yet
+    batches_of(layout, small)
+    for batch in small:
+        assert ann_index.build_batch_shard(layout, batch).kind == ann_index.KIND_EXACT
+    batches_of(layout, {"last": 1_000}, seed=500)
+    summary = ann_index.build_batch_shard(layout, "last")
+    # the sample is drawn from 64 of the 65 batches, but the lists are chosen for all of them
+    assert summary.codec_trained and summary.codec_rows == 300 * ann_index.MAX_TRAINING_BATCHES + 1_000
+    assert json.loads(layout.ann_codec_note_path(MODEL).read_text())["collection_rows"] == summary.codec_rows
