@@ -36,9 +36,9 @@ def batch_run_requests(
         dg.RunRequest(
             run_key=f"{run_key_prefix}:{first}..{last}",
             job_name=CLASSIFY_BATCH_JOB,
-            tags={**(tags or {}), ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-        ) if first != last else dg.RunRequest(
-            run_key=f"{run_key_prefix}:{first}..{last}", job_name=CLASSIFY_BATCH_JOB, partition_key=first, tags=tags,
+            partition_key=first if first == last else None,
+            tags={**(tags or {}), **({} if first == last else
+                                     {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})},
         )
         for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
     ]
