@@ -153,11 +153,15 @@ class WiseChoice:
     validation: tuple[tuple[float, float, float], ...] = ()  # (share, retrieval accuracy, loss) on validation, when chosen
     validation_images: int = 0
 
+    @property
+    def mix(self) -> str:
+        return f"weights {self.alpha:g} tuned + {1 - self.alpha:g} base"
+
     def line(self) -> str:
         if not self.validation:
-            return f"weights {self.alpha:g} tuned + {1 - self.alpha:g} base (set)"
+            return f"{self.mix} (set)"
         tried = ", ".join(f"{a:g}: {acc:.3f} / {loss:.3f}" for a, acc, loss in self.validation)
-        return (f"weights {self.alpha:g} tuned + {1 - self.alpha:g} base, chosen on {self.validation_images} validation "
+        return (f"{self.mix}, chosen on {self.validation_images} validation "
                 f"images (retrieval accuracy / contrastive loss by share: {tried})")
 
 
@@ -179,7 +183,7 @@ class FineTuneReport:
     def table(self) -> str:
         mode = "image tower locked, text side tuned (LiT)" if self.options.lock_image else "both towers tuned"
         if self.wise.alpha < 1:
-            mode += f", weights {self.wise.alpha:g} tuned + {1 - self.wise.alpha:g} base (WiSE-FT)"
+            mode += f", {self.wise.mix} (WiSE-FT)"
         return "\n".join([
             f"{mode}: {self.options.epochs} epochs, lr {self.options.learning_rate:g}, batch {self.options.batch_size}, "
             f"on {self.training_pairs} pairs ({self.training_images} images); "
