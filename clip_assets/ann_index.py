@@ -72,14 +72,17 @@ def codec_lists(rows: int) -> int:
     return max(16, min(MAX_LISTS, lists, 2 ** math.floor(math.log2(max(16, rows // TRAINING_POINTS_PER_LIST)))))
 
 
+def factory_string(lists: int, parts: int) -> str:
+    return f"IVF{lists},PQ{parts}x4fs"
+
+
 def codec_factory(rows: int, dim: int) -> str:
     """The faiss factory string of a codec for a collection of `rows` vectors: codec_lists(rows)
     lists and 4-bit PQ over dim/2 parts."""
-    lists = codec_lists(rows)
     parts = max(2, dim // 2)
     while dim % parts:
         parts -= 1
-    return f"IVF{lists},PQ{parts}x4fs"
+    return factory_string(codec_lists(rows), parts)
 
 
 def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
@@ -91,15 +94,16 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
     index = faiss.index_factory(sample.shape[1], codec_factory(rows, sample.shape[1]), faiss.METRIC_INNER_PRODUCT)
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target.with_name(target.name + ".new")) as tmp:
+    written = target.with_name(target.name + ".new")
+    with atomic_write(written) as tmp:
         faiss.write_index(index, str(tmp))
     try:
-        os.link(target.with_name(target.name + ".new"), target)  # fails when a codec is already there
+        os.link(written, target)  # fails when a codec is already there
         return True
     except FileExistsError:
         return False
     finally:
-        target.with_name(target.name + ".new").unlink(missing_ok=True)
+        written.unlink(missing_ok=True)
 
 
 def fill_shard(codec, vectors: np.ndarray, target: Path) -> None:
@@ -368,7 +372,7 @@ def build_batch_shard(layout: DataLayout, batch: str, seed: int = 0) -> ShardSum
         if vectors_file.rows else (None, None, False, 0)
     if codec is not None:
         fill_shard(codec, vectors, target)
-        kind, factory, index_bytes = KIND_IVF, f"IVF{codec.nlist},PQ{codec.pq.M}x4fs", target.stat().st_size
+        kind, factory, index_bytes = KIND_IVF, factory_string(codec.nlist, codec.pq.M), target.stat().st_size
     else:
         target.unlink(missing_ok=True)
         kind, factory, index_bytes = KIND_EXACT, None, 0
