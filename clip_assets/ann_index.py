@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clip_assets.atomic_files import atomic_write, write_text_atomically
-from clip_assets.file_hashes import content_digest
+from clip_assets.file_hashes import current_content_digest
 from clip_assets.layout import DataLayout
 
 log = logging.getLogger(__name__)
@@ -272,20 +272,12 @@ def read_note(layout: DataLayout, batch: str) -> dict | None:
         return None
 
 
-_codec_versions: dict[tuple[str, int, int], str] = {}
-
-
 def codec_version(layout: DataLayout, model: str) -> str | None:
-    """The content digest of the model's codec, None when there is none (cached while the file is unchanged)."""
-    path = layout.ann_codec_path(model)
+    """The content digest of the model's codec, None when there is none (hashed again only when the file changed)."""
     try:
-        st = path.stat()
+        return current_content_digest(layout.ann_codec_path(model))
     except FileNotFoundError:
         return None
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _codec_versions:
-        _codec_versions[key] = content_digest(path)
-    return _codec_versions[key]
 
 
 def is_fresh(layout: DataLayout, batch: str, note: dict | None = None) -> bool:

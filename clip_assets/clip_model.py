@@ -8,7 +8,6 @@ to point at a local checkpoint: never a silent fallback to random weights.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import json
@@ -21,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from clip_assets.file_hashes import content_digest
+from clip_assets.file_hashes import current_content_digest
 from clip_assets.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -239,11 +238,6 @@ def pick_device(override: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=32)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return content_digest(path)
-
-
 def model_identity(model_name: str, pretrained: str) -> str:
     """A name for the weights that changes whenever the weights do.
 
@@ -254,8 +248,7 @@ def model_identity(model_name: str, pretrained: str) -> str:
         return pretrained
     path = Path(pretrained).expanduser()
     if path.is_file():
-        st = path.stat()
-        return f"{model_name}/file:{path.name}@{_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
+        return f"{model_name}/file:{path.name}@{current_content_digest(path)}"
     return f"{model_name}/{pretrained}"
 
 

@@ -3,6 +3,7 @@ file and names a file written by its content."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -23,3 +24,16 @@ def content_digest(path: Path | str) -> str:
     """The short content hash a file is named and identified by: a checkpoint's name, its model
     identity and `fine_tuned_model`'s data version all hold this same prefix."""
     return file_sha256(path)[:CONTENT_DIGEST_CHARS]
+
+
+def current_content_digest(path: Path | str) -> str:
+    """content_digest of the file as it is now, hashed again only when its size or mtime changed
+    (FileNotFoundError when it is not there)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _digest_of_version(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return content_digest(path)
