@@ -1,7 +1,7 @@
 """The labelled images' stored embeddings, adapters fitted on the tuning half, and the before/after table.
 
 The labelled images are split by calibration's image-id hash (`is_heldout`). Adapters (and their
-thresholds) are chosen and fitted on the tuning half only; the table scores, on the held-out half
+thresholds) are chosen, fitted and calibrated on the tuning half only; the table scores, on the held-out half
 only, the zero-shot settings, thresholds calibrated on the whole tuning half (what `clip-assets
 calibrate` proposes) and the adapted scores.
 """
@@ -74,18 +74,21 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
     )
 
 
-def tuning_sample(data: LabelledEmbeddings, shots: int | None) -> np.ndarray:
-    """Indices of the tuning-half images the adapters learn from: at most `shots` per category."""
+def tuning_sample(data: LabelledEmbeddings, shots: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the tuning half, and the positions among them of the images the corrections learn
+    from: at most `shots` per category (all when None)."""
     tuning = np.flatnonzero(~data.heldout)
-    return tuning[select_shots([data.image_ids[i] for i in tuning], data.truth[tuning], shots)]
+    return tuning, select_shots([data.image_ids[i] for i in tuning], data.truth[tuning], shots)
 
 
 def fit_on_tuning_half(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None, version: str,
                        candidates=CANDIDATES) -> AdapterSet:
-    """Adapters from the tuning half only: the held-out half never feeds a choice or a fit."""
-    rows = tuning_sample(data, shots)
+    """Adapters from the tuning half only: the held-out half never feeds a choice, a fit or a threshold.
+    The corrections learn from at most `shots` images per category; thresholds are calibrated on the
+    whole tuning half, as calibration's are."""
+    rows, learn = tuning_sample(data, shots)
     return fit_adapters([data.image_ids[i] for i in rows], data.embeddings[rows], data.truth[rows], centroids, version,
-                        candidates)
+                        candidates, learn)
 
 
 def scored(data: LabelledEmbeddings, centroids: CentroidSet, adapters: AdapterSet | None = None) -> LabelledScores:
@@ -119,7 +122,7 @@ class AdapterComparison:
     def table(self) -> str:
         lines = [
             f"held-out images: {self.heldout_images}; calibrated on the {self.tuning_images} tuning images, "
-            f"adapters learnt from {self.adapter_images} of them",
+            f"adapters learnt from {self.adapter_images} of them (their thresholds calibrated on all {self.tuning_images})",
             f"{'category':<12} {'labels':>6}  {'zero-shot P/R/F1':>18}  {'calibrated P/R/F1':>18}  {'adapted P/R/F1':>18}",
         ]
         for j, name in enumerate(self.categories):
@@ -145,15 +148,15 @@ def compare(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None,
     adapters = fit_on_tuning_half(data, centroids, shots, version, candidates)
     adapted = scored(data, centroids, adapters)
     held = data.heldout
-    rows = tuning_sample(data, shots)
+    rows, learn = tuning_sample(data, shots)
     return AdapterComparison(
         categories=centroids.categories,
         zero_shot=report.before,
         calibrated=report.after,
         adapted=category_scores(adapted.matched[held], data.truth[held], centroids.categories),
-        labels_per_category=data.truth[rows].sum(0),
+        labels_per_category=data.truth[rows[learn]].sum(0),
         tuning_images=int((~held).sum()),
-        adapter_images=len(rows),
+        adapter_images=len(learn),
         heldout_images=int(held.sum()),
         adapters=adapters,
     )

@@ -19,10 +19,10 @@ from clip_assets.atomic_files import atomic_write
 from clip_assets.centroids import CentroidSet
 from clip_assets.file_hashes import file_sha256
 
-FORMAT = 1
+FORMAT = 2  # 2: thresholds calibrated on the whole tuning half, not only the images the correction learnt from
 _ARRAYS = ("columns", "thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change", "applies",
            "labels_used")
-_FIELDS = ("source", "mode", "kind", "description", "cv_macro_f1", "beta", "images_used")
+_FIELDS = ("source", "mode", "kind", "description", "cv_macro_f1", "beta", "images_used", "calibration_images")
 
 
 class AdapterMismatchError(ValueError):

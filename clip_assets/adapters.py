@@ -21,12 +21,14 @@ margin, as before; the threshold and neutral margin are then calibrated on the a
 corrected similarities and the file's threshold and top_k are kept.
 
 The choice between the three and their hyper-parameters is made by cross-validation inside the
-images given (the caller passes the tuning half of calibration's image-id split only): each candidate
-is fitted on all folds but one and scores the images of that fold; thresholds are tuned on the
-out-of-fold scores of the other folds and judged on the fold. The candidate with the best macro F1
-of the file's categories is fitted on every image given (at most MAX_FIT_IMAGES, sampled so that a
-rare category keeps its labelled images), with thresholds tuned on its out-of-fold scores (scores of
-images it was not fitted on, as the images it will classify are).
+images given (the caller passes the tuning half of calibration's image-id split only, and may name
+the part of it the correction learns from, e.g. at most 16 images per category): each candidate is
+fitted on all folds but one and scores the images of that fold; thresholds are tuned on the
+out-of-fold scores of the other folds and judged on the fold. The candidate with the best macro F1 of
+the file's categories is fitted on the images it learns from (at most MAX_FIT_IMAGES, sampled so that
+a rare category keeps its labelled images). Its thresholds are then tuned on every image given, as
+calibration's are: out-of-fold scores for the images it was fitted on, scores through the fitted
+correction for the others (neither kind was fitted on, as the images it will classify are not).
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ class FileAdapter:
     weight_change: np.ndarray | None = None  # head: (g, d), trained rows minus the text centroids
     applies: np.ndarray | None = None  # (g,) bool: multi_label categories whose cross-validated F1 the correction raised
     labels_used: np.ndarray | None = None  # (g,) images labelled with each category that it learnt from
-    images_used: int = 0
+    images_used: int = 0  # images the correction learnt from
+    calibration_images: int = 0  # images its thresholds were calibrated on (those and the rest of the tuning half)
 
     def positive_correction(self, embeddings: np.ndarray) -> np.ndarray:
         """(n, g): what the adapter adds to the positive similarities of these images."""
@@ -368,13 +371,17 @@ def _cross_validated_f1(g: _Group, pos: np.ndarray, s: GroupScores, truth: np.nd
 
 
 def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupScores, truth: np.ndarray,
-                     logit_scale: float, candidates=CANDIDATES) -> FileAdapter:
-    """Choose by cross-validation on these images, then fit the choice on all of them."""
+                     logit_scale: float, candidates=CANDIDATES, learn: np.ndarray | None = None) -> FileAdapter:
+    """Choose by cross-validation on the `learn` rows (default: every row), fit the choice on them, then
+    calibrate thresholds on every row: a row the correction was fitted on gives its out-of-fold score,
+    any other its score through the fitted correction."""
     shell = FileAdapter(g.source, g.mode, g.columns, NONE, g.thresholds, g.margins)
-    shell.labels_used, shell.images_used = truth.sum(0), len(image_ids)
-    if len(image_ids) < 2 * FOLDS or not truth.any():
+    learn = np.arange(len(image_ids)) if learn is None else np.asarray(learn, dtype=int)
+    learn_ids = [image_ids[i] for i in learn]
+    shell.labels_used, shell.images_used = truth[learn].sum(0), len(learn)
+    if len(learn) < 2 * FOLDS or not truth[learn].any():
         return shell  # too few labels to choose anything: zero-shot with the file's thresholds
-    select = stratified_sample(image_ids, truth, MAX_SELECTION_IMAGES, "selection")
+    select = learn[stratified_sample(learn_ids, truth[learn], MAX_SELECTION_IMAGES, "selection")]
     xs, ss, ts = x[select], _subset(s, select), truth[select]
     folds = np.array([int(stable_fraction(image_ids[i], "fold") * FOLDS) for i in select])
     best, best_f1, per_kind, columns_f1, memo = None, -1.0, {}, {}, {}
@@ -385,19 +392,20 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
         per_kind[candidate.kind] = max(per_kind.get(candidate.kind, -1.0), f1)
         if f1 > best_f1:
             best, best_f1 = candidate, f1
-    fit = stratified_sample(image_ids, truth, MAX_FIT_IMAGES, "fit")
-    image_ids, x, s, truth = [image_ids[i] for i in fit], x[fit], _subset(s, fit), truth[fit]
-    fitted = _fit_candidate(best, x, s, truth, g.start, g.mode, logit_scale, shell)
+    fit = learn[stratified_sample(learn_ids, truth[learn], MAX_FIT_IMAGES, "fit")]
+    fit_ids = [image_ids[i] for i in fit]
+    fitted = _fit_candidate(best, x[fit], _subset(s, fit), truth[fit], g.start, g.mode, logit_scale, shell)
     if g.mode != SINGLE_LABEL and best.kind != NONE and NONE_CANDIDATE in columns_f1:
         # Categories are independent under the multi_label rule: one the correction did not help keeps zero-shot.
         fitted.applies = (columns_f1[best] > columns_f1[NONE_CANDIDATE]).astype(np.float32)
-    all_folds = np.array([int(stable_fraction(i, "fold") * FOLDS) for i in image_ids])
-    oof = _out_of_fold(best, g, x, s, truth, all_folds, logit_scale, shell)
-    if fitted.applies is not None:
-        oof = np.where(fitted.applies > 0, oof, s.pos)
-    fitted.thresholds, fitted.neutral_margins = tuned_thresholds(g.mode, oof, s, truth, g.thresholds, g.margins)
+    pos = s.pos + fitted.positive_correction(x)  # rows the correction was not fitted on
+    fit_folds = np.array([int(stable_fraction(i, "fold") * FOLDS) for i in fit_ids])
+    oof = _out_of_fold(best, g, x[fit], _subset(s, fit), truth[fit], fit_folds, logit_scale, shell)
+    pos[fit] = oof if fitted.applies is None else np.where(fitted.applies > 0, oof, s.pos[fit])
+    fitted.thresholds, fitted.neutral_margins = tuned_thresholds(g.mode, pos, s, truth, g.thresholds, g.margins)
     fitted.cv_macro_f1 = {k: round(v, 4) for k, v in per_kind.items()}
-    fitted.labels_used, fitted.images_used = truth.sum(0), len(image_ids)
+    fitted.labels_used, fitted.images_used = truth[fit].sum(0), len(fit)
+    fitted.calibration_images = len(image_ids)
     return fitted
 
 
@@ -433,12 +441,13 @@ class AdapterSet:
 
 
 def fit_adapters(image_ids: list[str], embeddings: np.ndarray, truth: np.ndarray, centroids: CentroidSet,
-                 version: str, candidates=CANDIDATES) -> AdapterSet:
-    """One adapter per prompt file from these labelled images (pass the tuning half only)."""
+                 version: str, candidates=CANDIDATES, learn: np.ndarray | None = None) -> AdapterSet:
+    """One adapter per prompt file from these labelled images (pass the tuning half only): the correction
+    learns from the `learn` rows (default: all), thresholds are calibrated on all."""
     matrices = score_matrices(np.ascontiguousarray(embeddings, dtype=np.float32), centroids)
     files = []
     for g in prompt_file_groups(centroids):
         s = group_scores(matrices, g.columns, centroids.has_neutral)
         files.append(fit_file_adapter(g, image_ids, embeddings, s, truth[:, g.columns], centroids.logit_scale,
-                                      candidates))
+                                      candidates, learn))
     return AdapterSet(files, centroids.model, centroids.prompt_version, version)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from clip_assets import steps
-from clip_assets.adapter_evaluation import LabelledEmbeddings, compare, fit_on_tuning_half, load_labelled_embeddings
+from clip_assets.adapter_evaluation import (
+    LabelledEmbeddings, compare, fit_on_tuning_half, load_labelled_embeddings, tuning_sample,
+)
 from clip_assets.adapter_store import AdapterMismatchError, adapters_for, read_adapters, write_adapter_file
 from clip_assets.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters, stratified_sample
 from clip_assets.calibration import is_heldout, read_labels_file
@@ -95,6 +97,29 @@ def test_the_held_out_half_never_feeds_the_choice_or_the_fit():
         for name in ("thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
+
+
+def test_with_shots_the_correction_learns_from_the_shots_and_the_thresholds_from_the_whole_tuning_half():
+    data, centroids = poor_prompts_case()
+    tuning, learn = tuning_sample(data, 8)
+    assert len(learn) < len(tuning) and data.truth[tuning[learn]].sum(0).max() <= 8
+    others = np.setdiff1d(tuning, tuning[learn])
+    before = fit_on_tuning_half(data, centroids, shots=8, version="v")
+    # Every tuning image outside the shots is labelled with the first category only.
+    relabelled = dataclasses.replace(data, truth=data.truth.copy())
+    relabelled.truth[others] = np.eye(3, dtype=bool)[0]
+    after = fit_on_tuning_half(relabelled, centroids, shots=8, version="v")
+    a, b = before.files[0], after.files[0]
+    assert a.kind != NONE
+    assert (a.images_used, a.calibration_images) == (len(learn), len(tuning))
+    assert a.labels_used.tolist() == data.truth[tuning[learn]].sum(0).tolist()
+    # What the correction learnt depends on the shots only ...
+    assert (a.kind, a.description, a.cv_macro_f1) == (b.kind, b.description, b.cv_macro_f1)
+    for name in ("keys", "values", "alpha", "weight_change", "applies"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
+    # ... its thresholds on every tuning image's label.
+    assert not np.array_equal(a.thresholds, b.thresholds)
 
 
 def test_adapters_survive_the_file_and_refuse_other_centroids(tmp_path):

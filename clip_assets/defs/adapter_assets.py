@@ -34,7 +34,8 @@ labels_file = observed_file_source(
 )
 def category_adapters(collection: ImageCollection, labelled_sample: LabelledSample) -> dg.MaterializeResult:
     """Per prompt file, none, a cache model or a linear head on top of the prompt centroids, chosen and
-    fitted on the tuning half of the labelled images; thresholds calibrated on the adapted scores.
+    fitted on the tuning half of the labelled images (at most `adapter_shots` per category); thresholds
+    calibrated on the adapted scores of the whole tuning half.
     Without labels: no adapters, and classification is zero-shot."""
     summary = steps.write_adapters(collection.layout, labelled_sample.path, labelled_sample.adapter_shots or None)
     metadata = {"adapter_version": summary.version, "path": dg.MetadataValue.path(str(collection.layout.adapters_path))}
@@ -46,9 +47,11 @@ def category_adapters(collection: ImageCollection, labelled_sample: LabelledSamp
             "unknown_categories": ", ".join(summary.unknown_categories) or "none",
             "prompt_files": table(
                 [{"file": f.source, "adapter": f.description, "images": int(f.images_used),
+                  "thresholds_calibrated_on": int(f.calibration_images),
                   "cross_validated_macro_f1": ", ".join(f"{k} {v:.3f}" for k, v in f.cv_macro_f1.items()) or "-"}
                  for f in summary.adapters.files],
-                {"file": "string", "adapter": "string", "images": "int", "cross_validated_macro_f1": "string"},
+                {"file": "string", "adapter": "string", "images": "int", "thresholds_calibrated_on": "int",
+                 "cross_validated_macro_f1": "string"},
             ),
         }
     return dg.MaterializeResult(data_version=dg.DataVersion(summary.version), metadata=metadata)
