@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from clip_assets.file_hashes import current_content_digest
+from clip_assets.quantizable_attention import swap_self_attention
 from clip_assets.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -166,12 +167,15 @@ def resolved_precision(precision: str, device: torch.device) -> str:
 
 def with_precision(clip: ClipModel, precision: str) -> ClipModel:
     """`clip` computing its image tower at `precision` (see resolved_precision). int8 swaps the image
-    tower's Linear layers for dynamically quantised ones, in place; the others only choose autocast."""
+    tower's MLP Linear layers, and the projections of open_clip's self-attention blocks (see
+    quantizable_attention), for dynamically quantised ones, in place; the others only choose autocast."""
     chosen = resolved_precision(precision, clip.device)
     if clip.precision == "int8" and chosen != "int8":
         raise ValueError(f"This model's image tower was quantised to int8 in place: load it again for {chosen}")
     if chosen == "int8" and clip.precision != "int8":
         layers = mlp_linear_layers(clip.model.visual)
+        if layers:  # the attention projections too: the other third of a block's matrix work
+            layers |= swap_self_attention(clip.model.visual)
         if not layers:
             if precision == "int8":
                 raise ValueError("CLIP_ASSETS_PRECISION=int8: this image tower has no MLP Linear layers to quantise "

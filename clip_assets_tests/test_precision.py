@@ -26,6 +26,7 @@ from clip_assets.embedding import (
     torch_threads,
 )
 from clip_assets.layout import DataLayout
+from clip_assets.quantizable_attention import SelfAttention
 from clip_assets_tests.test_embedding_engine import photo_like, write_bad_batch
 from clip_assets_tests.test_tensor_decode import agreement, seeded_vit_s_32, with_orientation
 
@@ -90,6 +91,12 @@ def test_int8_quantises_the_image_towers_linear_layers_only():
     kinds = {type(m).__module__ for m in clip.model.visual.modules() if "Linear" in type(m).__name__}
     assert any("quantized" in k for k in kinds)
     assert not any("quantized" in type(m).__module__ for m in clip.model.transformer.modules())
+    # The attention projections too (SelfAttention in place of MultiheadAttention), in every block.
+    visual = clip.model.visual
+    assert not [n for n, m in visual.named_modules() if type(m) is torch.nn.MultiheadAttention]
+    projections = [m for n, m in visual.named_modules() if n.endswith((".attn.in_proj", ".attn.out_proj"))]
+    assert len(projections) == 2 * len(visual.transformer.resblocks)
+    assert all(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in projections)
     texts = clip.encode_texts(["a photo of a cat"])
     assert torch.equal(texts, seeded_vit_s_32().encode_texts(["a photo of a cat"]))
     bf16 = with_precision(seeded_vit_s_32(), "bfloat16")  # autocast for the image tower only, too
@@ -143,3 +150,19 @@ def test_a_tower_with_nothing_to_quantise_stays_float32_under_auto_and_refuses_i
     assert with_precision(clip, "auto").precision == "float32"
     with pytest.raises(ValueError, match="nothing|no MLP"):
         with_precision(clip, "int8")
+
+
+def test_self_attention_from_linear_layers_computes_what_multihead_attention_does():
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = torch.nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+        x = torch.randn(3, 10, 64) if batch_first else torch.randn(10, 3, 64)
+        causal = torch.triu(torch.full((10, 10), float("-inf")), diagonal=1)
+        attention = SelfAttention(mha)
+        for mask in (None, causal):
+            expected = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+            got, weights = attention(x, x, x, need_weights=False, attn_mask=mask)
+            assert weights is None and got.shape == expected.shape
+            assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attention(x, torch.randn_like(x), x)
