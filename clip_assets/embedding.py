@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from clip_assets.clip_model import ClipModel, batch_size_for
+from clip_assets.pillow_preprocess import fused_preprocess
 from clip_assets.settings import default
 from clip_assets.decode_faults import (
     InFlightFiles,
@@ -335,7 +336,8 @@ def encode_images(
         (tensor_decode.JpegBytesOrPixels, tensor_decode.collate_bytes_or_pixels) if decoder else (_ImageFiles, _collate)
     )
     dataset = dataset_type(
-        image_root, job.paths, job.expected_fingerprints, clip.preprocess, draft_size(clip), timeout_s, in_flight
+        image_root, job.paths, job.expected_fingerprints, fused_preprocess(clip.preprocess), draft_size(clip),
+        timeout_s, in_flight,
     )
     schema = embeddings_schema(clip.embed_dim)
     # torch reports a dead worker from its SIGCHLD handler, i.e. in whatever code the main thread is
