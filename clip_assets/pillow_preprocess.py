@@ -77,7 +77,7 @@ class FusedResizeCrop:
         # The kept region in source pixels (multiplied before dividing: a side kept whole is exactly 0..w).
         box = (left * w / new_w, top * h / new_h, (left + crop_w) * w / new_w, (top + crop_h) * h / new_h)
         out = img.resize((crop_w, crop_h), self.resample, box=box)
-        pixels = torch.from_numpy(np.asarray(out)).permute(2, 0, 1).to(torch.float32)
+        pixels = torch.from_numpy(np.array(out)).permute(2, 0, 1).to(torch.float32)  # a writable copy
         return pixels.mul_(self.scale).add_(self.shift)
 
 
