@@ -17,8 +17,10 @@ from clip_assets.cli import main
 from clip_assets.clip_model import load_clip_model, model_identity
 from clip_assets.fine_tuned_weights import NoFineTunedModelError, configured_weights
 from clip_assets.demo.second_domain import (
+    REPLAY_FOLDER,
     heldout_truth,
     write_domain_collection,
+    write_replay_captions,
     zero_shot_scores,
 )
 from clip_assets.demo.shapes import LABELS_FILE, make_sample
@@ -223,3 +225,17 @@ def test_the_second_domain_is_scored_on_the_images_fine_tuning_held_out(tmp_path
     assert [s.category for s in scores] == [c.name for c in load_categories(REPO_ROOT / "prompts")]
     for s in scores:  # every held-out image that shows a category is counted as found or missed
         assert s.true_positives + s.false_negatives == sum(s.category in labels for labels in truth.values())
+
+
+def test_replay_adds_filled_shape_pairs_and_keeps_the_domains_held_out_images_held_out(tmp_path):
+    root = tmp_path / "hatched"
+    domain = read_captions_file(write_domain_collection(root, "hatched", images=24, seed=5))
+    mixed = read_captions_file(write_replay_captions(root, 10))
+    replayed = [p for p in mixed if p.path.startswith(f"{REPLAY_FOLDER}/")]
+    assert [(p.path, p.caption) for p in mixed[:len(domain)]] == [(p.path, p.caption) for p in domain]
+    assert len(replayed) == len(mixed) - len(domain) == 10 * 3
+    assert len({p.path for p in replayed}) == 10 and all((root / p.path).is_file() for p in replayed)
+    # The domain's held-out images stay held out, whatever is mixed in (the split hashes each path).
+    _, heldout = split_pairs(domain, 0.25)
+    _, heldout_mixed = split_pairs(mixed, 0.25)
+    assert {p.path for p in heldout} == {p.path for p in heldout_mixed if not p.path.startswith(f"{REPLAY_FOLDER}/")}

@@ -8,8 +8,11 @@ files and classification rule, of the base and the fine-tuned model on the image
 held out (calibration's path-hash split: no held-out image or caption is ever trained on), and on
 the demo's own filled-shape collection (what the tuning costs there). `--wise-sweep` scores a tuned
 checkpoint's weights mixed with the base ones in several proportions (WiSE-FT), without training.
+`--replay N` mixes captioned pairs of N new filled-shape images (the domain the model knows, drawn
+apart from the demo collection it is scored on) into the captions it tunes on: replay, the other
+usual remedy for forgetting.
 
-    python -m clip_assets.demo.second_domain [--outline] [--lock-image] [--wise-alpha A] [--threads N]
+    python -m clip_assets.demo.second_domain [--outline] [--lock-image] [--wise-alpha A] [--replay N] [--threads N]
     python -m clip_assets.demo.second_domain --wise-sweep TUNED_CHECKPOINT [--alphas 0.3,0.5,0.7,1]
 """
 
@@ -32,7 +35,7 @@ from clip_assets.classification import score_matrices
 from clip_assets.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import (
-    BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape,
+    BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
     read_labels,
 )
 from clip_assets.embedding import load_rgb
@@ -107,6 +110,30 @@ def write_domain_collection(root: Path, style: str = "hatched", images: int = 72
     return root / CAPTIONS_FILE
 
 
+REPLAY_FOLDER = "replay"
+
+
+def write_replay_captions(root: Path, images: int, seed: int = 7) -> Path:
+    """The domain's captions file plus captioned pairs of `images` new filled-shape images (under
+    root/replay, drawn as the demo model's training images are; another seed than the demo
+    collection's, so none of the images forgetting is scored on is trained on). Returns its path."""
+    rng = random.Random(seed)
+    folder = root / REPLAY_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(root / CAPTIONS_FILE, newline="") as f:
+        captions = [(row["path"], row["caption"]) for row in csv.DictReader(f)]
+    for i in range(images):
+        sample = make_sample(rng, rng.choice([(96, 96), (128, 96), (96, 128)]))
+        path = f"{REPLAY_FOLDER}/filled-{i:04d}.png"
+        if not (root / path).is_file():
+            sample.image.save(root / path)
+        # Worded as the demo model's own training captions were (background tints named).
+        captions += [(path, training_caption(sample, rng, tints=True).text) for _ in range(CAPTIONS_PER_IMAGE)]
+    out = root / f"captions-replay-{images}.csv"
+    _write_csv(out, ["path", "caption"], captions)
+    return out
+
+
 def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -177,11 +204,15 @@ def _demo_domains(demo_dir: Path, style: str, heldout_fraction: float, log=print
     }
 
 
-def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "hatched",
+def run_second_domain(demo_dir: Path, options: FineTuneOptions, style: str = "hatched", replay: int = 0,
                       log=print) -> tuple[FineTuneReport, DomainComparison]:
-    """Write the domain's collection (once), fine-tune the demo's model on it, compare on held-out images."""
+    """Write the domain's collection (once), fine-tune the demo's model on it (with `replay` filled-shape
+    images' pairs mixed in), compare on held-out images."""
     settings, root, domains = _demo_domains(demo_dir, style, options.heldout_fraction, log)
-    report = fine_tune_to_checkpoint(settings.model, settings.pretrained, root / CAPTIONS_FILE, root,
+    captions = write_replay_captions(root, replay) if replay else root / CAPTIONS_FILE
+    if replay:
+        log(f"replay: {replay} filled-shape images' pairs mixed into the {style} captions ({captions.name})")
+    report = fine_tune_to_checkpoint(settings.model, settings.pretrained, captions, root,
                                      settings.data_dir, options, "cpu", log)
     log(report.table())
     base = load_clip_model(settings.model, settings.pretrained, "cpu")
@@ -231,4 +262,5 @@ if __name__ == "__main__":
                    style)
     else:
         run_second_domain(DEMO_DIR, dataclasses.replace(DEMO_OPTIONS, lock_image="--lock-image" in sys.argv,
-                                                        wise_alpha=share_or_auto(_option("--wise-alpha", "auto"))), style)
+                                                        wise_alpha=share_or_auto(_option("--wise-alpha", "auto"))), style,
+                          replay=int(_option("--replay", "0")))
