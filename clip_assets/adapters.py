@@ -380,7 +380,10 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
     learn_ids = [image_ids[i] for i in learn]
     shell.labels_used, shell.images_used = truth[learn].sum(0), len(learn)
     if len(learn) < 2 * FOLDS or not truth[learn].any():
-        return shell  # too few labels to choose anything: zero-shot with the file's thresholds
+        # Too few labels to choose a correction: zero-shot scores, thresholds calibrated as calibration's are.
+        shell.thresholds, shell.neutral_margins = tuned_thresholds(g.mode, s.pos, s, truth, g.thresholds, g.margins)
+        shell.calibration_images = len(image_ids)
+        return shell
     select = learn[stratified_sample(learn_ids, truth[learn], MAX_SELECTION_IMAGES, "selection")]
     xs, ss, ts = x[select], _subset(s, select), truth[select]
     folds = np.array([int(stable_fraction(image_ids[i], "fold") * FOLDS) for i in select])

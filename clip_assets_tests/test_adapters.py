@@ -80,9 +80,10 @@ def test_each_adapter_beats_zero_shot_and_calibration_on_held_out_images(kind, m
     assert adapted > max(zero_shot, calibrated) + 0.1, (zero_shot, calibrated, adapted)
 
 
-def test_the_held_out_half_never_feeds_the_choice_or_the_fit():
+@pytest.mark.parametrize("shots", [None, 8])
+def test_the_held_out_half_never_feeds_the_choice_the_fit_or_a_threshold(shots):
     data, centroids = poor_prompts_case()
-    before = fit_on_tuning_half(data, centroids, shots=None, version="v")
+    before = fit_on_tuning_half(data, centroids, shots=shots, version="v")
     rng = np.random.default_rng(5)
     held = data.heldout
     scrambled = dataclasses.replace(
@@ -90,11 +91,12 @@ def test_the_held_out_half_never_feeds_the_choice_or_the_fit():
         truth=np.where(held[:, None], rng.random(data.truth.shape) < 0.5, data.truth),
         embeddings=np.where(held[:, None], _unit(rng.normal(size=data.embeddings.shape)), data.embeddings),
     )
-    after = fit_on_tuning_half(scrambled, centroids, shots=None, version="v")
+    after = fit_on_tuning_half(scrambled, centroids, shots=shots, version="v")
     assert before.files[0].kind != NONE
     for a, b in zip(before.files, after.files):
-        assert (a.kind, a.description, a.cv_macro_f1, a.images_used) == (b.kind, b.description, b.cv_macro_f1, b.images_used)
-        for name in ("thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change"):
+        assert (a.kind, a.description, a.cv_macro_f1, a.images_used, a.calibration_images) == (
+            b.kind, b.description, b.cv_macro_f1, b.images_used, b.calibration_images)
+        for name in ("thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change", "applies"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
 
@@ -108,6 +110,7 @@ def test_with_shots_the_correction_learns_from_the_shots_and_the_thresholds_from
     # Every tuning image outside the shots is labelled with the first category only.
     relabelled = dataclasses.replace(data, truth=data.truth.copy())
     relabelled.truth[others] = np.eye(3, dtype=bool)[0]
+    assert np.array_equal(tuning_sample(relabelled, 8)[1], learn)  # the same shots, with the same labels
     after = fit_on_tuning_half(relabelled, centroids, shots=8, version="v")
     a, b = before.files[0], after.files[0]
     assert a.kind != NONE
@@ -120,6 +123,19 @@ def test_with_shots_the_correction_learns_from_the_shots_and_the_thresholds_from
         assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
     # ... its thresholds on every tuning image's label.
     assert not np.array_equal(a.thresholds, b.thresholds)
+    # Those thresholds fit the corrected scores (each image outside the shots scored through the
+    # correction): on held-out images the adapter beats calibration by far, where the prompts are poor.
+    report = compare(data, centroids, shots=8)
+    print(f"8 shots: calibrated {macro_f1(report.calibrated):.3f}, adapted {macro_f1(report.adapted):.3f}")
+    assert macro_f1(report.adapted) >= macro_f1(report.calibrated) + 0.2
+
+
+def test_with_too_few_shots_to_choose_a_correction_the_thresholds_are_calibrated_all_the_same():
+    data, centroids = poor_prompts_case()
+    report = compare(data, centroids, shots=1)  # 3 images learn: too few for five folds
+    f = report.adapters.files[0]
+    assert f.kind == NONE and f.calibration_images == report.tuning_images
+    assert report.adapted == report.calibrated  # zero-shot scores, calibration's thresholds
 
 
 def test_adapters_survive_the_file_and_refuse_other_centroids(tmp_path):

@@ -28,7 +28,7 @@ labels_file = observed_file_source(
     group_name="prompts",
     kinds={"numpy"},
     owners=[OWNER],
-    code_version="1",
+    code_version="2",  # 2: thresholds calibrated on the whole tuning half
     automation_condition=dg.AutomationCondition.eager(),
     tags=DUCKDB_READER,  # reads the centroids
 )
