@@ -171,8 +171,11 @@ def copies_batch(corpus: Path, root: Path, copies: int) -> str:
     pixels). Returns the batch name."""
     name = f"photos-x{copies}"
     folder = root / name
+    sources = sorted(corpus.glob("*.jpg"))
+    if folder.is_dir() and len(list(folder.glob("*.jpg"))) != copies * len(sources):
+        shutil.rmtree(folder)  # made from a corpus of another size
     folder.mkdir(parents=True, exist_ok=True)
-    for source in sorted(corpus.glob("*.jpg")):
+    for source in sources:
         for k in range(copies):
             target = folder / f"c{k}-{source.name}"
             if target.exists():

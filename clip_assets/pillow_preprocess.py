@@ -5,10 +5,15 @@ open_clip's usual eval transform (torchvision `Resize(short side)`, `CenterCrop`
 of a 4:3 photo), then makes a float tensor and normalises it in two more passes. `fused_preprocess`
 returns a callable that resamples only the source region the crop keeps (Pillow's `resize(box=...)`:
 the same sampling grid and filter) and normalises in one pass: a quarter less CPU per image in the
-decode workers. The pixels are the transform's up to rounding: Pillow resamples in two passes, one
-per axis, and picks their order from the sizes involved, so with the box it may take the other order
-and round some pixels one or two steps (of 255) apart; the tests bound that. Any other transform (open_clip's ResizeKeepRatio,
-a crop larger than the resize, a fixed (height, width) resize, an unknown step) is used as it is.
+decode workers. Any other transform (open_clip's ResizeKeepRatio, a crop larger than the resize, a
+fixed (height, width) resize, an unknown step) is used as it is.
+
+The pixels are the transform's, to one 8-bit step, for landscape images and most others. Pillow
+resamples in two passes, one per axis, rounding to 8 bits in between, and picks their order from
+the sizes involved; for some portrait sizes it picks the other order with the box, and a sixth to
+a third of the pixels differ: by one or two steps on photo-like images, by up to 22 on pure noise
+(where bicubic overshoot is clipped differently). The embeddings stay at cosine 0.99999 or better
+even on pure noise (ViT-S-32; the tests hold 0.9999).
 """
 
 from __future__ import annotations

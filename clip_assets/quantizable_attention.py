@@ -42,8 +42,13 @@ class SelfAttention(nn.Module):
         n, length, d = x.shape
         heads = self.num_heads
         q, k, v = self.in_proj(x).reshape(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # MultiheadAttention: True is masked out; SDPA: True attends
+                masked = attn_mask
+                attn_mask = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(masked, float("-inf"))
             attn_mask = attn_mask.to(q.dtype)
+            if attn_mask.dim() == 3:  # (N x heads, L, L)
+                attn_mask = attn_mask.reshape(n, heads, length, length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, L, D/H)
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, d))
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -56,8 +61,10 @@ def swap_self_attention(tower: nn.Module) -> set[str]:
 
     linear = set()
     for name, block in tower.named_modules():
-        if (type(block) is ResidualAttentionBlock and type(block.attn) is nn.MultiheadAttention
-                and block.attn._qkv_same_embed_dim and not hasattr(block, "ln_1_kv")):
+        attn = getattr(block, "attn", None)
+        if (type(block) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention
+                and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+                and not hasattr(block, "ln_1_kv")):
             block.attn = SelfAttention(block.attn)
             linear |= {f"{name}.attn.in_proj", f"{name}.attn.out_proj"}
     return linear

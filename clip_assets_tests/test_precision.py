@@ -158,8 +158,10 @@ def test_self_attention_from_linear_layers_computes_what_multihead_attention_doe
         mha = torch.nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
         x = torch.randn(3, 10, 64) if batch_first else torch.randn(10, 3, 64)
         causal = torch.triu(torch.full((10, 10), float("-inf")), diagonal=1)
+        hidden = torch.rand(3 * 4, 10, 10) < 0.3  # per image and head, True: masked out
+        hidden[..., 0] = False  # every query sees something
         attention = SelfAttention(mha)
-        for mask in (None, causal):
+        for mask in (None, causal, causal == float("-inf"), hidden):
             expected = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
             got, weights = attention(x, x, x, need_weights=False, attn_mask=mask)
             assert weights is None and got.shape == expected.shape
