@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         default="auto",
         description="how the image tower computes: `auto` (on the CPU `int8`, the Linear layers of its MLP blocks "
-        "dynamically quantised, where torch has an int8 engine; on CUDA bfloat16 or float16 autocast), `float32`, `bfloat16` (autocast), "
+        "and attention projections dynamically quantised, where torch has an int8 engine; on CUDA bfloat16 or float16 autocast), `float32`, `bfloat16` (autocast), "
         "`int8` (CPU only); embeddings agree with `float32` to cosine 0.995 or better (see "
         "[Encoding speed on the CPU](#encoding-speed-on-the-cpu))",
     )
