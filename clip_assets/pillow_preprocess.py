@@ -23,22 +23,17 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
-try:  # open_clip's own steps; absent in older open_clip
-    from open_clip.transform import MaybeConvertMode, MaybeToTensor
-except ImportError:  # pragma: no cover
-    MaybeConvertMode = MaybeToTensor = ()
+# open_clip and torchvision are imported when a transform is examined, not with this module: the
+# engine's module is imported by processes that never load a model (classification, adapters, the
+# code location), and open_clip brings timm with it.
 
-_PIL_FILTERS = {
-    InterpolationMode.NEAREST: Image.NEAREST,
-    InterpolationMode.BILINEAR: Image.BILINEAR,
-    InterpolationMode.BICUBIC: Image.BICUBIC,
-    InterpolationMode.LANCZOS: Image.LANCZOS,
-    InterpolationMode.BOX: Image.BOX,
-    InterpolationMode.HAMMING: Image.HAMMING,
-}
+
+def is_rgb_conversion(step) -> bool:
+    """open_clip's step that converts the image to RGB (its MaybeConvertMode, or an older `_convert_to_rgb`)."""
+    from open_clip.transform import MaybeConvertMode
+
+    return isinstance(step, MaybeConvertMode) or getattr(step, "__name__", "") == "_convert_to_rgb"
 
 
 def _single_size(size) -> int | None:
@@ -89,8 +84,11 @@ class FusedResizeCrop:
 def fused_preprocess(transform) -> Callable[[Image.Image], torch.Tensor]:
     """A FusedResizeCrop doing what `transform` does, where it is the usual Resize/CenterCrop/ToTensor/
     Normalize chain; otherwise `transform` itself."""
-    steps = list(getattr(transform, "transforms", [transform]))
-    kept = [s for s in steps if not (isinstance(s, MaybeConvertMode) or getattr(s, "__name__", "") == "_convert_to_rgb")]
+    from open_clip.transform import MaybeToTensor
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_modes_mapping  # what torchvision's Resize uses for PIL
+
+    kept = [s for s in getattr(transform, "transforms", [transform]) if not is_rgb_conversion(s)]
     if len(kept) != 4:
         return transform
     resize, crop, to_tensor, normalize = kept
@@ -98,7 +96,7 @@ def fused_preprocess(transform) -> Callable[[Image.Image], torch.Tensor]:
             and type(normalize) is T.Normalize):
         return transform
     short, crop_hw = _single_size(resize.size), _crop_size(crop.size)
-    resample = _PIL_FILTERS.get(resize.interpolation)
+    resample = pil_modes_mapping.get(resize.interpolation)
     if (short is None or crop_hw is None or resample is None or resize.max_size is not None
             or resize.antialias is False or max(crop_hw) > short):
         return transform

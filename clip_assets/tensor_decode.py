@@ -32,11 +32,12 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from open_clip.transform import CenterCropOrPad, MaybeConvertMode, MaybeToTensor, ResizeKeepRatio
+from open_clip.transform import CenterCropOrPad, MaybeToTensor, ResizeKeepRatio
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip_assets.clip_model import ClipModel
 from clip_assets.embedding import _collate, _ImageFiles, decode_image, draft_size, failure_reason, too_many_pixels
+from clip_assets.pillow_preprocess import is_rgb_conversion
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class TensorPreprocess:
                 self.geometry.append(step)
             elif isinstance(step, ResizeKeepRatio) and not to_tensor_seen:
                 self.geometry.append(_resize_keep_ratio(step))
-            elif isinstance(step, MaybeConvertMode) or getattr(step, "__name__", "") == "_convert_to_rgb":
+            elif is_rgb_conversion(step):
                 continue  # decoded as RGB already
             elif isinstance(step, (T.ToTensor, MaybeToTensor)):
                 to_tensor_seen = True
