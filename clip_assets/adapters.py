@@ -401,7 +401,9 @@ def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupSco
     if g.mode != SINGLE_LABEL and best.kind != NONE and NONE_CANDIDATE in columns_f1:
         # Categories are independent under the multi_label rule: one the correction did not help keeps zero-shot.
         fitted.applies = (columns_f1[best] > columns_f1[NONE_CANDIDATE]).astype(np.float32)
-    pos = s.pos + fitted.positive_correction(x)  # rows the correction was not fitted on
+    pos = s.pos.copy()
+    rest = np.setdiff1d(np.arange(len(image_ids)), fit)  # rows the correction was not fitted on
+    pos[rest] += fitted.positive_correction(x[rest])
     fit_folds = np.array([int(stable_fraction(i, "fold") * FOLDS) for i in fit_ids])
     oof = _out_of_fold(best, g, x[fit], _subset(s, fit), truth[fit], fit_folds, logit_scale, shell)
     pos[fit] = oof if fitted.applies is None else np.where(fitted.applies > 0, oof, s.pos[fit])
