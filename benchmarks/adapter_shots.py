@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from clip_assets.adapter_evaluation import load_labelled_embeddings, scored
-from clip_assets.adapters import fit_adapters, select_shots, stable_fraction
-from clip_assets.calibration import LabelledScores, choose_threshold, predictions, read_labels_file
+from clip_assets.adapters import f1_per_column, fit_adapters, select_shots, stable_fraction
+from clip_assets.calibration import predictions, read_labels_file, tuned_settings
 from clip_assets.layout import DataLayout
 from clip_assets.settings import REPO_ROOT
 from clip_assets.warehouse import read_centroids
@@ -59,20 +59,6 @@ def build_collection(root: Path, checkpoint: str, images: int) -> None:
     steps.write_centroids(clip, REPO_ROOT / "prompts", layout)
 
 
-def f1(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)
-    return np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
-
-
-def calibrated_thresholds(s: LabelledScores, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    t, m = s.thresholds.copy(), s.neutral_margins.copy()
-    for j in range(len(s.categories)):
-        if s.truth[rows, j].any():
-            choice = choose_threshold(s.score[rows, j], s.neutral_gap[rows, j], s.truth[rows, j], s.neutral_margins[j])
-            t[j], m[j] = choice.threshold, choice.neutral_margin
-    return t, m
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the demo's checkpoint")
@@ -96,14 +82,14 @@ def main() -> None:
         shots = select_shots(ids, data.truth[rows], args.shots)
         truth = data.truth[scored_on]
         runs = {
-            "calibrated": predictions(zero_shot, *calibrated_thresholds(zero_shot, pool)),
-            "calibrated on the shots": predictions(zero_shot, *calibrated_thresholds(zero_shot, rows[shots])),
+            "calibrated": predictions(zero_shot, *tuned_settings(zero_shot, pool)[:2]),
+            "calibrated on the shots": predictions(zero_shot, *tuned_settings(zero_shot, rows[shots])[:2]),
         }
         for name, learn in (("adapted", shots), ("adapted, every label", None)):
             adapters = fit_adapters(ids, data.embeddings[rows], data.truth[rows], centroids, "bench", learn=learn)
             runs[name] = scored(data, centroids, adapters).matched
         for name, predicted in runs.items():
-            results.setdefault(name, []).append(f1(predicted[scored_on], truth))
+            results.setdefault(name, []).append(f1_per_column(predicted[scored_on], truth))
     print(f"{n} labelled demo images (seed 4242), {args.draws} draws of a {args.pool}-image tuning half and its "
           f"{args.shots}-shot sample, scored on the rest; mean F1 per category:")
     print(f"{'':26}" + "".join(f"{c[:8]:>9}" for c in centroids.categories) + "    macro  draws with a category "

@@ -357,6 +357,23 @@ def toml_key(name: str) -> str:
     return name if name.replace("_", "").replace("-", "").isalnum() else '"' + name.replace('"', '\\"') + '"'
 
 
+def tuned_settings(data: LabelledScores, rows: np.ndarray, target_precision: float | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, ThresholdChoice]]:
+    """Thresholds and neutral margins of every multi_label category chosen on `rows` (a mask or
+    indices); a category with no labelled image there keeps its current ones."""
+    new_t, new_m = data.thresholds.copy(), data.neutral_margins.copy()
+    choices = {}
+    for j, (name, mode) in enumerate(zip(data.categories, data.modes)):
+        if mode != MULTI_LABEL or not data.truth[rows, j].any():
+            continue  # nothing to learn a threshold from: keep the current one
+        choice = choose_threshold(
+            data.score[rows, j], data.neutral_gap[rows, j], data.truth[rows, j], data.neutral_margins[j], target_precision
+        )
+        choices[name] = choice
+        new_t[j], new_m[j] = choice.threshold, choice.neutral_margin
+    return new_t, new_m, choices
+
+
 def calibrate(
     data: LabelledScores,
     target_precision: float | None = None,
@@ -373,16 +390,7 @@ def calibrate(
             f"{len(heldout)} labelled images cannot be split into tuning and held-out parts; label more images."
         )
     tune = ~heldout
-    new_t, new_m = data.thresholds.copy(), data.neutral_margins.copy()
-    choices = {}
-    for j, (name, mode) in enumerate(zip(data.categories, data.modes)):
-        if mode != MULTI_LABEL or not data.truth[tune, j].any():
-            continue  # nothing to learn a threshold from: keep the current one
-        choice = choose_threshold(
-            data.score[tune, j], data.neutral_gap[tune, j], data.truth[tune, j], data.neutral_margins[j], target_precision
-        )
-        choices[name] = choice
-        new_t[j], new_m[j] = choice.threshold, choice.neutral_margin
+    new_t, new_m, choices = tuned_settings(data, tune, target_precision)
     truth = data.truth[heldout]
     return CalibrationReport(
         categories=data.categories,
