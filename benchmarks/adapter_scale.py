@@ -29,10 +29,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from clip_assets import adapters as adapter_module
-    from clip_assets.adapters import fit_adapters
-    from clip_assets.centroids import CentroidSet
-    from clip_assets.classification import score_matrices
+    from clip_assets.tuning import adapters as adapter_module
+    from clip_assets.tuning.adapters import fit_adapters
+    from clip_assets.classification.centroids import CentroidSet
+    from clip_assets.classification.rules import score_matrices
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

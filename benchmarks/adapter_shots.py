@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_assets.adapter_evaluation import load_labelled_embeddings, scored
-from clip_assets.adapters import f1_per_column, fit_adapters, select_shots, stable_fraction
-from clip_assets.calibration import predictions, read_labels_file, tuned_settings
-from clip_assets.layout import DataLayout
-from clip_assets.settings import REPO_ROOT
-from clip_assets.warehouse import read_centroids
+from clip_assets.tuning.adapter_evaluation import load_labelled_embeddings, scored
+from clip_assets.tuning.adapters import f1_per_column, fit_adapters, select_shots, stable_fraction
+from clip_assets.tuning.calibration import predictions, read_labels_file, tuned_settings
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import REPO_ROOT
+from clip_assets.storage.warehouse import read_centroids
 
 SHORTFALL = 0.02
 
@@ -43,8 +43,10 @@ def demo_checkpoint() -> str:
 
 
 def build_collection(root: Path, checkpoint: str, images: int) -> None:
-    from clip_assets import steps
-    from clip_assets.clip_model import load_clip_model
+    from clip_assets.classification.steps import write_centroids
+    from clip_assets.embedding.steps import write_embeddings
+    from clip_assets.ingest.steps import write_manifest
+    from clip_assets.model.clip_model import load_clip_model
     from clip_assets.demo.shapes import write_collection
     from clip_assets.demo.train import DEMO_MODEL
 
@@ -54,9 +56,9 @@ def build_collection(root: Path, checkpoint: str, images: int) -> None:
     layout = DataLayout(root / "data")
     clip = load_clip_model(DEMO_MODEL, checkpoint)
     for batch in sorted(p.name for p in image_root.iterdir() if p.is_dir()):
-        steps.write_manifest(image_root, layout, batch)
-        steps.write_embeddings(clip, image_root, layout, batch, num_workers=1)
-    steps.write_centroids(clip, REPO_ROOT / "prompts", layout)
+        write_manifest(image_root, layout, batch)
+        write_embeddings(clip, image_root, layout, batch, num_workers=1)
+    write_centroids(clip, REPO_ROOT / "prompts", layout)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ full matrix is never held: 10,000,000 x 512 is 20 GB. Then:
 
 1. ground truth: the exact top-10 of each held-out query, streaming over every file (cached);
 2. exact search: what one query costs scoring every stored vector (the `--exact` path);
-3. the codec (clip_assets.ann_index.train_codec) trained once on a sample drawn across the files,
+3. the codec (clip_assets.search.ann_index.train_codec) trained once on a sample drawn across the files,
    then one shard per batch file filled from it (fill_shard): timed, with the index size;
 4. queries one at a time over all shards (quantised once, each shard scanning its part of the same
    lists, candidates merged, then re-ranked exactly from the float32 files): p50 / p90 latency and
@@ -144,7 +144,7 @@ def drop_page_cache() -> None:
 def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray, truth: np.ndarray) -> None:
     import faiss
 
-    from clip_assets import ann_index
+    from clip_assets.search import ann_index
 
     faiss.omp_set_num_threads(args.threads)
     times, cpu = [], []

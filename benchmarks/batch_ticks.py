@@ -38,8 +38,8 @@ with warnings.catch_warnings():
     from clip_assets.defs.resources import ImageCollection
     from clip_assets.defs.schedules import build_rescan_schedule
     from clip_assets.defs.sensors import image_batch_discovery
-    from clip_assets.layout import DataLayout
-    from clip_assets.manifest import list_files
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.ingest.manifest import list_files
 
 
 def load() -> str:

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from clip_assets.centroids import CentroidSet
-from clip_assets.classification import DEFAULT_CHUNK_IMAGES, centroid_columns, classify_in_chunks, score_matrices
+from clip_assets.classification.centroids import CentroidSet
+from clip_assets.classification.rules import DEFAULT_CHUNK_IMAGES, centroid_columns, classify_in_chunks, score_matrices
 
 
 def unit(rng, *shape):

@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 READERS = {
     "imports only": "pass",
-    "gallery_rows, whole collection": "from clip_assets.gallery import gallery_rows\n"
+    "gallery_rows, whole collection": "from clip_assets.pages.gallery import gallery_rows\n"
                                       "rows = gallery_rows(layout, 12, 6)\n"
                                       "out = sum(len(v) for v in rows.values())",
     "load_labelled_scores + calibrate": "from clip_assets import calibration as cal\n"
@@ -48,21 +48,21 @@ READERS = {
 CHILD = """
 import sys, time
 from pathlib import Path
-import clip_assets.gallery, clip_assets.calibration  # imported before the clock starts
-from clip_assets.layout import DataLayout
+import clip_assets.pages.gallery, clip_assets.tuning.calibration  # imported before the clock starts
+from clip_assets.config.layout import DataLayout
 layout, labels = DataLayout(Path(sys.argv[1])), Path(sys.argv[2])
 out = None
 t, c = time.perf_counter(), time.process_time()
 {body}
 # VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across fork and exec)
 hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out, Path(clip_assets.gallery.__file__).parent)
+print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out, Path(clip_assets.pages.gallery.__file__).parent)
 """
 
 
 def synthesise(work: Path, images: int, categories: int, labelled: int, batches: int) -> None:
-    from clip_assets.layout import DataLayout
-    from clip_assets.warehouse import connect
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.storage.warehouse import connect
 
     layout = DataLayout(work / "data")
     layout.manifest_dir.mkdir(parents=True, exist_ok=True)

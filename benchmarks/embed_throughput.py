@@ -10,7 +10,7 @@ Generates photo-like JPEGs (smooth colour fields with noise, not flat colour) fo
 - decode only, CPU workers: the Pillow path's workers decoding and preprocessing, no model;
 - decode only, tensor path: workers read the bytes, JPEGs batch-decoded and preprocessed on the
   model's device (nvJPEG on CUDA), no model;
-- engine, each path: clip_assets.embedding.encode_images with decode="pillow" and decode="tensor",
+- engine, each path: clip_assets.embedding.engine.encode_images with decode="pillow" and decode="tensor",
   and the path decode="auto" picks; on the CPU also the Pillow path at the precision `auto` picks,
   and as it ran before the cores were shared out (as many decode workers as cores, and beside them
   as many torch threads);
@@ -48,8 +48,8 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
-from clip_assets import embedding
-from clip_assets.clip_model import (
+from clip_assets.embedding import engine as embedding
+from clip_assets.model.clip_model import (
     ClipModel,
     _input_size,
     batch_size_for,
@@ -58,7 +58,7 @@ from clip_assets.clip_model import (
     resolved_precision,
     tuned_for_inference,
 )
-from clip_assets.embedding import (
+from clip_assets.embedding.engine import (
     EncodeJob,
     _collate,
     _ImageFiles,
@@ -67,7 +67,7 @@ from clip_assets.embedding import (
     embeddings_matrix,
     encode_images,
 )
-from clip_assets.tensor_decode import (
+from clip_assets.embedding.tensor_decode import (
     JpegBytesOrPixels,
     TensorDecoder,
     collate_bytes_or_pixels,
@@ -203,12 +203,13 @@ import json, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 from embed_throughput import random_clip
-from clip_assets import steps
-from clip_assets.layout import DataLayout
+from clip_assets.embedding.steps import write_embeddings
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.config.layout import DataLayout
 clip = random_clip(sys.argv[1], None)
 layout = DataLayout(Path(sys.argv[3]))
-steps.write_manifest(Path(sys.argv[2]), layout, "batch")
-summary = steps.write_embeddings(clip, Path(sys.argv[2]), layout, "batch", batch_size=32, report=lambda s: None)
+write_manifest(Path(sys.argv[2]), layout, "batch")
+summary = write_embeddings(clip, Path(sys.argv[2]), layout, "batch", batch_size=32, report=lambda s: None)
 print(json.dumps({"rows": summary.rows, "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """

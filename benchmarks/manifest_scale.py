@@ -3,7 +3,7 @@
 Creates N small image files (one tiny PNG's bytes, 1,000 per sub-folder) in a temporary folder, then
 times, in this process: listing and stat-ing every file (`manifest.list_files`, what the re-scan
 schedule does too), the manifest (`manifest.build_manifest`, stat alone since the embedding step
-records files that are not images), the step that writes it (`steps.write_manifest`), and for
+records files that are not images), the step that writes it (`write_manifest`), and for
 comparison the manifest as it was built before: the same listing plus opening every file's header
 with Pillow (`Image.open`, format and size). Prints wall and CPU seconds, files per second, and
 the ratio of the step to the former manifest. Needs about 4 KB of disk and one inode per
@@ -47,7 +47,7 @@ def create_files(root: Path, files: int) -> None:
 
 def listing_with_header_probe(root: Path, batch: str) -> int:
     """The former manifest's work: the listing, then each listed file's header opened with Pillow."""
-    from clip_assets.manifest import STATUS_OK, list_files
+    from clip_assets.ingest.manifest import STATUS_OK, list_files
 
     probed = 0
     for entry in list_files(root, batch):
@@ -81,17 +81,17 @@ def main() -> None:
             t = time.perf_counter()
             create_files(root, args.files)
             print(f"created {args.files:,} files in {time.perf_counter() - t:.1f} s")
-        from clip_assets import steps
-        from clip_assets.layout import DataLayout
-        from clip_assets.manifest import build_manifest, list_files
+        from clip_assets.ingest.steps import write_manifest
+        from clip_assets.config.layout import DataLayout
+        from clip_assets.ingest.manifest import build_manifest, list_files
 
         print(f"manifest of one batch of {args.files:,} small files:")
         _, stat_wall = timed("list + stat (manifest.list_files)", args.files,
                              lambda: sum(1 for _ in list_files(root, BATCH)))
         table, build_wall = timed("manifest, stat only (manifest.build_manifest)", args.files,
                                   lambda: build_manifest(root, BATCH))
-        summary, step_wall = timed("the step, parquet written (steps.write_manifest)", args.files,
-                                   lambda: steps.write_manifest(root, DataLayout(root / "data"), BATCH))
+        summary, step_wall = timed("the step, parquet written (write_manifest)", args.files,
+                                   lambda: write_manifest(root, DataLayout(root / "data"), BATCH))
         assert table.num_rows == summary.files == args.files and summary.usable == args.files
         if not args.skip_probe:
             probed, probe_wall = timed("before: list + stat + header probe (Image.open)", args.files,

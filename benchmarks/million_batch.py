@@ -10,7 +10,7 @@ Then, as a user runs them:
   peak memory (the largest sum of RSS over the process tree, sampled from /proc every 0.1 s, and
   the largest single process's ru_maxrss);
 - `clip-assets search "<text>"` from the shell (start-up included), a few times;
-- `clip_assets.search.search` in this process with the model loaded, a few times;
+- `clip_assets.search.query.search` in this process with the model loaded, a few times;
 
 and prints each figure beside its target. The machine's load average is printed at start and end:
 on a shared machine, read CPU seconds beside wall.
@@ -130,14 +130,14 @@ def run(args, work: Path) -> None:
     import open_clip
     import torch
 
-    from clip_assets import steps
-    from clip_assets.clip_model import load_clip_model, register_model_configs
-    from clip_assets.defs.execution import SCRATCH_INSTANCE_YAML
-    from clip_assets.layout import DataLayout
-    from clip_assets.search import search
-    from clip_assets.settings import Settings
-    from clip_assets.synthetic_embeddings import write_synthetic_batch
-    from clip_assets.warehouse import connect
+    from clip_assets.classification.steps import write_centroids
+    from clip_assets.model.clip_model import load_clip_model, register_model_configs
+    from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.search.query import search
+    from clip_assets.config.settings import Settings
+    from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
+    from clip_assets.storage.warehouse import connect
 
     register_model_configs()
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def run(args, work: Path) -> None:
     size = layout.embeddings_path(BATCH).stat().st_size
     print(f"synthesised {args.images:,} embeddings x {clip.embed_dim} ({size / 1e6:,.0f} MB parquet) "
           f"and their manifest in {time.perf_counter() - t:.1f} s")
-    steps.write_centroids(clip, prompts, layout)
+    write_centroids(clip, prompts, layout)
 
     home = work / "dagster_home"
     home.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ user would start it:
 - clip-retrieval: `clip-retrieval inference` from its own venv (created on first use, outside the
   repo: `pip install clip-retrieval 'setuptools<70'`), local weights as `open_clip:ARCH//path.pt`,
   its default batch size and workers, text off;
-- engine, direct: `steps.write_embeddings` in a fresh Python process, no Dagster;
+- engine, direct: `write_embeddings` in a fresh Python process, no Dagster;
 - engine, Dagster: `dagster asset materialize --select image_embeddings --partition <batch>` with a
   temporary DAGSTER_HOME, as users run it.
 
@@ -53,7 +53,7 @@ from embed_throughput import SIZES, make_images  # noqa: E402
 
 with warnings.catch_warnings():  # Dagster's beta notes, printed on import, are not this script's output
     warnings.simplefilter("ignore")
-    from clip_assets.defs.execution import SCRATCH_INSTANCE_YAML  # noqa: E402
+    from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "clip-assets-bench"
@@ -79,14 +79,15 @@ ENGINE_DIRECT = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from clip_assets import steps
-    from clip_assets.clip_model import load_clip_model
-    from clip_assets.layout import DataLayout
-    from clip_assets.settings import Settings
+    from clip_assets.embedding.steps import write_embeddings
+    from clip_assets.ingest.steps import write_manifest
+    from clip_assets.model.clip_model import load_clip_model
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.config.settings import Settings
     settings = Settings.from_env()
     clip = load_clip_model(settings.model, settings.pretrained, settings.device)
     options = {"decode": settings.decode} if hasattr(settings, "decode") else {}  # older checkouts: none
-    steps.write_embeddings(clip, settings.image_root, DataLayout(settings.data_dir), sys.argv[1],
+    write_embeddings(clip, settings.image_root, DataLayout(settings.data_dir), sys.argv[1],
                            batch_size=settings.batch_size, num_workers=settings.num_workers, **options)
     """
 )
@@ -96,8 +97,8 @@ PREPARE_BATCH = textwrap.dedent(
     import sys
     from pathlib import Path
     from clip_assets import steps
-    from clip_assets.layout import DataLayout
-    steps.write_manifest(Path(sys.argv[1]), DataLayout(Path(sys.argv[2])), sys.argv[3])
+    from clip_assets.config.layout import DataLayout
+    write_manifest(Path(sys.argv[1]), DataLayout(Path(sys.argv[2])), sys.argv[3])
     """
 )
 
@@ -321,7 +322,7 @@ def main() -> None:
     runs = {
         "naive": ("naive open_clip loop", contestants.naive),
         "clip-retrieval": ("clip-retrieval inference", contestants.clip_retrieval),
-        "engine-direct": ("engine, direct (steps.write_embeddings)", contestants.engine_direct),
+        "engine-direct": ("engine, direct (write_embeddings)", contestants.engine_direct),
         "engine-dagster": ("engine, dagster asset materialize", contestants.engine_dagster),
     }
     print(f"{len(names)} JPEGs {SIZES[0][0]}x{SIZES[0][1]}..{SIZES[-1][0]}x{SIZES[-1][1]}, {args.model} "

@@ -4,7 +4,7 @@ Writes N random unit embeddings of dimension D as the pipeline lays them out (on
 batch under <dir>/embeddings/, the pipeline's schema), then runs one query each way in a fresh
 subprocess, so each figure's peak memory (ru_maxrss) is its own:
 
-- first query: `clip_assets.search.top_k_streaming` when no search index exists yet: it streams
+- first query: `clip_assets.search.query.top_k_streaming` when no search index exists yet: it streams
   every parquet file once to build the index (search_index/<batch>.f32), then answers;
 - streaming: `top_k_streaming` over the built index (mapped, a chunk at a time, running top-k):
   what every later query costs;
@@ -40,15 +40,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Not clip_assets.embedding: it imports torch, whose ~700 MiB would swamp the memory figures.
-from clip_assets.layout import DataLayout
-from clip_assets.search import _matrix as embeddings_matrix
+# Not clip_assets.embedding.engine: it imports torch, whose ~700 MiB would swamp the memory figures.
+from clip_assets.config.layout import DataLayout
+from clip_assets.search.query import _matrix as embeddings_matrix
 
 MODEL = "benchmark/random"
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
-    """The columns search reads from the pipeline's embeddings files (clip_assets.embedding.embeddings_schema
+    """The columns search reads from the pipeline's embeddings files (clip_assets.embedding.engine.embeddings_schema
     has these and the file's size, mtime and fingerprint); kept here so writing the data needs no torch."""
     return pa.schema(
         [
@@ -98,13 +98,13 @@ def naive_top_k(query: np.ndarray, files: list[Path], k: int) -> list[str]:
 
 
 def streaming_top_k(query: np.ndarray, files: list[Path], k: int, use_index: bool = True) -> list[str]:
-    from clip_assets.search import top_k_streaming
+    from clip_assets.search.query import top_k_streaming
 
     return [image_id for _, image_id, _ in top_k_streaming(query, files, k, use_index=use_index)]
 
 
 def first_query(query: np.ndarray, files: list[Path], k: int) -> list[str]:
-    from clip_assets.search import index_path
+    from clip_assets.search.query import index_path
 
     for path in files:
         for stale in (index_path(path), index_path(path).with_suffix(".json")):

@@ -9,7 +9,7 @@ variables point at (after the demo: `set -a; . .demo/demo.env; set +a`):
 - with `--baseline REV`, the same command from that git revision's `clip_assets` (extracted to a
   temporary folder and put first on PYTHONPATH, same virtual environment), for a before/after ratio;
 - the first text search with a model, which loads open_clip and saves the text tower
-  (clip_assets.text_query_encoder): the saved tower is removed before each of these runs;
+  (clip_assets.search.text_query_encoder): the saved tower is removed before each of these runs;
 - floors for context: an empty interpreter, `import torch` (what a search with a saved text tower
   needs) and `import torch, torchvision`, which open_clip needs.
 
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clip_assets.layout import DataLayout
+from clip_assets.config.layout import DataLayout
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"

@@ -134,7 +134,7 @@ def port_number(text: str) -> int:
 
 
 def load_settings():
-    from clip_assets.settings import Settings, SettingsError
+    from clip_assets.config.settings import Settings, SettingsError
 
     try:
         return Settings.from_env()
@@ -165,12 +165,12 @@ def add_search_parser(sub) -> None:
 def run_search(args) -> int:
     if (args.text is None) == (args.image is None):
         raise UsageError("clip-assets search: give a text query or --image PATH (one of them)")
-    from clip_assets.search import check_query, format_table, search
+    from clip_assets.search.query import check_query, format_table, search
 
     check_query(args.text, args.image, args.k)  # an empty text is refused before torch is imported
     settings = load_settings()
-    import clip_assets.clip_model  # noqa: F401  torch, which every query needs, is timed as start-up;
-    # open_clip only when the model itself must load (see clip_assets.text_query_encoder), as model load
+    import clip_assets.model.clip_model  # noqa: F401  torch, which every query needs, is timed as start-up;
+    # open_clip only when the model itself must load (see clip_assets.search.text_query_encoder), as model load
 
     imported = time.perf_counter()
     timings: dict[str, float] = {}
@@ -221,7 +221,7 @@ def add_serve_parser(sub) -> None:
 
 
 def run_serve(args) -> int:
-    from clip_assets.search_page import serve
+    from clip_assets.pages.search_page import serve
 
     serve(load_settings(), args.host, args.port)
     return 0
@@ -250,9 +250,9 @@ def add_calibrate_parser(sub) -> None:
 
 
 def run_calibrate(args) -> int:
-    from clip_assets.calibration import calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides
-    from clip_assets.evaluation import macro_f1
-    from clip_assets.layout import DataLayout
+    from clip_assets.tuning.calibration import calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides
+    from clip_assets.tuning.evaluation import macro_f1
+    from clip_assets.config.layout import DataLayout
 
     settings = load_settings()
     labels = read_labels_file(args.labels)
@@ -291,10 +291,10 @@ def add_adapt_parser(sub) -> None:
 
 
 def run_adapt(args) -> int:
-    from clip_assets.adapter_evaluation import compare, load_labelled_embeddings
-    from clip_assets.calibration import read_labels_file
-    from clip_assets.layout import DataLayout
-    from clip_assets.warehouse import read_centroids
+    from clip_assets.tuning.adapter_evaluation import compare, load_labelled_embeddings
+    from clip_assets.tuning.calibration import read_labels_file
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.storage.warehouse import read_centroids
 
     settings = load_settings()
     layout = DataLayout(settings.data_dir)
@@ -343,10 +343,10 @@ def add_fine_tune_parser(sub) -> None:
 
 
 def run_fine_tune(args) -> int:
-    from clip_assets import accepted_warnings
+    from clip_assets.config import accepted_warnings
 
     accepted_warnings.ignore()
-    from clip_assets.fine_tuning import FineTuneOptions, fine_tune_to_checkpoint, opt_in_note
+    from clip_assets.tuning.fine_tuning import FineTuneOptions, fine_tune_to_checkpoint, opt_in_note
 
     settings = load_settings()
     options = FineTuneOptions(lock_image=args.lock_image, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -363,7 +363,7 @@ def run_fine_tune(args) -> int:
 
 
 def run_demo(args) -> int:
-    from clip_assets import accepted_warnings
+    from clip_assets.config import accepted_warnings
 
     accepted_warnings.ignore()
     from clip_assets.demo.run import run_demo as demo

@@ -23,7 +23,7 @@ from clip_assets.defs.jobs import classify_image_batch_job, prompt_centroids_job
 from clip_assets.defs.schedules import build_rescan_schedule
 from clip_assets.defs.sensors import image_batch_discovery, split_failed_batch_runs
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection, LabelledSample
-from clip_assets.settings import Settings
+from clip_assets.config.settings import Settings
 
 ASSETS = [prompt_files, labels_file, image_manifest, image_embeddings, prompt_centroids, category_adapters,
           image_classifications]

@@ -14,11 +14,17 @@ import open_clip
 import pytest
 import torch
 
-from clip_assets import accepted_warnings, steps
-from clip_assets.clip_model import load_clip_model, register_model_configs
+from clip_assets.config import accepted_warnings
+
+from clip_assets.classification.steps import write_centroids, write_classifications
+
+from clip_assets.embedding.steps import write_embeddings
+
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.model.clip_model import load_clip_model, register_model_configs
 from clip_assets.demo.shapes import write_collection
-from clip_assets.layout import DataLayout
-from clip_assets.settings import REPO_ROOT, Settings
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import REPO_ROOT, Settings
 
 TINY = "clip-assets-tiny"
 BATCHES = ["batch-001", "batch-002"]
@@ -108,9 +114,9 @@ def instance(tmp_path):
 def classified(settings, clip) -> DataLayout:
     """Both batches listed, embedded and classified against the repo's prompt files, without Dagster."""
     layout = DataLayout(settings.data_dir)
-    steps.write_centroids(clip, settings.prompts_dir, layout)
+    write_centroids(clip, settings.prompts_dir, layout)
     for batch in BATCHES:
-        steps.write_manifest(settings.image_root, layout, batch)
-        steps.write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
-        steps.write_classifications(layout, batch)
+        write_manifest(settings.image_root, layout, batch)
+        write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
+        write_classifications(layout, batch)
     return layout

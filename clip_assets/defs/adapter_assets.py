@@ -1,4 +1,4 @@
-"""The labels file as an observed source, and the few-shot adapters learnt from it (clip_assets.adapters).
+"""The labels file as an observed source, and the few-shot adapters learnt from it (clip_assets.tuning.adapters).
 
 `category_adapters` depends on `prompt_centroids` and `labels_file`, and `image_classifications` on
 it: editing the labels re-runs the adapters and the classifications; editing a prompt re-runs the
@@ -8,7 +8,7 @@ images' stored embeddings when they run; images embedded later count from the ne
 
 import dagster as dg
 
-from clip_assets import steps
+from clip_assets.tuning.steps import write_adapters
 from clip_assets.defs.assets import DUCKDB_READER, OWNER, observed_file_source
 from clip_assets.defs.automation import LABELS_FILE, labels_file_observation
 from clip_assets.defs.metadata import table
@@ -37,7 +37,7 @@ def category_adapters(collection: ImageCollection, labelled_sample: LabelledSamp
     fitted on the tuning half of the labelled images (at most `adapter_shots` per category); thresholds
     calibrated on the adapted scores of the whole tuning half.
     Without labels: no adapters, and classification is zero-shot."""
-    summary = steps.write_adapters(collection.layout, labelled_sample.path, labelled_sample.adapter_shots or None)
+    summary = write_adapters(collection.layout, labelled_sample.path, labelled_sample.adapter_shots or None)
     metadata = {"adapter_version": summary.version, "path": dg.MetadataValue.path(str(collection.layout.adapters_path))}
     if summary.adapters is not None:
         metadata |= {

@@ -6,17 +6,23 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from clip_assets import checks, steps
-from clip_assets.batch_discovery import manifest_fingerprint
+from clip_assets import checks
+
+from clip_assets.classification.steps import ClassificationSummary, write_centroids, write_classifications
+
+from clip_assets.embedding.steps import write_embeddings
+
+from clip_assets.ingest.steps import unusable_in_manifest, write_manifest
+from clip_assets.ingest.batch_discovery import manifest_fingerprint
 from clip_assets.defs.automation import PROMPT_FILES, prompt_files_observation
 from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import picture, reasons_table, table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
-from clip_assets.gallery import draw_contact_sheet
-from clip_assets.manifest import missing_batch_message
-from clip_assets.plots import score_histograms_png
+from clip_assets.pages.gallery import draw_contact_sheet
+from clip_assets.ingest.manifest import missing_batch_message
+from clip_assets.pages.plots import score_histograms_png
 
 OWNER = "team:clip-assets"
 # Backfills: batches per run for the manifest and the embeddings (the model loads once per run);
@@ -125,7 +131,7 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
 
     def list_batch(batch: str) -> str:
         _check_batch_folder(image_root, batch)
-        summary = steps.write_manifest(image_root, collection.layout, batch)
+        summary = write_manifest(image_root, collection.layout, batch)
         # of (path, size, mtime): what the re-scan schedule compares the files on disk with
         fingerprint = manifest_fingerprint(summary.path)
         context.add_asset_metadata(partition_key=batch, metadata={
@@ -177,7 +183,7 @@ def image_embeddings(
     layout = collection.layout
 
     def encode_batch(batch: str) -> tuple[checks.CheckOutcome, checks.CheckOutcome, checks.CheckOutcome]:
-        s = steps.write_embeddings(
+        s = write_embeddings(
             clip,
             Path(collection.image_root),
             layout,
@@ -190,7 +196,7 @@ def image_embeddings(
             report=context.log.info,
             decode=clip_model.decode,
         )
-        unusable = steps.unusable_in_manifest(layout, batch)
+        unusable = unusable_in_manifest(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": s.rows,
             "encoded": s.encoded,
@@ -243,7 +249,7 @@ def image_embeddings(
 )
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
-    summary = steps.write_centroids(clip_model.load(collection.layout), Path(collection.prompts_dir), collection.layout)
+    summary = write_centroids(clip_model.load(collection.layout), Path(collection.prompts_dir), collection.layout)
     layout = collection.layout
     return dg.MaterializeResult(
         check_results=[
@@ -293,8 +299,8 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     """
     layout, image_root = collection.layout, Path(collection.image_root)
 
-    def classify_batch(batch: str) -> tuple[checks.CheckOutcome, steps.ClassificationSummary]:
-        summary = steps.write_classifications(layout, batch)
+    def classify_batch(batch: str) -> tuple[checks.CheckOutcome, ClassificationSummary]:
+        summary = write_classifications(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": summary.rows,
             "images": summary.images,

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
-from clip_assets.adapter_store import content_hash
+from clip_assets.tuning.adapter_store import content_hash
 from clip_assets.defs.resources import ImageCollection
-from clip_assets.prompts import prompt_files as list_prompt_files
-from clip_assets.prompts import prompt_version
+from clip_assets.classification.prompts import prompt_files as list_prompt_files
+from clip_assets.classification.prompts import prompt_version
 
 PROMPT_FILES = dg.AssetKey("prompt_files")
 LABELS_FILE = dg.AssetKey("labels_file")

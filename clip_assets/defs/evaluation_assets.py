@@ -1,6 +1,6 @@
 """Evaluation and calibration against a labelled sample (CLIP_ASSETS_LABELS), and the gallery, as assets.
 
-The bodies call `clip_assets.calibration` and turn its results into metadata a person can read: a
+The bodies call `clip_assets.tuning.calibration` and turn its results into metadata a person can read: a
 table per category, the macro F1, and a precision-recall plot.
 """
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets import calibration
-from clip_assets.atomic_files import write_text_atomically
+from clip_assets.tuning import calibration
+from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.defs.assets import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
-from clip_assets.evaluation import macro_f1
-from clip_assets.gallery import write_gallery
+from clip_assets.tuning.evaluation import macro_f1
+from clip_assets.pages.gallery import write_gallery
 
 
 SERVE_PORT = 8765

@@ -1,5 +1,5 @@
 """Contrastive fine-tuning inside the lineage: the captions file as an observed source, the
-`fine_tuned_model` tuned on it (clip_assets.fine_tuning), and the opt-in that makes the embeddings and
+`fine_tuned_model` tuned on it (clip_assets.tuning.fine_tuning), and the opt-in that makes the embeddings and
 the centroids use it.
 
 Present only where `CLIP_ASSETS_FINE_TUNE_CAPTIONS` names a captions file. `fine_tuned_model` depends
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets import steps
+from clip_assets.tuning.steps import write_fine_tuned_model
 from clip_assets.defs.assets import GPU_POOL, OWNER, observed_file_source
 from clip_assets.defs.automation import (
     CAPTIONS_FILE,
@@ -26,7 +26,7 @@ from clip_assets.defs.automation import (
 )
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection
-from clip_assets.fine_tuned_weights import checkpoint_version
+from clip_assets.model.fine_tuned_weights import checkpoint_version
 
 FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
 EMBEDDINGS = dg.AssetKey("image_embeddings")
@@ -64,7 +64,7 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
                      captioned_pairs: CaptionedPairs) -> dg.MaterializeResult:
     """The configured model (CLIP_ASSETS_MODEL, CLIP_ASSETS_PRETRAINED) tuned with open_clip's contrastive loss
     on the captions file's training pairs; a checkpoint named by its content hash, the data version."""
-    report = steps.write_fine_tuned_model(
+    report = write_fine_tuned_model(
         clip_model.model, clip_model.pretrained, captioned_pairs.path, Path(collection.image_root), collection.layout,
         captioned_pairs.options, clip_model.device, log=context.log.info,
     )

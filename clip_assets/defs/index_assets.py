@@ -1,19 +1,19 @@
 """The approximate-nearest-neighbour index shards (one per batch, filled from one codec) and the near-duplicate groups, as assets.
 
-The bodies call clip_assets.ann_index and clip_assets.near_duplicates and report what they wrote.
+The bodies call clip_assets.search.ann_index and clip_assets.search.near_duplicates and report what they wrote.
 """
 
 from pathlib import Path
 
 import dagster as dg
 
-from clip_assets import ann_index, near_duplicates as duplicates
+from clip_assets.search import ann_index, near_duplicates as duplicates
 from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
-from clip_assets.gallery import prune_pages, write_duplicates_page
+from clip_assets.pages.gallery import prune_pages, write_duplicates_page
 
 KEEP_DUPLICATES_PAGES = 5  # the newest runs' near-duplicate pages; older ones (5-6 MB each at 1,300 images) go
 

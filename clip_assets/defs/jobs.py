@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.batch_discovery import contiguous_ranges
+from clip_assets.ingest.batch_discovery import contiguous_ranges
 from clip_assets.defs.assets import BATCHES_PER_RUN
 
 CLASSIFY_BATCH_JOB = "classify_image_batch"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from clip_assets.plots import image_markdown
+from clip_assets.pages.plots import image_markdown
 
 # Column types Dagster's table schema knows, by the Python type of a value.
 _TYPES = {bool: "bool", int: "int", float: "float", str: "string"}

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets import calibration
+from clip_assets.tuning import calibration
 
-from clip_assets.clip_model import ClipModel, load_clip_model, tuned_for_inference
-from clip_assets.fine_tuned_weights import weights_in_use
-from clip_assets.fine_tuning import FineTuneOptions
-from clip_assets.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
-from clip_assets.layout import DataLayout
-from clip_assets.settings import default
+from clip_assets.model.clip_model import ClipModel, load_clip_model, tuned_for_inference
+from clip_assets.model.fine_tuned_weights import weights_in_use
+from clip_assets.tuning.fine_tuning import FineTuneOptions
+from clip_assets.embedding.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import default
 
 
 class ImageCollection(dg.ConfigurableResource):
@@ -69,7 +69,7 @@ class ClipModelResource(dg.ConfigurableResource):
 
 
 class CaptionedPairs(dg.ConfigurableResource):
-    """The captions file `fine_tuned_model` tunes on, and how it tunes (clip_assets.fine_tuning)."""
+    """The captions file `fine_tuned_model` tunes on, and how it tunes (clip_assets.tuning.fine_tuning)."""
 
     captions_path: str
     epochs: int = default("fine_tune_epochs")

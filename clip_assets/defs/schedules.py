@@ -1,10 +1,10 @@
 """The re-scan schedule: batches whose files changed since their manifest are listed, encoded and classified again.
 
 Running by default on `CLIP_ASSETS_RESCAN_CRON` (hourly). The tick compares each registered batch's
-files (stat only) with its last manifest (clip_assets.batch_discovery.changed_batches) and requests
+files (stat only) with its last manifest (clip_assets.ingest.batch_discovery.changed_batches) and requests
 runs for the changed ones only: an unchanged batch gets no run, so nothing downstream of it
 re-materializes. With more batches than a tick can compare in TICK_BUDGET_S, each tick takes the
-next slice (clip_assets.batch_discovery.rescan_slice), so a full pass spans several ticks. Changed
+next slice (clip_assets.ingest.batch_discovery.rescan_slice), so a full pass spans several ticks. Changed
 batches that are neighbours in the partition order share a run (up to BATCHES_PER_RUN), as the
 discovery sensor's do: one model load per run, not per batch.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.batch_discovery import read_rescan_position, rescan_slice, write_rescan_position
+from clip_assets.ingest.batch_discovery import read_rescan_position, rescan_slice, write_rescan_position
 from clip_assets.defs.jobs import batch_run_requests, classify_image_batch_job
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection

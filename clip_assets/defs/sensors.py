@@ -2,7 +2,7 @@
 
 Running by default, so `dagster dev` (or the daemon) classifies a new batch folder with nobody
 clicking. Each tick costs one `stat` of the image root while nothing was added; see
-clip_assets.batch_discovery for the cursor.
+clip_assets.ingest.batch_discovery for the cursor.
 
 The runs need the prompt centroids first. On an instance where they were never built, the sensor
 registers the new batches, requests the centroids run once, and keeps the batches pending in its
@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.batch_discovery import DiscoveryCursor, discover_new_batches
+from clip_assets.ingest.batch_discovery import DiscoveryCursor, discover_new_batches
 from clip_assets.defs.jobs import (
     CLASSIFY_BATCH_JOB,
     PROMPT_CENTROIDS_JOB,

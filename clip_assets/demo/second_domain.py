@@ -3,7 +3,7 @@
 The demo's tiny model was trained on filled shapes (clip_assets.demo.train) and never saw hatched
 fills or outlines: on hatched shapes it scores macro F1 0.64 (circles near 0), against 0.98 on
 filled shapes (today's recipe, a quiet machine). This module writes a captioned collection of such images, fine-tunes the demo
-model on it (clip_assets.fine_tuning) and scores zero-shot classification, with the project's prompt
+model on it (clip_assets.tuning.fine_tuning) and scores zero-shot classification, with the project's prompt
 files and classification rule, of the base and the fine-tuned model on the images the fine-tuning
 held out (calibration's path-hash split: no held-out image or caption is ever trained on), and on
 the demo's own filled-shape collection (what the tuning costs there). `--wise-sweep` scores a tuned
@@ -29,25 +29,25 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from clip_assets.calibration import category_scores, is_heldout
-from clip_assets.centroids import compute_centroids
-from clip_assets.classification import score_matrices
-from clip_assets.clip_model import ClipModel, load_clip_model
+from clip_assets.tuning.calibration import category_scores, is_heldout
+from clip_assets.classification.centroids import compute_centroids
+from clip_assets.classification.rules import score_matrices
+from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import (
     BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
     read_labels,
 )
-from clip_assets.embedding import load_rgb
-from clip_assets.evaluation import CategoryScore, macro_f1
-from clip_assets.fine_tuning import (
+from clip_assets.embedding.engine import load_rgb
+from clip_assets.tuning.evaluation import CategoryScore, macro_f1
+from clip_assets.tuning.fine_tuning import (
     FineTuneOptions,
     FineTuneReport,
     fine_tune_to_checkpoint,
     interpolate_weights,
     opt_in_note,
 )
-from clip_assets.prompts import load_categories, prompt_version
+from clip_assets.classification.prompts import load_categories, prompt_version
 
 CAPTIONS_FILE = "captions.csv"
 IMAGES_FOLDER = "images"
@@ -250,7 +250,7 @@ def _option(name: str, default: str | None = None) -> str | None:
 
 
 if __name__ == "__main__":
-    from clip_assets import accepted_warnings
+    from clip_assets.config import accepted_warnings
     from clip_assets.demo.run import DEMO_DIR
 
     from clip_assets.cli import share_or_auto

@@ -1,0 +1,275 @@
+"""Classifying image embeddings against prompt centroids, as matrix products over chunks of images.
+
+Two modes, chosen per prompt file:
+
+- multi_label (the first seed's rule): score = pos_sim - neg_sim; matched when score >= threshold
+  and pos_sim >= neutral_sim + neutral_margin. A category without negative descriptions has
+  neg_sim 0; one without neutral descriptions skips the neutral condition (neutral_sim NULL).
+  An image can match several categories or none.
+- single_label (the third seed's zero-shot): softmax over the file's categories of
+  logit_scale * cos(image, positive centroid); the `top_k` most probable categories whose
+  probability reaches the threshold are matched, with their probability and rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.classification.centroids import CentroidSet
+from clip_assets.classification.prompts import SINGLE_LABEL
+
+DEFAULT_CHUNK_IMAGES = 8_192
+NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache
+
+
+class ModelMismatchError(ValueError):
+    """Embeddings and centroids come from different models: their similarities mean nothing."""
+
+
+_LABEL = pa.dictionary(pa.int32(), pa.string())  # repeated strings stay small in memory
+
+CLASSIFICATION_SCHEMA = pa.schema(
+    [
+        pa.field("batch", _LABEL, nullable=False),
+        pa.field("image_id", _LABEL, nullable=False),
+        pa.field("category", _LABEL, nullable=False),
+        pa.field("mode", _LABEL, nullable=False),
+        pa.field("pos_sim", pa.float32()),
+        pa.field("neg_sim", pa.float32()),
+        pa.field("neutral_sim", pa.float32()),
+        pa.field("score", pa.float32()),
+        pa.field("probability", pa.float32()),
+        pa.field("rank", pa.int16()),
+        pa.field("threshold", pa.float64()),
+        pa.field("neutral_margin", pa.float64()),
+        pa.field("matched", pa.bool_()),
+        pa.field("model", _LABEL),
+        pa.field("prompt_version", _LABEL),
+        pa.field("adapter_version", _LABEL),
+    ]
+)
+
+
+def check_same_model(embedding_models: set[str], centroid_model: str) -> None:
+    if embedding_models - {centroid_model}:
+        raise ModelMismatchError(
+            f"Embeddings were made by {sorted(embedding_models)} but the prompt centroids by "
+            f"'{centroid_model}'. Similarities across models are meaningless, so nothing was "
+            "classified. Re-materialize image_embeddings (for this batch) or prompt_centroids so "
+            "both use the configured model."
+        )
+
+
+def models_in_file(embeddings_file: Path, rows_per_read: int = 65_536) -> set[str]:
+    """The model identities an embeddings file holds, read a column slice at a time."""
+    models: set[str] = set()
+    with pq.ParquetFile(embeddings_file) as f:
+        for record_batch in f.iter_batches(batch_size=rows_per_read, columns=["model"]):
+            models.update(pc.unique(record_batch.column("model")).to_pylist())
+    return models
+
+
+def single_label_groups(centroids: CentroidSet) -> list[np.ndarray]:
+    """Category indices of each single_label prompt file: the sets a softmax runs over."""
+    groups: dict[str, list[int]] = {}
+    for i, (mode, source) in enumerate(zip(centroids.modes, centroids.sources)):
+        if mode == SINGLE_LABEL:
+            groups.setdefault(source, []).append(i)
+    return [np.array(g) for g in groups.values()]
+
+
+def centroid_columns(c: CentroidSet) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The distinct centroid vectors, and for each kind the column of each category among them."""
+    stacked = np.concatenate([c.positive, c.negative, c.neutral]).astype(np.float32, copy=False)
+    vectors, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    k = len(c.categories)
+    return vectors, {"positive": inverse[:k], "negative": inverse[k : 2 * k], "neutral": inverse[2 * k :]}
+
+
+def score_matrices(
+    embeddings: np.ndarray,
+    c: CentroidSet,
+    columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
+) -> dict[str, np.ndarray | None]:
+    """Every per-(image, category) number of both rules, as (n, C) arrays.
+
+    `adapters` (a clip_assets.tuning.adapters.AdapterSet): its correction is added to the positive
+    similarities and its thresholds and margins replace the centroids'. `probability` and `rank`
+    are None when no prompt file is single_label.
+    """
+    if embeddings.shape[1:] != (c.dim,):
+        raise ModelMismatchError(
+            f"Embedding dimension {embeddings.shape[1:]} does not match centroid dimension {c.dim}."
+        )
+    multi = np.array([mode != SINGLE_LABEL for mode in c.modes])
+    # One matrix product against the distinct centroid vectors: a neutral set shared by every
+    # category of a file is multiplied once, not once per category.
+    vectors, cols = columns or centroid_columns(c)
+    sims = embeddings @ vectors.T
+    pos = sims[:, cols["positive"]]
+    # 0 where a category has no negatives; single_label categories never use them.
+    uses_negative = c.has_negative & multi
+    neg = sims[:, cols["negative"]] if uses_negative.any() else np.zeros_like(pos)
+    if not uses_negative.all():
+        neg[:, ~uses_negative] = 0
+    neutral = sims[:, cols["neutral"]]
+    thresholds, margins = c.thresholds, c.neutral_margins
+    if adapters is not None:
+        pos = adapters.corrected_positive(embeddings, pos)
+        thresholds, margins = adapters.settings(c)
+    return apply_rules(pos, neg, neutral, c, thresholds, margins)
+
+
+def apply_rules(
+    pos: np.ndarray, neg: np.ndarray, neutral: np.ndarray, c: CentroidSet, thresholds: np.ndarray, margins: np.ndarray
+) -> dict[str, np.ndarray | None]:
+    """Both rules on (n, C) similarities: multi_label's threshold and neutral margin, single_label's softmax."""
+    n = pos.shape[0]
+    score = pos - neg
+    matched = score >= thresholds.astype(np.float32)
+    if c.has_neutral.any():
+        neutral_ok = pos >= neutral + margins.astype(np.float32)
+        neutral_ok[:, ~c.has_neutral] = True
+        matched &= neutral_ok
+    groups = single_label_groups(c)
+    probability = rank = None
+    if groups:
+        probability = np.full(pos.shape, np.nan, dtype=np.float32)
+        rank = np.zeros(pos.shape, dtype=np.int16)
+    for group in groups:
+        logits = c.logit_scale * pos[:, group]
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        probability[:, group] = p
+        order = np.argsort(-p, axis=1, kind="stable")
+        ranks = np.empty_like(order)
+        ranks[np.arange(n)[:, None], order] = np.arange(1, len(group) + 1)
+        rank[:, group] = ranks
+        matched[:, group] = (ranks <= c.top_k[group]) & (p >= thresholds[group])
+    return {"pos": pos, "neg": neg, "neutral": neutral, "score": score, "matched": matched,
+            "probability": probability, "rank": rank, "thresholds": thresholds, "neutral_margins": margins}
+
+
+def _repeated(value: str, count: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(count, dtype=np.int32)), pa.array([value]))
+
+
+def _per_category(values: np.ndarray, n: int) -> np.ndarray:
+    return np.tile(values, n)
+
+
+def classify_batch(
+    batch: str,
+    image_ids: list[str] | pa.Array,
+    embeddings: np.ndarray,
+    centroids: CentroidSet,
+    columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    adapters=None,
+) -> pa.Table:
+    """One row per (image, category), images in input order, categories in centroid order.
+
+    `adapters` (clip_assets.tuning.adapters.AdapterSet, or None for zero-shot): pos_sim, score, probability,
+    threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
+    """
+    m = score_matrices(embeddings, centroids, columns, adapters)
+    return classification_rows(batch, image_ids, m, centroids, adapters_version(adapters))
+
+
+def adapters_version(adapters) -> str:
+    """What the rows' adapter_version column says: the adapters' version, or NO_ADAPTER."""
+    return NO_ADAPTER if adapters is None else adapters.version
+
+
+def classification_rows(
+    batch: str, image_ids: list[str] | pa.Array, m: dict[str, np.ndarray | None], centroids: CentroidSet,
+    adapter_version: str = NO_ADAPTER,
+) -> pa.Table:
+    """The rows of `score_matrices`' numbers: one per (image, category), images in input order."""
+    n, c = m["pos"].shape
+    is_single = np.array([mode == SINGLE_LABEL for mode in centroids.modes])
+    if m["probability"] is None:
+        probability, rank = pa.nulls(n * c, pa.float32()), pa.nulls(n * c, pa.int16())
+    else:
+        multi = _per_category(~is_single, n)
+        probability = pa.array(m["probability"].reshape(-1), pa.float32(), mask=multi)
+        rank = pa.array(m["rank"].reshape(-1), pa.int16(), mask=multi)
+    category_codes = _per_category(np.arange(c, dtype=np.int32), n)
+    return pa.table(
+        {
+            "batch": _repeated(batch, n * c),
+            "image_id": pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat(np.arange(n, dtype=np.int32), c)),
+                image_ids if isinstance(image_ids, pa.Array) else pa.array(image_ids, pa.string()),
+            ),
+            "category": pa.DictionaryArray.from_arrays(category_codes, pa.array(centroids.categories)),
+            "mode": pa.DictionaryArray.from_arrays(
+                _per_category(is_single.astype(np.int32), n), pa.array(["multi_label", SINGLE_LABEL])
+            ),
+            "pos_sim": pa.array(m["pos"].reshape(-1)),
+            "neg_sim": pa.array(m["neg"].reshape(-1)),
+            "neutral_sim": pa.array(
+                m["neutral"].reshape(-1), mask=_per_category(~centroids.has_neutral | is_single, n)
+            ),
+            "score": pa.array(m["score"].reshape(-1)),
+            "probability": probability,
+            "rank": rank,
+            "threshold": pa.DictionaryArray.from_arrays(category_codes, pa.array(m["thresholds"])).cast(pa.float64()),
+            "neutral_margin": pa.DictionaryArray.from_arrays(
+                category_codes, pa.array(m["neutral_margins"])
+            ).cast(pa.float64()),
+            "matched": pa.array(m["matched"].reshape(-1)),
+            "model": _repeated(centroids.model, n * c),
+            "prompt_version": _repeated(centroids.prompt_version, n * c),
+            "adapter_version": _repeated(adapter_version, n * c),
+        },
+        schema=CLASSIFICATION_SCHEMA,
+    )
+
+
+def classify_in_chunks(
+    batch: str,
+    image_ids: list[str],
+    embeddings: np.ndarray,
+    centroids: CentroidSet,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    adapters=None,
+) -> Iterator[pa.Table]:
+    """The rows of `classify_batch`, a bounded number of images at a time."""
+    columns = centroid_columns(centroids)
+    for start in range(0, len(image_ids), chunk_images):
+        stop = start + chunk_images
+        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns, adapters)
+
+
+def classify_stream(
+    batch: str,
+    embedding_batches: Iterable[pa.RecordBatch],
+    centroids: CentroidSet,
+    on_scored: Callable[[pa.Array, dict[str, np.ndarray | None]], None] | None = None,
+    adapters=None,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of `classify_batch` for record batches of an embeddings file (`image_id`, `embedding`),
+    one record batch at a time: memory holds one batch's matrices, never the file's.
+
+    `on_scored(image_ids, matrices)` sees each record batch's numbers before its rows are yielded,
+    so figures about the whole batch are gathered in the same pass.
+    """
+    columns = centroid_columns(centroids)
+    for record_batch in embedding_batches:
+        if record_batch.num_rows == 0:
+            continue
+        ids = record_batch.column("image_id")
+        m = score_matrices(vectors_matrix(record_batch.column("embedding")), centroids, columns, adapters)
+        if on_scored is not None:
+            on_scored(ids, m)
+        yield from classification_rows(batch, ids, m, centroids, adapters_version(adapters)).to_batches()

@@ -1,0 +1,158 @@
+"""Where each output lives under the data directory: every path below it is built here.
+
+A batch's files are named after the batch. A batch folder's name can take the whole 255-byte
+file-name limit, which `<batch>.parquet` would pass, so a name longer than MAX_STEM_BYTES is stored
+under a shortened stem: its first bytes, `~`, and a hash of the whole name. The stem of a stem is
+itself, so a file's stem (what search reports as the batch) leads back to the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clip_assets.storage.atomic_files import sweep_stale_temp_files
+
+# Leaves room for the longest suffix (`.parquet`, `.parts`) under the 255-byte file-name limit.
+MAX_STEM_BYTES = 200
+_HASH_CHARS = 16
+
+
+def batch_stem(batch: str) -> str:
+    """The batch's name as its files carry it: the name itself, or a shortened one that fits."""
+    raw = os.fsencode(batch)
+    if len(raw) <= MAX_STEM_BYTES:
+        return batch
+    digest = hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]
+    return raw[: MAX_STEM_BYTES - _HASH_CHARS - 1].decode("utf-8", "ignore") + "~" + digest
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    data_dir: Path
+
+    @classmethod
+    def of_embeddings_file(cls, embeddings_file: Path) -> "DataLayout":
+        """The layout an embeddings file (`<data dir>/embeddings/<batch>.parquet`) belongs to."""
+        return cls(Path(embeddings_file).parent.parent)
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.data_dir / "clip_assets.duckdb"
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.data_dir / "manifest"
+
+    def manifest_path(self, batch: str) -> Path:
+        return self.manifest_dir / f"{batch_stem(batch)}.parquet"
+
+    @property
+    def manifests_glob(self) -> str:
+        """Every batch's manifest, as a pattern for DuckDB's read_parquet."""
+        return str(self.manifest_dir / "*.parquet")
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.data_dir / "embeddings"
+
+    def embeddings_path(self, batch: str) -> Path:
+        return self.embeddings_dir / f"{batch_stem(batch)}.parquet"
+
+    def embedding_files(self) -> list[Path]:
+        """Every batch's embeddings file, sorted; the stem of each is its batch (see batch_stem)."""
+        return sorted(self.embeddings_dir.glob("*.parquet"))
+
+    def embedding_parts_dir(self, batch: str) -> Path:
+        """Chunks of an unfinished embedding run, removed once the batch file is written."""
+        return self.embeddings_dir / f"{batch_stem(batch)}.parts"
+
+    @property
+    def embedding_failures_dir(self) -> Path:
+        return self.data_dir / "embedding_failures"
+
+    def embedding_failures_path(self, batch: str) -> Path:
+        return self.embedding_failures_dir / f"{batch_stem(batch)}.parquet"
+
+    @property
+    def search_index_dir(self) -> Path:
+        return self.data_dir / "search_index"
+
+    @property
+    def ann_index_dir(self) -> Path:
+        return self.data_dir / "ann_index"
+
+    def ann_shard_path(self, batch: str) -> Path:
+        """The batch's approximate-nearest-neighbour index shard (faiss)."""
+        return self.ann_index_dir / f"{batch_stem(batch)}.faiss"
+
+    def ann_codec_path(self, model: str) -> Path:
+        """The model's trained, empty IVF-PQ index that every batch's shard is filled from."""
+        return self.ann_index_dir / f"codec-{hashlib.sha1(model.encode()).hexdigest()[:12]}.faiss"
+
+    def ann_codec_note_path(self, model: str) -> Path:
+        """What the model's codec was trained for (model, factory, the collection's rows then)."""
+        return self.ann_codec_path(model).with_suffix(".json")
+
+    def ann_shard_note_path(self, batch: str) -> Path:
+        """What the batch's shard was built from (embeddings file size and mtime), its kind and version."""
+        return self.ann_index_dir / f"{batch_stem(batch)}.json"
+
+    @property
+    def duplicate_pairs_dir(self) -> Path:
+        return self.data_dir / "near_duplicates" / "pairs"
+
+    def duplicate_pairs_path(self, batch: str) -> Path:
+        """Near-duplicate pairs found by querying this batch's images against the whole index."""
+        return self.duplicate_pairs_dir / f"{batch_stem(batch)}.parquet"
+
+    def duplicates_page_dir(self, run_id: str) -> Path:
+        return self.data_dir / "gallery" / "near_duplicates" / run_id
+
+    @property
+    def rescan_position_path(self) -> Path:
+        """Where the re-scan schedule's next slice begins (clip_assets.ingest.batch_discovery.rescan_slice)."""
+        return self.data_dir / "rescan_position.json"
+
+    @property
+    def text_query_encoder_dir(self) -> Path:
+        """Text towers saved for fast search start-up (clip_assets.search.text_query_encoder)."""
+        return self.data_dir / "text_query_encoders"
+
+    def search_index_path(self, batch: str) -> Path:
+        """The batch's embeddings as raw float32 rows; its note is the same path with `.json`."""
+        return self.search_index_dir / f"{batch_stem(batch)}.f32"
+
+    @property
+    def adapters_path(self) -> Path:
+        """The category_adapters asset's output; absent: classification is zero-shot."""
+        return self.data_dir / "adapters" / "category_adapters.npz"
+
+    @property
+    def fine_tuned_models_dir(self) -> Path:
+        """Checkpoints written by `clip-assets fine-tune` and `fine_tuned_model`, each named by its content hash."""
+        return self.data_dir / "fine_tuned_models"
+
+    @property
+    def fine_tuned_model_in_use_path(self) -> Path:
+        """Which of those checkpoints the `fine_tuned_model` asset wrote last (clip_assets.model.fine_tuned_weights)."""
+        return self.fine_tuned_models_dir / "fine_tuned_model.json"
+
+    @property
+    def calibration_proposal_path(self) -> Path:
+        return self.data_dir / "calibration" / "calibrated_thresholds.toml"
+
+    def gallery_dir(self, run_id: str) -> Path:
+        return self.data_dir / "gallery" / run_id
+
+    def sweep_stale_temp_files(self, batch: str | None = None) -> list[Path]:
+        """Remove temp files abandoned by dead writers in every output folder (and the batch's parts)."""
+        folders = [
+            self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_index_dir,
+            self.text_query_encoder_dir, self.calibration_proposal_path.parent, self.fine_tuned_models_dir,
+        ]
+        if batch is not None:
+            folders.append(self.embedding_parts_dir(batch))
+        return [path for folder in folders for path in sweep_stale_temp_files(folder)]

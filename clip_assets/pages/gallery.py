@@ -1,0 +1,370 @@
+"""A look at the classifications with thumbnails: a static HTML page of the whole collection, and a
+small contact sheet per batch for the Dagster UI.
+
+Per category: the best matched images with their scores, and the near misses, the best-scoring
+images that were not matched, grouped by the condition that failed (the score under the threshold,
+or, in multi_label files, a score that reaches it while the image is not above the neutral
+descriptions by the margin). A person can see at a glance whether a setting is right: near misses
+that belong to the category say it is too strict, matched images that do not say it is too loose.
+Thumbnails are small JPEG files written next to the page (never the originals), so the folder can be
+copied or served as is.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
+from clip_assets.config.layout import DataLayout
+from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
+
+THUMBNAIL_PX = 128
+
+# The condition an unmatched image failed (see clip_assets.classification.rules for the rules).
+UNDER_THRESHOLD = "under_threshold"  # score (multi_label) or probability (single_label) < threshold
+NOT_ABOVE_NEUTRAL = "not_above_neutral"  # multi_label: score >= threshold, pos_sim < neutral_sim + margin
+NOT_IN_TOP_K = "not_in_top_k"  # single_label: probability >= threshold, but top_k categories are more probable
+NEAR_MISS_KINDS = (UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL, NOT_IN_TOP_K)
+
+# Compares as classification.score_matrices does: float32 scores against float32 thresholds and
+# margins (multi_label), probabilities against the double threshold (single_label).
+FAILED_CONDITION_SQL = f"""
+CASE WHEN c.matched THEN NULL
+     WHEN c.mode = 'single_label' THEN
+         CASE WHEN c.probability < c.threshold THEN '{UNDER_THRESHOLD}' ELSE '{NOT_IN_TOP_K}' END
+     WHEN c.score < c.threshold::FLOAT THEN '{UNDER_THRESHOLD}'
+     WHEN c.neutral_sim IS NOT NULL AND c.pos_sim < c.neutral_sim + c.neutral_margin::FLOAT THEN '{NOT_ABOVE_NEUTRAL}'
+     ELSE '{UNDER_THRESHOLD}' END
+"""
+
+
+
+def failed_conditions(m: dict[str, np.ndarray | None], modes: list[str], thresholds: np.ndarray,
+                      neutral_margins: np.ndarray, has_neutral: np.ndarray) -> np.ndarray:
+    """FAILED_CONDITION_SQL over `classification.score_matrices`' numbers, as an (n, C) int8 array:
+    0 where matched, else 1 + the failed condition's index in NEAR_MISS_KINDS."""
+    single = np.array([mode == "single_label" for mode in modes])
+    under = 1 + NEAR_MISS_KINDS.index(UNDER_THRESHOLD)
+    codes = np.full(m["pos"].shape, under, dtype=np.int8)
+    not_above = (m["score"] >= thresholds.astype(np.float32)) & (
+        m["pos"] < m["neutral"] + neutral_margins.astype(np.float32)) & has_neutral
+    codes[not_above & ~single] = 1 + NEAR_MISS_KINDS.index(NOT_ABOVE_NEUTRAL)
+    if single.any():
+        in_reach = m["probability"][:, single] >= thresholds[single]
+        codes[:, single] = np.where(in_reach, 1 + NEAR_MISS_KINDS.index(NOT_IN_TOP_K), under)
+    codes[m["matched"]] = 0
+    return codes
+
+
+DUPLICATE = "duplicate"  # a near-duplicate of its group's first image (orange on the duplicates page)
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    image_id: str
+    path: str
+    batch: str
+    score: float  # what the threshold applies to: the score, or the probability for single_label
+    matched: bool
+    failed: str | None = None  # for a near miss, the condition it failed (one of NEAR_MISS_KINDS); DUPLICATE on the duplicates page
+    above_neutral: float | None = None  # pos_sim - neutral_sim, where the category has neutral descriptions
+
+
+@dataclass(frozen=True)
+class CategorySettings:
+    mode: str
+    threshold: float
+    neutral_margin: float
+    top_k: int
+
+
+def category_settings(layout: DataLayout) -> dict[str, CategorySettings]:
+    """Each category's mode, threshold, neutral margin and top_k, in the prompt files' order."""
+    with connect(layout.duckdb_path, read_only=True) as con:
+        rows = con.execute(
+            "SELECT category, mode, threshold, neutral_margin, top_k FROM prompt_categories ORDER BY position"
+        ).fetchall()
+    return {name: CategorySettings(mode, threshold, margin, top_k) for name, mode, threshold, margin, top_k in rows}
+
+
+def gallery_rows(
+    layout: DataLayout, matched_per_category: int, near_misses: int, batch: str | None = None
+) -> dict[str, list[GalleryImage]]:
+    """Per category (prompt order): its best matched images, then for each failed condition its best
+    unmatched ones (best: highest score, then lowest image_id). `batch`: only that batch's images,
+    else the whole collection.
+
+    One pass over the classifications keeps, per category and failed condition, a bounded best-n
+    list (DuckDB's `min_by(..., n)`, an aggregate), so memory depends on the categories and n, not
+    on the collection's size (DuckDB's block cache capped too); only the chosen images' paths are
+    looked up in the manifests.
+    """
+    manifests = layout.manifest_path(batch) if batch else layout.manifests_glob
+    with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
+        rows = con.execute(
+            f"""
+            WITH c AS (
+                SELECT c.category, c.image_id, c.batch, coalesce(c.probability, c.score) AS value, c.matched,
+                       {FAILED_CONDITION_SQL} AS failed, c.pos_sim - c.neutral_sim AS above_neutral
+                FROM image_classifications c
+                WHERE ?::VARCHAR IS NULL OR c.batch = ?
+            ), best AS (
+                SELECT category, failed, unnest(min_by(
+                    {{'image_id': image_id, 'batch': batch, 'value': value, 'matched': matched,
+                      'above_neutral': above_neutral}},
+                    {{'descending': -value, 'image_id': image_id}},
+                    greatest(1, CASE WHEN failed IS NULL THEN ?::BIGINT ELSE ?::BIGINT END)
+                ), recursive := true)
+                FROM c GROUP BY category, failed
+                HAVING CASE WHEN failed IS NULL THEN ?::BIGINT ELSE ?::BIGINT END > 0
+            )
+            SELECT b.category, b.image_id, m.path, b.batch, b.value, b.matched, b.failed, b.above_neutral
+            FROM best b JOIN prompt_categories p USING (category)
+                 JOIN (SELECT image_id, path FROM read_parquet(?)) m USING (image_id)
+            ORDER BY p.position, b.matched DESC, b.failed, b.value DESC, b.image_id
+            """,
+            [batch, batch, matched_per_category, near_misses, matched_per_category, near_misses, str(manifests)],
+        ).fetchall()
+        categories = [r[0] for r in con.execute("SELECT category FROM prompt_categories ORDER BY position").fetchall()]
+    out: dict[str, list[GalleryImage]] = {name: [] for name in categories}
+    for category, image_id, path, batch_name, value, matched, failed, above_neutral in rows:
+        out[category].append(GalleryImage(
+            image_id, path, batch_name, float(value), bool(matched), failed,
+            None if above_neutral is None else float(above_neutral),
+        ))
+    return out
+
+
+def thumbnail(source: Path, size: int = THUMBNAIL_PX) -> Image.Image | None:
+    """An RGB image of `source` at most `size` pixels a side; None when it cannot be read any more."""
+    try:
+        with Image.open(source) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((size, size))
+            return img
+    except Exception:  # PIL raises many types for unreadable files
+        return None
+
+
+def write_thumbnail(source: Path, target: Path, size: int = THUMBNAIL_PX) -> bool:
+    """A small JPEG of `source`; False when the image cannot be read any more."""
+    if target.is_file():
+        return True
+    img = thumbnail(source, size)
+    if img is None:
+        return False
+    with atomic_write(target) as tmp:
+        img.save(tmp, format="JPEG", quality=80)
+    return True
+
+
+def near_miss_heading(kind: str, settings: CategorySettings) -> str:
+    """What a group of near misses failed, in words."""
+    if kind == UNDER_THRESHOLD:
+        what = "probability" if settings.mode == "single_label" else "score"
+        return f"near misses: {what} under the threshold ({settings.threshold:.3f})"
+    if kind == NOT_ABOVE_NEUTRAL:
+        return (
+            f"near misses: score reaches the threshold, but the image is not above the neutral descriptions "
+            f"by the margin (pos_sim &lt; neutral_sim + {settings.neutral_margin:.3f})"
+        )
+    return (
+        f"near misses: probability reaches the threshold, but {settings.top_k} other "
+        f"categor{'y is' if settings.top_k == 1 else 'ies are'} more probable (top_k = {settings.top_k})"
+    )
+
+
+def _card(image: GalleryImage, thumb: str | None) -> str:
+    label = html.escape(image.path)
+    picture = (
+        f'<img src="{html.escape(thumb)}" alt="{label}" loading="eager">' if thumb else '<div class="missing">unreadable</div>'
+    )
+    detail = (
+        f"<br>pos - neutral {image.above_neutral:+.3f}" if image.failed == NOT_ABOVE_NEUTRAL and image.above_neutral is not None
+        else ""
+    )
+    return (
+        f'<figure class="{image.failed or "match"}">{picture}'
+        f"<figcaption>{image.score:.3f}{detail}<br><small>{label}</small></figcaption></figure>"
+    )
+
+
+PAGE_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+section { margin-bottom: 2em; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
+figure { margin: 0; width: 140px; text-align: center; font-size: 12px; }
+figure img { max-width: 128px; max-height: 128px; border: 3px solid #2a2; }
+figure.under_threshold img, figure.duplicate img { border-color: #d80; }
+figure.not_above_neutral img { border-color: #86c; }
+figure.not_in_top_k img { border-color: #37d; }
+small { color: #666; word-break: break-all; }
+h3 { font-size: 14px; color: #555; margin: 0.6em 0 0.3em; }
+"""
+
+# Counts images that finished loading with pixels, so a headless browser can tell a broken page.
+LOAD_CHECK = """
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+"""
+
+
+def _section(category: str, settings: CategorySettings, cards: dict[str | None, list[str]]) -> str:
+    margin = f", neutral margin {settings.neutral_margin:.3f}" if settings.mode == "multi_label" else ""
+    parts = [
+        f'<section id="{html.escape(category)}"><h2>{html.escape(category)}'
+        f" <small>{settings.mode}, threshold {settings.threshold:.3f}{margin}</small></h2>",
+        f"<h3>matched (best first)</h3><div class=\"row\">{''.join(cards.get(None, [])) or 'none'}</div>",
+    ]
+    kinds = [UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL] if settings.mode == "multi_label" else [UNDER_THRESHOLD, NOT_IN_TOP_K]
+    for kind in kinds:
+        parts.append(
+            f'<h3 class="{kind}">{near_miss_heading(kind, settings)}</h3>'
+            f"<div class=\"row\">{''.join(cards.get(kind, [])) or 'none'}</div>"
+        )
+    return "".join(parts) + "</section>"
+
+
+def write_gallery(
+    layout: DataLayout,
+    image_root: Path,
+    out_dir: Path,
+    matched_per_category: int = 12,
+    near_misses: int = 6,
+    title: str = "clip-assets gallery",
+) -> Path:
+    """Write out_dir/index.html and out_dir/thumbs/*.jpg; returns the page's path.
+
+    `near_misses` is per failed condition: up to that many images under the threshold, and as many
+    that reached it but failed the neutral (or top_k) condition.
+    """
+    rows = gallery_rows(layout, matched_per_category, near_misses)
+    settings = category_settings(layout)
+    sections = []
+    for category, images in rows.items():
+        cards: dict[str | None, list[str]] = {}
+        for image in images:
+            thumb = f"thumbs/{image.image_id}.jpg"
+            ok = write_thumbnail(image_root / image.path, out_dir / thumb)
+            cards.setdefault(image.failed, []).append(_card(image, thumb if ok else None))
+        sections.append(_section(category, settings[category], cards))
+    page = (
+        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{PAGE_STYLE}</style><script>{LOAD_CHECK}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        "<p>Green: matched. Orange: near misses under the threshold. Purple: near misses whose score reaches "
+        "the threshold but which are not above the neutral descriptions by the margin. Blue (single_label): "
+        "near misses whose probability reaches the threshold but which are not among the top_k. "
+        "Scores are the ones thresholds apply to (the probability for single_label files).</p>"
+        f"{''.join(sections)}</body></html>"
+    )
+    index = out_dir / "index.html"
+    write_text_atomically(page, index)
+    return index
+
+
+# The contact sheet: one row per category, small enough to live in Dagster's event log.
+SHEET_THUMB_PX = 52
+SHEET_LABEL_W = 96
+SHEET_CAPTION_H = 12
+SHEET_GAP = 4
+BORDER = {None: (40, 170, 40), UNDER_THRESHOLD: (220, 130, 0), NOT_ABOVE_NEUTRAL: (135, 100, 200),
+          NOT_IN_TOP_K: (60, 120, 210)}
+LEGEND = [(None, "matched"), (UNDER_THRESHOLD, "under threshold"), (NOT_ABOVE_NEUTRAL, "not above neutral + margin"),
+          (NOT_IN_TOP_K, "not in top_k")]
+
+
+def contact_sheet(
+    layout: DataLayout, image_root: Path, batch: str, matched_per_category: int = 3, near_misses: int = 2
+) -> bytes:
+    """A JPEG grid for one batch: per category its best matches, then its near misses of each kind,
+    each thumbnail framed in its group's colour with its score under it."""
+    rows = gallery_rows(layout, matched_per_category, near_misses, batch=batch)
+    return draw_contact_sheet(image_root, rows, matched_per_category + 2 * near_misses)
+
+
+def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], columns: int) -> bytes:
+    """The contact sheet of `gallery_rows`' rows (or the same rows gathered while classifying)."""
+    cell_w, cell_h = SHEET_THUMB_PX + SHEET_GAP, SHEET_THUMB_PX + SHEET_CAPTION_H + SHEET_GAP
+    legend_h = 14
+    sheet = Image.new("RGB", (SHEET_LABEL_W + columns * cell_w, legend_h + max(1, len(rows)) * cell_h), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    x = 4
+    for kind, text in LEGEND:
+        draw.rectangle([x, 3, x + 8, 11], fill=BORDER[kind])
+        draw.text((x + 11, 2), text, fill="black", font=font)
+        x += 18 + int(draw.textlength(text, font=font))
+    for r, (category, images) in enumerate(rows.items()):
+        y = legend_h + r * cell_h
+        draw.text((4, y + SHEET_THUMB_PX // 2 - 6), category[:15], fill="black", font=font)
+        matched = [i for i in images if i.matched]
+        missed = sorted((i for i in images if not i.matched), key=lambda i: (NEAR_MISS_KINDS.index(i.failed), -i.score))
+        for c, image in enumerate(matched + missed):
+            x = SHEET_LABEL_W + c * cell_w
+            draw.rectangle([x, y, x + SHEET_THUMB_PX - 1, y + SHEET_THUMB_PX - 1], fill=BORDER[image.failed])
+            thumb = thumbnail(image_root / image.path, SHEET_THUMB_PX - 6)
+            if thumb is not None:
+                sheet.paste(thumb, (x + (SHEET_THUMB_PX - thumb.width) // 2, y + (SHEET_THUMB_PX - thumb.height) // 2))
+            draw.text((x + 2, y + SHEET_THUMB_PX), f"{image.score:.3f}", fill=(80, 80, 80), font=font)
+        if not images:
+            draw.text((SHEET_LABEL_W, y + SHEET_THUMB_PX // 2 - 6), "no images", fill="gray", font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="JPEG", quality=60, optimize=True)  # about 40 kB: it lives in the event log
+    return buffer.getvalue()
+
+
+def prune_pages(parent: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest page folders (one per run) under `parent`; the removed ones."""
+    import shutil
+
+    folders = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns, reverse=True) \
+        if parent.is_dir() else []
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folders[keep:]
+
+
+def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, max_groups: int = 200,
+                          title: str = "clip-assets near-duplicates") -> Path:
+    """out_dir/index.html: the largest near-duplicate groups, one row each, images side by side with
+    their similarity to the group's first image; thumbnails in out_dir/thumbs/."""
+    from clip_assets.storage.warehouse import read_duplicate_groups
+
+    groups: dict[str, list[GalleryImage]] = {}
+    for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
+        first = position == 0
+        groups.setdefault(group_id, []).append(
+            GalleryImage(image_id, path, batch, float(similarity), first, None if first else DUPLICATE))
+    sections = []
+    for n, (group_id, images) in enumerate(groups.items(), 1):
+        cards = []
+        for image in images:
+            thumb = f"thumbs/{image.image_id}.jpg"
+            ok = write_thumbnail(image_root / image.path, out_dir / thumb)
+            cards.append(_card(image, thumb if ok else None))
+        sections.append(
+            f'<section class="group" id="{html.escape(group_id)}"><h3>group {n}: {len(images)} images'
+            f' <small>({html.escape(", ".join(sorted({i.batch for i in images})))})</small></h3>'
+            f'<div class="row">{"".join(cards)}</div></section>'
+        )
+    page = (
+        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{PAGE_STYLE}</style><script>{LOAD_CHECK}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        "<p>Each row is a group of near-duplicate images. Green: the group's first image (by batch, then path); "
+        "orange: the others, with their cosine similarity to it.</p>"
+        f"{''.join(sections) or '<p>no near-duplicates</p>'}</body></html>"
+    )
+    index = out_dir / "index.html"
+    write_text_atomically(page, index)
+    return index

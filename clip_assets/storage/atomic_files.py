@@ -1,0 +1,149 @@
+"""Replacing a file without a torn write, and sweeping up after writers that died.
+
+`atomic_write(path)` hands out a temp path next to the target; on success the temp file is renamed
+over the target (readers see the old file or the new one, never half of one), on any failure (a
+full disk, an exception, Ctrl-C) it is removed and the target is left as it was. A process killed
+outright (SIGKILL, OOM) cannot clean up, so steps that write call `sweep_stale_temp_files` first.
+
+A temp file is named `.clip-assets-tmp~<pid>~<host>~<random>~<start of the target's name>.tmp`:
+short whatever the target's name (under 140 bytes, well below the 255-byte file-name limit), unique
+per write, never matching the target's own pattern (`*.parquet`, `*.toml`: glob matches dot files),
+and it says which process on which machine wrote it, so the sweep can tell an abandoned one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_assets.storage.file_hashes import content_digest
+
+TEMP_MARKER = ".clip-assets-tmp"
+_HOST_BYTES = 32
+_TARGET_PREFIX_BYTES = 64
+_TEMP_NAME = re.compile(r"^\.clip-assets-tmp~(\d+)~([^~]*)~[0-9a-f]{8}~")
+# Temp files of another machine (a shared volume) or of a live process are removed only this old:
+# no write of this project takes that long, and a PID can be reused.
+STALE_AFTER_S = 24 * 3600
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """At most max_bytes of text's file-system encoding, never splitting a character."""
+    return os.fsencode(text)[:max_bytes].decode("utf-8", "ignore")
+
+
+def _host() -> str:
+    return _cut(socket.gethostname().replace("~", "-").replace("/", "-"), _HOST_BYTES)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A fresh temp path in the target's folder; its name never nears the file-name limit."""
+    token = secrets.token_hex(4)
+    prefix = _cut(path.name, _TARGET_PREFIX_BYTES)
+    return path.with_name(f"{TEMP_MARKER}~{os.getpid()}~{_host()}~{token}~{prefix}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp path to write; rename it over `path` on success, remove it on any failure.
+
+    durable: fsync the file before the rename (survives a power cut, not only a crash).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_named_by_content(directory: Path, name_for: Callable[[str], str], write: Callable[[Path], None]) -> Path:
+    """Write a file whose name holds the hash of its content (`name_for(file_hashes.content_digest)`).
+
+    `write(tmp)` fills a temp file in `directory`; once hashed it is renamed to its name, so a reader
+    sees a whole file or none, and the same content always lands on the same name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(directory / name_for("content"))
+    try:
+        write(tmp)
+        target = directory / name_for(content_digest(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return target
+
+
+def write_parquet_atomically(table: pa.Table, path: Path) -> None:
+    """Readers see the old file or the new one; a failed write leaves the old one and no temp file."""
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temp_files(directory: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove this project's temp files in `directory` that no running write will finish.
+
+    Abandoned: written on this machine by a process that is gone, or older than `stale_after_s`
+    (another machine's, or a PID reused since). Files of other names are never touched. Returns
+    what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    host, me, now = _host(), os.getpid(), time.time()
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        pid, writer_host = int(match.group(1)), match.group(2)
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:  # renamed into place or removed meanwhile
+            continue
+        ours = writer_host == host
+        if ours and pid == me:
+            continue  # this process's own write, in flight on another thread
+        if (ours and not _process_alive(pid)) or age > stale_after_s:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed

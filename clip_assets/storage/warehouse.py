@@ -1,0 +1,423 @@
+"""The DuckDB file: prompt centroids and classifications, written in whole transactions.
+
+Nothing else in the project opens the file: every reader and writer goes through `connect`. DuckDB
+lets a file be open in one read-write process or in any number of read-only ones, never both, so
+connections are opened briefly, both kinds wait (with a bound) for another process's conflicting
+lock to go, and every write replaces whole units (all centroids, or one batch's classifications)
+inside a single transaction: readers never see a half-written batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from clip_assets.classification.centroids import KINDS, CentroidSet
+from clip_assets.config.settings import Settings
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS prompt_centroids (
+    category VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,            -- positive / negative / neutral
+    vector FLOAT[] NOT NULL,          -- L2-normalised mean of the descriptions' text embeddings
+    prompt_count INTEGER NOT NULL,
+    prompt_hash VARCHAR NOT NULL,     -- hash of this set's descriptions
+    model VARCHAR NOT NULL,
+    prompt_version VARCHAR NOT NULL   -- hash of all prompt files
+);
+CREATE TABLE IF NOT EXISTS prompt_categories (
+    category VARCHAR NOT NULL,
+    position INTEGER NOT NULL,
+    source VARCHAR NOT NULL,          -- prompt file the category comes from
+    mode VARCHAR NOT NULL,            -- multi_label / single_label
+    threshold DOUBLE NOT NULL,
+    neutral_margin DOUBLE NOT NULL,
+    top_k INTEGER NOT NULL,
+    logit_scale DOUBLE NOT NULL,
+    model VARCHAR NOT NULL,
+    prompt_version VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_classifications (
+    batch VARCHAR NOT NULL,
+    image_id VARCHAR NOT NULL,
+    category VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,
+    pos_sim FLOAT,
+    neg_sim FLOAT,
+    neutral_sim FLOAT,
+    score FLOAT,
+    probability FLOAT,                -- single_label: softmax probability; NULL for multi_label
+    rank SMALLINT,                    -- single_label: 1 = most probable; NULL for multi_label
+    threshold DOUBLE,
+    neutral_margin DOUBLE,
+    matched BOOLEAN,
+    model VARCHAR,
+    prompt_version VARCHAR,
+    adapter_version VARCHAR DEFAULT 'none'  -- category_adapters version, or 'none' (zero-shot)
+);
+-- Files from before adapters: their rows were zero-shot.
+ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS adapter_version VARCHAR DEFAULT 'none';
+-- One row per image: what it matched (best first), and its best-scoring category overall.
+CREATE OR REPLACE VIEW image_labels AS
+SELECT batch, image_id,
+       coalesce(list(category ORDER BY score DESC) FILTER (WHERE matched), []) AS categories,
+       arg_max(category, score) AS best_category,
+       max(score) AS best_score
+FROM image_classifications
+GROUP BY batch, image_id;
+-- Per category: images classified and images matched, in the prompt files' order.
+CREATE OR REPLACE VIEW category_counts AS
+SELECT p.category, p.mode,
+       count(c.image_id) AS images_classified,
+       count(c.image_id) FILTER (WHERE c.matched) AS images_matched
+FROM prompt_categories p LEFT JOIN image_classifications c USING (category)
+GROUP BY p.category, p.mode, p.position
+ORDER BY p.position;
+-- Near-duplicate groups across the collection (the near_duplicates asset): one row per image in a group.
+CREATE TABLE IF NOT EXISTS duplicate_groups (
+    group_id VARCHAR NOT NULL,        -- image_id of the group's first image (by batch, then path)
+    position INTEGER NOT NULL,        -- 0 = the first image
+    image_id VARCHAR NOT NULL,
+    path VARCHAR NOT NULL,
+    batch VARCHAR NOT NULL,
+    similarity FLOAT NOT NULL,        -- cosine similarity to the group's first image
+    threshold DOUBLE NOT NULL         -- the threshold the groups were formed with
+);
+-- One row per group: its size, batches, paths (first image first) and the least similar member.
+CREATE OR REPLACE VIEW near_duplicate_groups AS
+SELECT group_id, count(*) AS images, list(DISTINCT batch ORDER BY batch) AS batches,
+       list(path ORDER BY position) AS paths, min(similarity) AS min_similarity
+FROM duplicate_groups
+GROUP BY group_id
+ORDER BY images DESC, group_id;
+"""
+
+
+class CentroidsMissingError(LookupError):
+    """Classification was asked for before any prompt centroids were stored."""
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process held the DuckDB file for longer than this one could wait; says who and what to do."""
+
+
+class WarehouseVersionError(RuntimeError):
+    """The DuckDB file was written by a DuckDB release whose storage format this one cannot read."""
+
+
+# DuckDB's message names the process holding the lock: "... Conflicting lock is held in <exe> (PID 123) ..."
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+_IS_LOCK_ERROR = re.compile(r"could not set lock|conflicting lock", re.IGNORECASE)
+_STORAGE_VERSION = re.compile(r"database file with version number (\d+)")
+
+
+def _lock_holder(duckdb_message: str) -> str:
+    """'PID 123 (python notebook.py)' from DuckDB's lock error, with the command line where /proc shows it."""
+    found = _LOCK_HOLDER.search(duckdb_message)
+    if not found:
+        return "another process"
+    pid, command = found["pid"], found["exe"]
+    with contextlib.suppress(OSError):  # no /proc, or not ours to read: keep DuckDB's executable name
+        # Only the same process DuckDB saw (a PID from another machine's lock may name a local one).
+        if os.readlink(f"/proc/{pid}/exe") == command:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            command = " ".join(a.decode(errors="replace") for a in args)[:300] or command
+    return f"PID {pid} ({command})"
+
+
+def _holder_mode(read_only: bool, duckdb_message: str) -> str:
+    if read_only:
+        return "for writing"  # only a writer keeps a reader out
+    return "read-only" if "read-only mode" in duckdb_message else "for writing"  # DuckDB hints when readers hold it
+
+
+def _locked_message(path: Path, read_only: bool, waited_s: float, duckdb_message: str) -> str:
+    return (
+        f"{path} is held {_holder_mode(read_only, duckdb_message)} by {_lock_holder(duckdb_message)}: waited "
+        f"{waited_s:.1f} s (CLIP_ASSETS_DUCKDB_WAIT_S) to open it {'read-only' if read_only else 'for writing'}. "
+        "DuckDB lets a file be open in one process that writes, or in any number of processes that only "
+        "read, never both: a connection left open elsewhere, even a read-only one, keeps the pipeline's "
+        "writers out, and a writer keeps every other process out. If it is a notebook or a dashboard, "
+        "close its connection (con.close()), open the file only for the length of a query "
+        "(`with duckdb.connect(path, read_only=True) as con: ...`), or read the per-batch parquet files "
+        "instead. If it is a pipeline step writing a large batch, let it finish, or raise "
+        "CLIP_ASSETS_DUCKDB_WAIT_S."
+    )
+
+
+def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    started = time.monotonic()
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            message = str(exc)
+            version = _STORAGE_VERSION.search(message)
+            if version:
+                raise WarehouseVersionError(
+                    f"{path} was written by a newer DuckDB (storage version {version[1]}) than this project's "
+                    f"DuckDB {duckdb.__version__} reads. It holds only what the parquet files give: move it "
+                    "aside, materialize prompt_centroids and backfill image_classifications (nothing is "
+                    "re-encoded)."
+                ) from exc
+            if not _IS_LOCK_ERROR.search(message):
+                raise
+            waited = time.monotonic() - started
+            if waited >= wait_s:
+                raise WarehouseLockedError(_locked_message(path, read_only, waited, message)) from exc
+            time.sleep(min(delay, wait_s - waited))
+            delay = min(delay * 2, 1.0)
+
+
+# DuckDB keeps the blocks a query read cached up to its memory limit (80% of RAM by default): a pass
+# over a whole collection's classifications then holds about as much memory as the rows take on disk
+# (+0.9 GiB at 1M images x 50 categories). Readers that pass over every row and keep little (the
+# gallery's best-n lists, the labelled sample's rows) cap it, and with it their peak memory.
+COLLECTION_PASS_MEMORY_LIMIT = "256MB"
+
+
+@contextlib.contextmanager
+def connect(
+    path: Path, read_only: bool = False, wait_s: float | None = None, memory_limit: str | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The one way into the DuckDB file, for readers and writers alike: open it, closed on exit.
+
+    While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
+    this waits up to `wait_s` seconds (default: the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
+    WarehouseLockedError naming the process. A writer creates the file and the tables if needed.
+    `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
+    database (its block cache included).
+    """
+    path = Path(path)
+    if wait_s is None:
+        wait_s = Settings.from_env().duckdb_wait_s
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    con = _open(path, read_only, wait_s)
+    try:
+        if memory_limit is not None:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        if not read_only:
+            con.execute(SCHEMA_SQL)
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB, for queries over the parquet files: no file, so no lock to wait for."""
+    con = duckdb.connect()
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection):
+    con.begin()
+    try:
+        yield
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
+
+
+def replace_centroids(path: Path, centroids: CentroidSet) -> int:
+    """Replace every stored centroid and category setting at once; returns centroid rows written."""
+    rows = {k: [] for k in ("category", "kind", "vector", "prompt_count", "prompt_hash")}
+    for i, name in enumerate(centroids.categories):
+        for kind in KINDS:
+            if (name, kind) in centroids.prompt_counts:
+                rows["category"].append(name)
+                rows["kind"].append(kind)
+                rows["vector"].append(getattr(centroids, kind)[i].tolist())
+                rows["prompt_count"].append(centroids.prompt_counts[(name, kind)])
+                rows["prompt_hash"].append(centroids.prompt_hashes[(name, kind)])
+    n = len(rows["category"])
+    centroid_rows = pa.table(
+        {
+            **{k: v for k, v in rows.items() if k != "vector"},
+            "vector": pa.array(rows["vector"], pa.list_(pa.float32())),
+            "model": [centroids.model] * n,
+            "prompt_version": [centroids.prompt_version] * n,
+        }
+    )
+    c = len(centroids.categories)
+    category_rows = pa.table(
+        {
+            "category": centroids.categories,
+            "position": list(range(c)),
+            "source": centroids.sources,
+            "mode": centroids.modes,
+            "threshold": centroids.thresholds,
+            "neutral_margin": centroids.neutral_margins,
+            "top_k": centroids.top_k,
+            "logit_scale": [centroids.logit_scale] * c,
+            "model": [centroids.model] * c,
+            "prompt_version": [centroids.prompt_version] * c,
+        }
+    )
+    with connect(path) as con, _transaction(con):
+        con.execute("DELETE FROM prompt_centroids")
+        con.execute("DELETE FROM prompt_categories")
+        con.register("new_centroids", centroid_rows)
+        con.register("new_categories", category_rows)
+        con.execute(
+            "INSERT INTO prompt_centroids SELECT category, kind, vector, prompt_count, prompt_hash, "
+            "model, prompt_version FROM new_centroids"
+        )
+        con.execute(
+            "INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories"
+        )
+    return n
+
+
+def read_centroids(path: Path) -> CentroidSet:
+    """The stored centroids as matrices, in the prompt files' category order."""
+    if not path.exists():
+        raise CentroidsMissingError(
+            f"No DuckDB file at {path}: materialize prompt_centroids before image_classifications."
+        )
+    with connect(path, read_only=True) as con:  # a reader: never takes the write lock
+        cats = con.execute(
+            "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
+            "logit_scale FROM prompt_categories ORDER BY position"
+        ).fetchall()
+        rows = con.execute(
+            "SELECT category, kind, vector, prompt_count, prompt_hash FROM prompt_centroids"
+        ).fetchall()
+    if not cats:
+        raise CentroidsMissingError(
+            f"No prompt centroids in {path}: materialize prompt_centroids before image_classifications."
+        )
+    names = [r[0] for r in cats]
+    index = {name: i for i, name in enumerate(names)}
+    dim = len(rows[0][2])
+    mats = {kind: np.zeros((len(names), dim), dtype=np.float32) for kind in KINDS}
+    has = {kind: np.zeros(len(names), dtype=bool) for kind in KINDS}
+    counts, hashes = {}, {}
+    for category, kind, vector, count, digest in rows:
+        mats[kind][index[category]] = np.asarray(vector, dtype=np.float32)
+        has[kind][index[category]] = True
+        counts[(category, kind)] = count
+        hashes[(category, kind)] = digest
+    return CentroidSet(
+        categories=names,
+        sources=[r[1] for r in cats],
+        thresholds=np.array([r[2] for r in cats], dtype=np.float64),
+        neutral_margins=np.array([r[3] for r in cats], dtype=np.float64),
+        positive=mats["positive"],
+        negative=mats["negative"],
+        neutral=mats["neutral"],
+        has_negative=has["negative"],
+        has_neutral=has["neutral"],
+        modes=[r[6] for r in cats],
+        top_k=np.array([r[7] for r in cats], dtype=np.int64),
+        logit_scale=float(cats[0][8]),
+        prompt_counts=counts,
+        prompt_hashes=hashes,
+        model=cats[0][4],
+        prompt_version=cats[0][5],
+    )
+
+
+def replace_batch_classifications(path: Path, batch: str, rows: pa.RecordBatchReader) -> int:
+    """Swap one batch's rows for new ones in a single transaction: no duplicates, no half batch.
+
+    `rows` is one Arrow stream, consumed by a single INSERT inside the transaction, so a batch never
+    has to sit in memory whole. Returns the number of rows written.
+    """
+    with connect(path) as con, _transaction(con):
+        con.execute("DELETE FROM image_classifications WHERE batch = ?", [batch])
+        con.register("new_rows", rows)
+        written = con.execute("INSERT INTO image_classifications BY NAME SELECT * FROM new_rows").fetchone()[0]
+        con.unregister("new_rows")
+    return int(written)
+
+
+def top_images(path: Path, batch: str, per_category: int = 3) -> list[tuple[str, str, float, bool]]:
+    """(category, image_id, score, matched) of the best-scoring images of each category in a batch."""
+    with connect(path, read_only=True) as con:
+        return con.execute(
+            """
+            SELECT c.category, c.image_id, coalesce(c.probability, c.score) AS value, c.matched
+            FROM image_classifications c JOIN prompt_categories p USING (category)
+            WHERE c.batch = ?
+            QUALIFY row_number() OVER (PARTITION BY c.category ORDER BY value DESC) <= ?
+            ORDER BY p.position, value DESC
+            """,
+            [batch, per_category],
+        ).fetchall()
+
+
+def score_histograms(path: Path, batch: str, bins: int = 30) -> dict[str, tuple[float, float, list[int], float, str]]:
+    """Per category: (low, high, counts per bin, threshold, mode) of the score it is matched on.
+
+    That is the score for multi_label categories and the probability for single_label ones; the
+    binning runs inside DuckDB, so a batch of millions of rows comes back as a few numbers.
+    """
+    with connect(path, read_only=True) as con:
+        rows = con.execute(
+            """
+            WITH v AS (
+                SELECT category, mode, threshold, CASE WHEN mode = 'single_label' THEN probability ELSE score END AS x
+                FROM image_classifications WHERE batch = ?
+            ), r AS (
+                SELECT category, min(x) AS lo, max(x) AS hi FROM v GROUP BY category
+            )
+            SELECT v.category, any_value(v.mode), any_value(v.threshold), r.lo, r.hi,
+                   list(b ORDER BY b), list(n ORDER BY b)
+            FROM (
+                SELECT category, least(?::INTEGER - 1, floor((x - lo) / greatest(hi - lo, 1e-9) * ?)::INTEGER) AS b,
+                       count(*) AS n, any_value(mode) AS mode, any_value(threshold) AS threshold
+                FROM v JOIN r USING (category) GROUP BY category, b
+            ) v JOIN r USING (category) JOIN prompt_categories p USING (category)
+            GROUP BY v.category, r.lo, r.hi, p.position
+            ORDER BY p.position
+            """,
+            [batch, bins, bins],
+        ).fetchall()
+    out = {}
+    for category, mode, threshold, lo, hi, bin_ids, counts in rows:
+        dense = [0] * bins
+        for b, n in zip(bin_ids, counts):
+            dense[b] = n
+        out[category] = (lo, hi, dense, threshold, mode)
+    return out
+
+
+def replace_duplicate_groups(path: Path, rows: pa.Table) -> int:
+    """Replace every near-duplicate group at once (groups span batches, so they are replaced whole)."""
+    with connect(path) as con, _transaction(con):
+        con.execute("DELETE FROM duplicate_groups")
+        con.register("new_groups", rows)
+        con.execute("INSERT INTO duplicate_groups BY NAME SELECT * FROM new_groups")
+        con.unregister("new_groups")
+    return rows.num_rows
+
+
+def read_duplicate_groups(path: Path, limit_groups: int) -> list[tuple]:
+    """(group_id, position, image_id, path, batch, similarity) of the `limit_groups` largest groups."""
+    with connect(path, read_only=True) as con:
+        return con.execute(
+            """
+            SELECT d.group_id, d.position, d.image_id, d.path, d.batch, d.similarity
+            FROM duplicate_groups d JOIN (
+                SELECT group_id, images FROM near_duplicate_groups LIMIT ?
+            ) g USING (group_id)
+            ORDER BY g.images DESC, d.group_id, d.position
+            """,
+            [limit_groups],
+        ).fetchall()

@@ -1,0 +1,68 @@
+"""The Kubernetes and Postgres variant, loaded and validated without a cluster or a database."""
+
+
+import pytest
+from dagster._config import process_config
+from dagster._core.instance.config import dagster_instance_config
+
+from clip_assets.config.settings import REPO_ROOT
+
+K8S_INSTANCE = REPO_ROOT / "deploy" / "dagster.k8s.yaml"
+PG_ENV = {"DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "secret", "DAGSTER_PG_HOST": "postgres",
+          "DAGSTER_PG_DB": "dagster", "CLIP_ASSETS_IMAGE": "registry.example/clip-assets:1"}
+
+
+@pytest.fixture
+def k8s_env(monkeypatch, settings):
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CLIP_ASSETS_IMAGE_ROOT", str(settings.image_root))
+    monkeypatch.setenv("CLIP_ASSETS_DATA_DIR", str(settings.data_dir))
+
+
+def test_k8s_instance_config_passes_dagsters_schemas(k8s_env, tmp_path):
+    (tmp_path / "dagster.yaml").write_text(K8S_INSTANCE.read_text())
+    config, _ = dagster_instance_config(str(tmp_path))  # the instance schema, as `dagster` reads it
+    from dagster_k8s import K8sRunLauncher
+    from dagster_postgres import DagsterPostgresStorage
+
+    launcher = config["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")
+    checked = process_config(K8sRunLauncher.config_type(), launcher["config"])
+    assert checked.success, checked.errors
+    assert checked.value["job_image"] == "registry.example/clip-assets:1"  # env resolved
+    checked = process_config(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
+    assert checked.success, checked.errors
+    assert config["concurrency"]["pools"] == {"granularity": "op", "default_limit": 1}
+
+
+def test_local_instance_config_is_queued_with_pools_of_one(tmp_path):
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+
+
+def test_k8s_code_location_loads_and_sends_only_the_embedding_step_to_gpu_nodes(k8s_env):
+    from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
+
+    from clip_assets import definitions_k8s
+
+    defs = definitions_k8s.defs
+    job = defs.resolve_job_def("classify_image_batch")
+    assert job.executor_def.name == "k8s"
+    gpu_steps = {}
+    for node in job.graph.node_dict.values():
+        config = get_user_defined_k8s_config(node.definition.tags)
+        assert isinstance(config, UserDefinedDagsterK8sConfig)
+        limits = (config.container_config.get("resources") or {}).get("limits", {})
+        gpu_steps[node.name] = limits.get("nvidia.com/gpu")
+    assert gpu_steps == {"image_manifest": None, "image_embeddings": "1", "image_classifications": None}
+    embed = job.graph.node_named("image_embeddings").definition
+    assert embed.tags["clip_assets/gpu"] == "true"
+    assert get_user_defined_k8s_config(embed.tags).pod_spec_config["node_selector"] == {"clip-assets/gpu": "true"}
+    # the executor's own config is well-formed for dagster-k8s
+    from dagster_k8s import k8s_job_executor
+
+    checked = process_config(k8s_job_executor.config_schema.config_type, definitions_k8s.STEP_EXECUTOR_CONFIG)
+    assert checked.success, checked.errors
