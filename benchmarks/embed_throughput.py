@@ -48,6 +48,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding import engine as embedding
 from clip_assets.model.clip_model import (
     ClipModel,
@@ -64,7 +65,6 @@ from clip_assets.embedding.engine import (
     _ImageFiles,
     default_num_workers,
     draft_size,
-    embeddings_matrix,
     encode_images,
 )
 from clip_assets.embedding.tensor_decode import (
@@ -191,7 +191,7 @@ def equivalence(clip: ClipModel, folder: Path, names: list[str], workers: int) -
         job = EncodeJob(names, names, [None] * len(names), [None] * len(names), [None] * len(names), {})
         encode_images(clip, folder, job, tables.append, batch_size=32, num_workers=workers, report=lambda s: None,
                       decode=decode)
-        vectors[decode] = {i: v for t in tables for i, v in zip(t["image_id"].to_pylist(), embeddings_matrix(t))}
+        vectors[decode] = {i: v for t in tables for i, v in zip(t["image_id"].to_pylist(), vectors_matrix(t["embedding"]))}
     a = np.stack([vectors["pillow"][n] for n in names])
     b = np.stack([vectors["tensor"][n] for n in names])
     cross = (a @ a.T)[~np.eye(len(names), dtype=bool)]

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 # Not clip_assets.embedding.engine: it imports torch, whose ~700 MiB would swamp the memory figures.
 from clip_assets.config.layout import DataLayout
-from clip_assets.search.query import _matrix as embeddings_matrix
+from clip_assets.storage.arrow_vectors import vectors_matrix
 
 MODEL = "benchmark/random"
 
@@ -90,7 +90,7 @@ def write_collection(data_dir: Path, rows: int, dim: int, files: int, seed: int 
 
 def naive_top_k(query: np.ndarray, files: list[Path], k: int) -> list[str]:
     table = pa.concat_tables(pq.read_table(p, columns=["image_id", "embedding"]) for p in files)
-    matrix = embeddings_matrix(table["embedding"])
+    matrix = vectors_matrix(table["embedding"])
     scores = matrix @ query
     best = np.argpartition(-scores, k - 1)[:k]
     best = best[np.argsort(-scores[best])]

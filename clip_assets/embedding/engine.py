@@ -495,15 +495,3 @@ def _stop_workers(batches) -> None:
         if not is_worker_death(exc):
             raise
 
-
-def embeddings_matrix(table: pa.Table) -> np.ndarray:
-    """The `embedding` column as an (n, dim) float32 array, without a Python loop."""
-    column = table["embedding"].combine_chunks()
-    if len(column) == 0:
-        return np.empty((0, column.type.list_size), dtype=np.float32)
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-
-
-def iter_slices(table: pa.Table, rows: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
 from clip_assets.tuning.calibration import (
     DEFAULT_HELDOUT_FRACTION, LabelledScores, LabelRows, LabelsFileError, calibrate, category_scores, is_heldout,
 )
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import score_matrices
-from clip_assets.embedding.engine import embeddings_matrix
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import SINGLE_LABEL
@@ -58,7 +58,7 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
             ).to_arrow_table()
         if table.num_rows:
             table = table.set_column(2, "embedding", table["embedding"].cast(pa.list_(pa.float32(), dim)))
-            matrix = embeddings_matrix(table)
+            matrix = vectors_matrix(table["embedding"])
             for i, (key, image_id) in enumerate(zip(table["key"].to_pylist(), table["image_id"].to_pylist())):
                 found[key] = (image_id, matrix[i])
     keys = sorted(found, key=lambda k: found[k][0])

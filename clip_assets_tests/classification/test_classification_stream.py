@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.classification.steps import image_paths, write_centroids, write_classifications
 from clip_assets.classification.rules import classify_batch
-from clip_assets.embedding.engine import embeddings_matrix
 from clip_assets.pages.gallery import gallery_rows
 from clip_assets.config.layout import DataLayout
 from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
@@ -66,7 +66,7 @@ def assert_same_rows(got: list[tuple], expected: list[tuple]) -> None:
 def test_streamed_rows_equal_the_whole_batch_computation(synthetic):
     summary = write_classifications(synthetic, BATCH, rows_per_read=37)  # 28 record batches
     table = pq.read_table(synthetic.embeddings_path(BATCH))
-    whole = classify_batch(BATCH, table["image_id"].to_pylist(), embeddings_matrix(table), read_centroids(
+    whole = classify_batch(BATCH, table["image_id"].to_pylist(), vectors_matrix(table["embedding"]), read_centroids(
         synthetic.duckdb_path))
     expected = sorted(zip(*(whole[c].to_pylist() for c in COLUMNS)), key=lambda r: (r[0], r[1]))
     got = stored_rows(synthetic)

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.classification.steps import write_centroids, write_classifications
 
 from clip_assets.embedding.steps import write_embeddings
@@ -13,7 +14,6 @@ from clip_assets.ingest.steps import write_manifest
 from clip_assets.classification.centroids import normalised_mean
 from clip_assets.classification.rules import ModelMismatchError
 from clip_assets.model.clip_model import load_clip_model
-from clip_assets.embedding.engine import embeddings_matrix
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.classification.prompts import PromptFileError, load_categories
@@ -60,7 +60,7 @@ def test_embedding_step_encodes_usable_images(settings, layout, clip):
     assert table["image_id"].to_pylist() == usable_ids and summary.encoded == 10 and len(failed) == 1
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), clip.embed_dim)
     assert set(table["model"].to_pylist()) == {clip.identity}
-    np.testing.assert_allclose(np.linalg.norm(embeddings_matrix(table), axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors_matrix(table["embedding"]), axis=1), 1.0, atol=1e-5)
 
 
 def test_worker_processes_give_the_same_embeddings(settings, layout, clip, tmp_path):
@@ -72,7 +72,7 @@ def test_worker_processes_give_the_same_embeddings(settings, layout, clip, tmp_p
     write_embeddings(clip, settings.image_root, other, "batch-001", batch_size=4, num_workers=2)
     multi = pq.read_table(other.embeddings_path("batch-001"))
     assert multi["image_id"].to_pylist() == single["image_id"].to_pylist()
-    np.testing.assert_allclose(embeddings_matrix(multi), embeddings_matrix(single), atol=1e-5)
+    np.testing.assert_allclose(vectors_matrix(multi["embedding"]), vectors_matrix(single["embedding"]), atol=1e-5)
 
 
 def test_file_broken_after_the_manifest_is_recorded_and_the_batch_goes_on(settings, layout, clip, tmp_path):

@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import load_clip_model
 from clip_assets.demo.shapes import write_collection
-from clip_assets.embedding.engine import decode_image, draft_size, embeddings_matrix
+from clip_assets.embedding.engine import decode_image, draft_size
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import build_manifest, image_id_for
 from clip_assets.config.settings import REPO_ROOT
@@ -227,8 +228,8 @@ def test_rematerializing_encodes_only_new_or_changed_images(tmp_path, clip, othe
     after = pq.read_table(layout.embeddings_path("batch-001"))
     ids = after["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 12
-    old = dict(zip(before["image_id"].to_pylist(), embeddings_matrix(before)))
-    new = dict(zip(ids, embeddings_matrix(after)))
+    old = dict(zip(before["image_id"].to_pylist(), vectors_matrix(before["embedding"])))
+    new = dict(zip(ids, vectors_matrix(after["embedding"])))
     touched = image_id_for(f"batch-001/{files[1].name}")
     assert np.array_equal(new[touched], old[touched])
     assert not np.allclose(new[image_id_for(f"batch-001/{files[0].name}")], old[image_id_for(f"batch-001/{files[0].name}")])
@@ -283,8 +284,8 @@ def test_a_killed_run_resumes_from_its_last_chunk(tmp_path, clip, checkpoint):
     write_manifest(root, fresh, "batch-001")
     write_embeddings(clip, root, fresh, "batch-001", batch_size=4, num_workers=0)
     reference = pq.read_table(fresh.embeddings_path("batch-001"))
-    ref = dict(zip(reference["image_id"].to_pylist(), embeddings_matrix(reference)))
-    for image_id, vector in zip(ids, embeddings_matrix(table)):
+    ref = dict(zip(reference["image_id"].to_pylist(), vectors_matrix(reference["embedding"])))
+    for image_id, vector in zip(ids, vectors_matrix(table["embedding"])):
         np.testing.assert_allclose(vector, ref[image_id], atol=1e-5)
     print(f"killed after {done_before} of 240 images; resumed run encoded {summary.encoded}")
 

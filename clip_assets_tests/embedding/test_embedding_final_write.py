@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets import checks
-from clip_assets.embedding.engine import EncodeJob, embeddings_matrix, embeddings_schema
+from clip_assets.embedding.engine import EncodeJob, embeddings_schema
 from clip_assets.embedding.store import EmbeddingFileFigures, EncodingPlan, PartFiles, write_final
 from clip_assets.config.layout import DataLayout
 from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
@@ -30,7 +31,7 @@ def test_final_write_streams_the_carried_rows_and_counts_the_checks_figures(tmp_
     ids = previous["image_id"].to_pylist()
     # a part file re-encoded 20 images (its rows win), two of them broken: NaN, and norm 2
     redone = previous.slice(100, 20)
-    vectors = embeddings_matrix(redone).copy() * 0.5 + 0.01
+    vectors = vectors_matrix(redone["embedding"]).copy() * 0.5 + 0.01
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors[1] *= 2
     vectors[0, 3] = np.nan
@@ -49,12 +50,12 @@ def test_final_write_streams_the_carried_rows_and_counts_the_checks_figures(tmp_
     (small, small_figures), (whole, whole_figures) = written[7], written[100_000]
     assert small_figures == whole_figures
     assert small.drop_columns("embedding").equals(whole.drop_columns("embedding"))
-    np.testing.assert_array_equal(embeddings_matrix(small), embeddings_matrix(whole))  # NaN included
+    np.testing.assert_array_equal(vectors_matrix(small["embedding"]), vectors_matrix(whole["embedding"]))  # NaN included
 
     assert small.num_rows == small_figures.rows == 400
     assert sorted(small["image_id"].to_pylist()) == sorted(ids[:400])
-    by_id = dict(zip(small["image_id"].to_pylist(), embeddings_matrix(small)))
-    np.testing.assert_array_equal(by_id[ids[120]], embeddings_matrix(previous)[120])  # carried as it was
+    by_id = dict(zip(small["image_id"].to_pylist(), vectors_matrix(small["embedding"])))
+    np.testing.assert_array_equal(by_id[ids[120]], vectors_matrix(previous["embedding"])[120])  # carried as it was
     np.testing.assert_array_equal(by_id[ids[105]], vectors[5])  # the part file's row won
     assert (small_figures.nan_rows, small_figures.off_norm_rows) == (1, 2)  # NaN norms are off too
     assert small_figures == EmbeddingFileFigures.of_file(tmp_path / "out-7.parquet")

@@ -25,11 +25,12 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision import transforms as T
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import ClipModel, _input_size
-from clip_assets.embedding.engine import _ImageFiles, decode_image, draft_size, embeddings_matrix, failure_reason
+from clip_assets.embedding.engine import _ImageFiles, decode_image, draft_size, failure_reason
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding import tensor_decode
 from clip_assets.embedding.tensor_decode import (
@@ -202,7 +203,7 @@ def embed_both_ways(clip: ClipModel, root, tmp_path, batch: str, workers: int):
                                decode=decode)
         table = pq.read_table(layout.embeddings_path(batch))
         failures = pq.read_table(layout.embedding_failures_path(batch)).to_pylist()
-        out[decode] = (dict(zip(table["image_id"].to_pylist(), embeddings_matrix(table))),
+        out[decode] = (dict(zip(table["image_id"].to_pylist(), vectors_matrix(table["embedding"]))),
                        {r["path"]: r["error"] for r in failures})
     return out
 

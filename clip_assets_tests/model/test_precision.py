@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
@@ -22,7 +23,6 @@ from clip_assets.model.clip_model import resolved_precision, tuned_for_inference
 from clip_assets.embedding.engine import (
     EncodeJob,
     default_num_workers,
-    embeddings_matrix,
     encode_images,
     model_threads,
     torch_threads,
@@ -46,7 +46,7 @@ def embed_at_precisions(root, tmp_path, batch: str) -> dict[str, tuple[dict, dic
         write_embeddings(clip, root, layout, batch, batch_size=4, num_workers=1, timeout_s=5)
         table = pq.read_table(layout.embeddings_path(batch))
         failures = pq.read_table(layout.embedding_failures_path(batch)).to_pylist()
-        out[precision] = (dict(zip(table["image_id"].to_pylist(), embeddings_matrix(table))),
+        out[precision] = (dict(zip(table["image_id"].to_pylist(), vectors_matrix(table["embedding"]))),
                           {r["path"]: r["error"] for r in failures})
     return out
 

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.cli import main
-from clip_assets.embedding.engine import embeddings_matrix, embeddings_schema
+from clip_assets.embedding.engine import embeddings_schema
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.config.layout import DataLayout
@@ -31,7 +32,7 @@ def stored(layout):
         table = pq.read_table(layout.embeddings_path(batch))
         ids += table["image_id"].to_pylist()
         batches += [batch] * table.num_rows
-        mats.append(embeddings_matrix(table))
+        mats.append(vectors_matrix(table["embedding"]))
         manifest = pq.read_table(layout.manifest_path(batch))
         paths.update(zip(manifest["image_id"].to_pylist(), manifest["path"].to_pylist()))
     return ids, batches, np.concatenate(mats), paths
