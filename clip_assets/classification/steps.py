@@ -26,6 +26,7 @@ from clip_assets.classification.rules import (
 from clip_assets.classification.figures import ClassificationFigures
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_paths
 from clip_assets.embedding.prefetch import prefetched
 from clip_assets.classification.prompts import Category, load_categories, prompt_version
 from clip_assets.pages.gallery import GalleryImage
@@ -65,15 +66,6 @@ class ClassificationSummary:
     gallery_rows: dict[str, list[GalleryImage]] = field(default_factory=dict)  # the contact sheet's
 
 
-def image_paths(layout: DataLayout, batch: str, image_ids: set[str]) -> dict[str, str]:
-    """image_id -> path in the batch's manifest, for a few images (only their rows are kept)."""
-    manifest = layout.manifest_path(batch)
-    if not image_ids or not manifest.exists():
-        return {}
-    found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", sorted(image_ids))])
-    return dict(zip(found["image_id"].to_pylist(), found["path"].to_pylist()))
-
-
 def write_classifications(
     layout: DataLayout, batch: str, rows_per_read: int = DEFAULT_CHUNK_IMAGES
 ) -> ClassificationSummary:
@@ -90,7 +82,7 @@ def write_classifications(
             # scoring runs a record batch ahead of DuckDB's insert, on another core
             CLASSIFICATION_SCHEMA,
             prefetched(classify_stream(batch, record_batches, centroids, figures.add, adapters=adapters))))
-    paths = image_paths(layout, batch, figures.image_ids())
+    paths = image_paths(layout, {batch: figures.image_ids()})
     return ClassificationSummary(
         images=figures.images,
         rows=rows,

@@ -17,9 +17,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_assets.config.layout import DataLayout
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -155,3 +158,17 @@ def build_manifest(image_root: Path, batch: str) -> pa.Table:
         },
         schema=MANIFEST_SCHEMA,
     )
+
+
+def image_paths(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """image_id -> path relative to the image root, from the batches' manifests, for a few images of
+    each batch (only their rows are read); a batch without a manifest adds nothing."""
+    paths: dict[str, str] = {}
+    for batch, ids in ids_by_batch.items():
+        wanted = sorted(set(ids))
+        manifest = layout.manifest_path(batch)
+        if not wanted or not manifest.is_file():
+            continue
+        found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", wanted)])
+        paths.update(zip(found["image_id"].to_pylist(), found["path"].to_pylist()))
+    return paths

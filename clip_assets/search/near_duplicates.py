@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from clip_assets.search import ann_index
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_paths
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,11 @@ GROUP_ROWS_SCHEMA = pa.schema(
 
 def paired_image_paths(layout: DataLayout, pairs: pa.Table) -> dict[str, str]:
     """{image_id: path} of every image in the pairs, from the manifests."""
-    from clip_assets.search.query import image_paths
-
     by_batch: dict[str, set[str]] = {}
     for batch_column, id_column in (("batch", "image_id"), ("other_batch", "other_image_id")):
         for batch, image_id in zip(pairs[batch_column].to_pylist(), pairs[id_column].to_pylist()):
             by_batch.setdefault(batch, set()).add(image_id)
-    return image_paths(layout, {b: sorted(ids) for b, ids in by_batch.items()})
+    return image_paths(layout, by_batch)
 
 
 def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], paths: dict[str, str],

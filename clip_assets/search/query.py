@@ -33,6 +33,7 @@ from clip_assets.storage.arrow_vectors import vectors_matrix as _matrix
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
+from clip_assets.ingest.manifest import image_paths
 
 if TYPE_CHECKING:  # torch and open_clip load only when a query is encoded
     from PIL import Image
@@ -312,18 +313,6 @@ def top_k_streaming(
         if len(p.scores):
             top.merge(p.scores, p.files, p.rows, p.ids)
     return [(score, image_id, files[file_no].stem) for score, image_id, file_no in top.best_first()]
-
-
-def image_paths(layout: DataLayout, ids_by_batch: dict[str, list[str]]) -> dict[str, str]:
-    """image_id -> path relative to the image root, from the batches' manifests."""
-    paths: dict[str, str] = {}
-    for batch, ids in ids_by_batch.items():
-        manifest = layout.manifest_path(batch)
-        if not manifest.is_file():
-            continue
-        table = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", ids)])
-        paths.update(zip(table["image_id"].to_pylist(), table["path"].to_pylist()))
-    return paths
 
 
 def images_matching_category(layout: DataLayout, category: str, batches: list[str] | None = None) -> set[str]:

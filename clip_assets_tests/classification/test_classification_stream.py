@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.classification.steps import image_paths, write_centroids, write_classifications
+from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.ingest.manifest import image_paths
 from clip_assets.classification.rules import classify_batch
 from clip_assets.pages.gallery import gallery_rows
 from clip_assets.config.layout import DataLayout
@@ -93,7 +94,7 @@ def test_figures_gathered_while_streaming_equal_the_stored_rows(synthetic):
         # folded from fine bins: a value within a fine bin's width of a plot bin's edge may land next door
         assert sum(abs(a - b) for a, b in zip(counts, s_counts)) <= IMAGES * 0.02, category
 
-    paths = image_paths(synthetic, BATCH, {i for _, i, _, _ in top_images(db, BATCH)})
+    paths = image_paths(synthetic, {BATCH: {i for _, i, _, _ in top_images(db, BATCH)}})
     assert summary.top_images == [
         {"category": c, "path": paths[i], "score": round(v, 4), "matched": m} for c, i, v, m in top_images(db, BATCH)
     ]

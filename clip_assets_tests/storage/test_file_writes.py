@@ -25,7 +25,8 @@ from clip_assets.defs.sensors import BATCH_DISCOVERY_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import MAX_STEM_BYTES, DataLayout, batch_stem
 from clip_assets.classification.prompts import load_categories
-from clip_assets.search.query import embedding_files, image_paths, top_k_streaming
+from clip_assets.search.query import embedding_files, top_k_streaming
+from clip_assets.ingest.manifest import image_paths
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets_tests.defs.test_operations import classification_counts, tick
 
