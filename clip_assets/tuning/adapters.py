@@ -33,13 +33,12 @@ correction for the others (neither kind was fitted on, as the images it will cla
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from clip_assets.tuning.calibration import choose_threshold, predict
+from clip_assets.tuning.calibration import choose_threshold, predict, stable_fraction
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import score_matrices
 from clip_assets.classification.prompts import SINGLE_LABEL
@@ -57,11 +56,6 @@ MAX_SELECTION_IMAGES = 4096  # cross-validation runs on at most this many images
 # The chosen adapter is fitted, and its thresholds tuned, on at most this many: a head has 512 weights
 # a category, and the LBFGS fit on 100k images took most of a minute for no measurable gain.
 MAX_FIT_IMAGES = 16384
-
-
-def stable_fraction(image_id: str, salt: str) -> float:
-    """A number in [0, 1) fixed by the image id: the same image lands in the same fold or sample."""
-    return int.from_bytes(hashlib.sha256(f"{salt}:{image_id}".encode()).digest()[:8], "big") / 2**64
 
 
 def by_hash(image_ids: list[str], salt: str) -> np.ndarray:

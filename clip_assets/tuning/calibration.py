@@ -103,10 +103,16 @@ def _read_csv_rows(path: Path) -> list[dict]:
         raise LabelsFileError(f"{path} is not a CSV file ({exc}). Labels are a CSV file or a .parquet file.") from exc
 
 
+def stable_fraction(image_id: str, salt: str | None = None) -> float:
+    """A number in [0, 1) fixed by the image id: the same image lands in the same split, fold or
+    sample. A `salt` draws an unrelated number from the same ids (hashed as "salt:image_id")."""
+    key = image_id if salt is None else f"{salt}:{image_id}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def is_heldout(image_id: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
     """Stable split: the same image is always on the same side, whatever else is labelled."""
-    h = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") / 2**64
-    return h < fraction
+    return stable_fraction(image_id) < fraction
 
 
 @dataclass

@@ -16,6 +16,7 @@ from clip_assets.tuning.calibration import (
     is_heldout,
     load_labelled_scores,
     read_labels_file,
+    stable_fraction,
     write_overrides,
 )
 from clip_assets.cli import main
@@ -73,6 +74,13 @@ def test_heldout_split_is_stable_and_covers_both_sides():
     first = [is_heldout(i) for i in ids]
     assert first == [is_heldout(i) for i in ids]
     assert 400 < sum(first) < 600
+
+
+def test_stable_fractions_are_the_ones_splits_and_folds_were_drawn_with():
+    # pinned: a change here moves images across the held-out split and the adapters' folds
+    assert stable_fraction("batch-001/a.jpg") == 0.10276308424802115
+    assert stable_fraction("batch-001/a.jpg", "fold") == 0.4698439234200667
+    assert is_heldout("batch-001/a.jpg", 0.11) and not is_heldout("batch-001/a.jpg", 0.10)
 
 
 def test_evaluation_matches_the_demo_scoring_and_calibration_scores_only_heldout(settings, classified, clip):
