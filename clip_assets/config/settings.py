@@ -108,14 +108,14 @@ class Settings(BaseSettings):
     decode: Literal["auto", "pillow", "tensor"] = Field(
         default="auto",
         description="`pillow` (CPU workers decode), `tensor` (JPEGs batch-decoded on the model's device), "
-        "`auto` (tensor on CUDA where it measures faster): see [On a GPU](#on-a-gpu)",
+        "`auto` (tensor on CUDA where it measures faster): see [On a GPU](performance.md#on-a-gpu)",
     )
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         default="auto",
         description="how the image tower computes: `auto` (on the CPU `int8`, the Linear layers of its MLP blocks "
         "and attention projections dynamically quantised, where torch has an int8 engine; on CUDA bfloat16 or float16 autocast), `float32`, `bfloat16` (autocast), "
         "`int8` (CPU only); embeddings agree with `float32` to cosine 0.995 or better (see "
-        "[Encoding speed on the CPU](#encoding-speed-on-the-cpu))",
+        "[Encoding speed on the CPU](performance.md#encoding-speed-on-the-cpu))",
     )
     channels_last: bool = Field(default=False, description="feed the image tower `channels_last` tensors")
     compile_model: bool = Field(
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
             problems = "; ".join(
                 f"{env_var(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
             )
-            raise SettingsError(f"Invalid setting: {problems}. See the configuration table in the README.") from None
+            raise SettingsError(f"Invalid setting: {problems}. See the configuration table in docs/configuration.md.") from None
 
 
 class _EnvironSource(EnvSettingsSource):

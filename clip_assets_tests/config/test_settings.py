@@ -9,16 +9,16 @@ from clip_assets.config.settings import REPO_ROOT, Settings, SettingsError, conf
 SETTINGS_VARIABLES = {env_var(name) for name in Settings.model_fields}
 
 
-def readme_configuration_table() -> str:
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+def docs_configuration_table() -> str:
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     start = text.index("| variable | default | meaning |")
     end = text.index("\n\n", start)
     return text[start:end]
 
 
-def test_readme_configuration_table_is_the_settings_objects():
-    assert readme_configuration_table() == configuration_table(), (
-        "README.md's configuration table differs from clip_assets.config.settings: paste the output of "
+def test_docs_configuration_table_is_the_settings_objects():
+    assert docs_configuration_table() == configuration_table(), (
+        "docs/configuration.md's configuration table differs from clip_assets.config.settings: paste the output of "
         "`uv run python -m clip_assets.config.settings` over it"
     )
 
