@@ -17,7 +17,6 @@ import numpy as np
 from clip_assets.tuning.adapters import AdapterSet, FileAdapter
 from clip_assets.storage.atomic_files import atomic_write
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.storage.file_hashes import file_sha256
 
 FORMAT = 2  # 2: thresholds calibrated on the whole tuning half, not only the images the correction learnt from
 _ARRAYS = ("columns", "thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change", "applies",
@@ -27,11 +26,6 @@ _FIELDS = ("source", "mode", "kind", "description", "cv_macro_f1", "beta", "imag
 
 class AdapterMismatchError(ValueError):
     """The stored adapters were built for other centroids (another prompt version or model)."""
-
-
-def content_hash(path: Path) -> str:
-    """The labels file's data version: a hash of its bytes."""
-    return file_sha256(path)[:16]
 
 
 def adapter_version(labels_hash: str, centroids: CentroidSet, shots: int | None) -> str:

@@ -43,7 +43,7 @@ from clip_assets.tuning.calibration import is_heldout
 from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model
 from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 from clip_assets.embedding.engine import load_rgb
-from clip_assets.storage.file_hashes import file_sha256
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.config.layout import DataLayout
 
 REQUIRED_COLUMNS = ("path", "caption")
@@ -378,7 +378,7 @@ def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Pat
     model, before, after, training, heldout, wise = fine_tune(clip, pairs, image_root, options, captions_file, log)
     checkpoint = write_checkpoint(model, DataLayout(data_dir).fine_tuned_models_dir, model_name, {
         "base_model": clip.identity,
-        "captions_sha256": file_sha256(captions_file)[:16],
+        "captions_sha256": content_digest(captions_file, SOURCE_VERSION_CHARS),
         "options": dataclasses.asdict(options),
         "wise_alpha": wise.alpha,
     })

@@ -12,7 +12,8 @@ from typing import Callable
 
 
 from clip_assets.tuning.adapter_evaluation import fit_on_tuning_half, load_labelled_embeddings
-from clip_assets.tuning.adapter_store import adapter_version, content_hash, remove_adapters, write_adapter_file
+from clip_assets.tuning.adapter_store import adapter_version, remove_adapters, write_adapter_file
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.tuning.adapters import AdapterSet
 from clip_assets.tuning.calibration import read_labels_file
 from clip_assets.classification.rules import (
@@ -44,7 +45,7 @@ def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | No
     labels = read_labels_file(labels_path)
     centroids = read_centroids(layout.duckdb_path)
     data = load_labelled_embeddings(layout, labels, centroids)
-    version = adapter_version(content_hash(labels_path), centroids, shots)
+    version = adapter_version(content_digest(labels_path, SOURCE_VERSION_CHARS), centroids, shots)
     adapters = fit_on_tuning_half(data, centroids, shots, version)
     write_adapter_file(adapters, layout.adapters_path)
     return AdapterSummary(version, adapters, len(data.image_ids), int(data.heldout.sum()),

@@ -2,6 +2,7 @@
 
 import base64
 import datetime
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ from clip_assets.instance.execution import (
     observe_prompt_files,
     register_batches,
 )
-from clip_assets.tuning.adapter_store import adapter_version, content_hash
+from clip_assets.tuning.adapter_store import adapter_version
 from clip_assets.model.clip_model import model_identity
-from clip_assets.storage.file_hashes import file_sha256
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.model.fine_tuned_weights import fine_tuned_checkpoint
 from clip_assets.instance.execution import QUIET_CONSOLE
 from clip_assets.defs.sensors import SPLIT_SENSOR, split_failed_batch_runs
@@ -200,7 +201,7 @@ def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, 
     labels.write_text("\n".join(lines[:-1]) + "\n")  # one labelled image fewer
 
     requested, observations, _ = _ticks_until_settled(defs, instance, result, now)
-    assert [o.data_version for o in observations[LABELS_FILE] if o is not None] == [content_hash(labels)]
+    assert [o.data_version for o in observations[LABELS_FILE] if o is not None] == [content_digest(labels, SOURCE_VERSION_CHARS)]
     assert not any(observations[PROMPT_FILES])
     assert ADAPTERS in requested and CLASSIFICATIONS in requested
     assert not requested & {CENTROIDS, EMBEDDINGS, dg.AssetKey("image_manifest"), LABELS_FILE, PROMPT_FILES}
@@ -209,7 +210,7 @@ def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, 
     for b in BATCHES:
         assert materialization_count(instance, CLASSIFICATIONS, b) > before[(CLASSIFICATIONS, b)]
         assert materialization_count(instance, EMBEDDINGS, b) == before[(EMBEDDINGS, b)]
-    new_version = adapter_version(content_hash(labels), read_centroids(DataLayout(settings.data_dir).duckdb_path), None)
+    new_version = adapter_version(content_digest(labels, SOURCE_VERSION_CHARS), read_centroids(DataLayout(settings.data_dir).duckdb_path), None)
     assert rows(settings, "SELECT DISTINCT adapter_version FROM image_classifications") == [(new_version,)] != old_version
 
 
@@ -252,7 +253,7 @@ def test_opted_in_the_fine_tuned_model_encodes_and_a_captions_edit_re_embeds(set
 
     first = fine_tuned_checkpoint(layout)
     version = latest_data_version(instance, FINE_TUNED_MODEL)
-    assert first.parent == layout.fine_tuned_models_dir and version == file_sha256(first)[:12] and version in first.name
+    assert first.parent == layout.fine_tuned_models_dir and version == hashlib.sha256(first.read_bytes()).hexdigest()[:12] and version in first.name
     tuned = model_identity(settings.model, str(first))
     assert version in tuned and tuned != model_identity(settings.model, settings.pretrained)
     assert models_made_with(settings) == {"embeddings": {tuned}, "centroids": {tuned}, "classifications": {tuned}}
@@ -271,11 +272,11 @@ def test_opted_in_the_fine_tuned_model_encodes_and_a_captions_edit_re_embeds(set
 
     # a captions edit: the fine-tuned model is stale, then, once re-tuned, the embeddings of every batch
     captions.write_text("\n".join(captions.read_text().splitlines()[:-2]) + "\n")  # two captioned images fewer
-    assert observe_captions_file(defs, instance).data_version == content_hash(captions)
+    assert observe_captions_file(defs, instance).data_version == content_digest(captions, SOURCE_VERSION_CHARS)
     assert stale_status(defs, instance, FINE_TUNED_MODEL) == "STALE"
     materialize(defs, instance, [FINE_TUNED_MODEL])
     second = fine_tuned_checkpoint(layout)
-    assert second != first and latest_data_version(instance, FINE_TUNED_MODEL) == file_sha256(second)[:12]
+    assert second != first and latest_data_version(instance, FINE_TUNED_MODEL) == hashlib.sha256(second.read_bytes()).hexdigest()[:12]
     assert stale_status(defs, instance, FINE_TUNED_MODEL) == "FRESH"
     assert [stale_status(defs, instance, EMBEDDINGS, b) for b in BATCHES] == ["STALE", "STALE"]
     assert stale_status(defs, instance, CENTROIDS) == "STALE"
