@@ -36,9 +36,10 @@ with warnings.catch_warnings():
 
     from clip_assets.defs.partitions import image_batches
     from clip_assets.defs.resources import ImageCollection
-    from clip_assets.defs.schedules import build_rescan_schedule
-    from clip_assets.defs.sensors import image_batch_discovery
+    from clip_assets.defs.ingest.schedules import build_rescan_schedule
+    from clip_assets.defs.ingest.sensors import image_batch_discovery
     from clip_assets.config.layout import DataLayout
+    from clip_assets.config.settings import Settings
     from clip_assets.ingest.manifest import list_files
 
 
@@ -80,8 +81,8 @@ def main() -> None:
         instance.add_dynamic_partitions(image_batches.name, batches)
         print(f"{args.batches:,} batches x {args.files} files, manifests and partitions ready in "
               f"{time.perf_counter() - started:.0f} s; load average {load()}")
-        collection = ImageCollection(image_root=str(root), prompts_dir=str(Path(tmp) / "prompts"),
-                                     data_dir=str(layout.data_dir))
+        collection = ImageCollection.from_settings(Settings(
+            image_root=root, prompts_dir=Path(tmp) / "prompts", data_dir=layout.data_dir))
 
         def discovery(cursor: str | None):
             context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"collection": collection})

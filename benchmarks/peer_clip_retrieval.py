@@ -96,7 +96,7 @@ PREPARE_BATCH = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from clip_assets import steps
+    from clip_assets.ingest.steps import write_manifest
     from clip_assets.config.layout import DataLayout
     write_manifest(Path(sys.argv[1]), DataLayout(Path(sys.argv[2])), sys.argv[3])
     """

@@ -1,4 +1,9 @@
-"""Dagster definitions: partitions, resources, assets and automation. The work lives in clip_assets.steps."""
+"""Dagster definitions, one folder per concern (ingest, embedding, classification, tuning, search, pages),
+each building its own `dg.Definitions` that clip_assets.definitions merges; the modules beside them are
+what the folders share (asset keys, partitions, resources, conventions, metadata, observation).
+
+Asset bodies stay thin: the work lives in each concern's `steps` module (clip_assets.<concern>.steps),
+plain functions the tests call without Dagster."""
 
 from clip_assets.config import accepted_warnings
 

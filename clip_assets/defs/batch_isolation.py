@@ -4,7 +4,7 @@ A run covering several batches (a backfill range, the discovery sensor's groups,
 re-run) does each batch's work in turn. `each_batch` does them all: a batch that fails is logged
 with its reason and the others go on, so their files are written; the step then fails naming every
 batch that failed. Dagster records a step's partitions all together, so the
-`split_failed_batch_runs` sensor (clip_assets.defs.sensors) then runs each batch of the failed
+`split_failed_batch_runs` sensor (clip_assets.defs.ingest.sensors) then runs each batch of the failed
 range on its own: the good ones finish from what is already on disk, and the bad one fails alone,
 with its reason on its own partition.
 """

@@ -1,4 +1,8 @@
-"""Dagster resources: where the collection lives, and the model that encodes it."""
+"""Dagster resources: where the collection lives, the model that encodes it, the labels and the captions.
+
+Each is built from the settings once, at the code location's edge (`from_settings`), field by field
+under the settings' own names: a resource has no defaults of its own to drift from the settings'.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,24 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.tuning import calibration
-
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import Settings
+from clip_assets.embedding.gpu_claim import device_for_embedding_step
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.clip_model import ClipModel, load_clip_model, tuned_for_inference
 from clip_assets.model.fine_tuned_weights import weights_in_use
+from clip_assets.tuning import calibration
 from clip_assets.tuning.fine_tuning import FineTuneOptions
-from clip_assets.embedding.gpu_claim import DEFAULT_LOCK_DIR, device_for_embedding_step
-from clip_assets.config.layout import DataLayout
-from clip_assets.config.settings import default
+
+
+def _settings_named_like(resource: type[dg.ConfigurableResource], settings: Settings, **renamed) -> dict:
+    """The settings whose names are the resource's fields (paths as strings, as Dagster config holds them);
+    `renamed`: resource field -> settings field, where the two differ."""
+    values = {}
+    for name in resource.model_fields:
+        value = getattr(settings, renamed.get(name, name))
+        values[name] = str(value) if isinstance(value, Path) else value
+    return values
 
 
 class ImageCollection(dg.ConfigurableResource):
@@ -24,8 +38,12 @@ class ImageCollection(dg.ConfigurableResource):
     image_root: str
     prompts_dir: str
     data_dir: str
-    max_failure_share: float = default("max_failure_share")  # the failure-rate check warns above this share of a batch
-    duplicate_threshold: float = default("duplicate_threshold")  # cosine similarity for near_duplicates
+    max_failure_share: float  # the failure-rate check warns above this share of a batch
+    duplicate_threshold: float  # cosine similarity for near_duplicates
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ImageCollection":
+        return cls(**_settings_named_like(cls, settings))
 
     @property
     def layout(self) -> DataLayout:
@@ -39,22 +57,30 @@ def _load_once_per_process(model: str, pretrained: str, device: str | None, chan
 
 
 class ClipModelResource(dg.ConfigurableResource):
-    """An open_clip model, loaded once per process however many batches a run covers."""
+    """An open_clip model, loaded once per process however many batches a run covers, and how it encodes."""
 
     model: str
     pretrained: str
-    device: str | None = None
-    batch_size: int = default("batch_size")
-    num_workers: int = default("num_workers")
-    file_timeout_s: float = default("file_timeout_s")
-    chunk_rows: int = default("chunk_rows")  # images per part file: what a killed run re-encodes at most
-    flush_interval_s: float = default("flush_interval_s")  # ... or this many seconds of work, if sooner
-    decode: str = default("decode")  # auto, pillow or tensor (tensor_decode.py)
-    precision: str = default("precision")  # of the image tower: auto, float32, bfloat16 or int8 (clip_model.py)
-    channels_last: bool = default("channels_last")
-    compile_model: bool = default("compile_model")
-    gpu_lock_dir: str = str(default("gpu_lock_dir"))
-    use_fine_tuned: bool = default("use_fine_tuned")  # encode with fine_tuned_model's checkpoint, not `pretrained`
+    device: str | None
+    precision: str  # of the image tower: auto, float32, bfloat16 or int8 (clip_assets.model.clip_model)
+    channels_last: bool
+    compile_model: bool
+    gpu_lock_dir: str
+    use_fine_tuned: bool  # encode with fine_tuned_model's checkpoint, not `pretrained`
+    batch_size: int
+    num_workers: int
+    file_timeout_s: float
+    chunk_rows: int  # images per part file: what a killed run re-encodes at most
+    flush_interval_s: float  # ... or this many seconds of work, if sooner
+    decode: str  # auto, pillow or tensor (clip_assets.embedding.tensor_decode)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ClipModelResource":
+        return cls(**_settings_named_like(cls, settings))
+
+    @property
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(**{name: getattr(self, name) for name in EncodeOptions.__dataclass_fields__})
 
     def load(self, layout: DataLayout, claim_gpu: bool = False) -> ClipModel:
         """The model that encodes images and prompts: `pretrained`'s, or the fine-tuned one the deployment
@@ -72,10 +98,16 @@ class CaptionedPairs(dg.ConfigurableResource):
     """The captions file `fine_tuned_model` tunes on, and how it tunes (clip_assets.tuning.fine_tuning)."""
 
     captions_path: str
-    epochs: int = default("fine_tune_epochs")
-    lr: float | None = default("fine_tune_lr")
-    lock_image: bool = default("fine_tune_lock_image")
-    wise_alpha: float | None = default("fine_tune_wise_alpha")  # None: chosen on a validation split
+    epochs: int
+    lr: float | None
+    lock_image: bool
+    wise_alpha: float | None  # None: chosen on a validation split
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CaptionedPairs":
+        return cls(**_settings_named_like(cls, settings, captions_path="fine_tune_captions", epochs="fine_tune_epochs",
+                                          lr="fine_tune_lr", lock_image="fine_tune_lock_image",
+                                          wise_alpha="fine_tune_wise_alpha"))
 
     @property
     def path(self) -> Path:
@@ -89,10 +121,15 @@ class CaptionedPairs(dg.ConfigurableResource):
 class LabelledSample(dg.ConfigurableResource):
     """Labels a person assigned to a sample of images (CSV or parquet), and how to calibrate on them."""
 
-    labels_path: str | None = None
+    labels_path: str | None
+    adapter_shots: int  # category_adapters: labelled images per category, 0: all
     target_precision: float | None = None
     heldout_fraction: float = calibration.DEFAULT_HELDOUT_FRACTION
-    adapter_shots: int = default("adapter_shots")  # category_adapters: labelled images per category, 0: all
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LabelledSample":
+        return cls(labels_path=str(settings.labels_path) if settings.labels_path else None,
+                   adapter_shots=settings.adapter_shots)
 
     @property
     def path(self) -> Path | None:
@@ -107,3 +144,12 @@ class LabelledSample(dg.ConfigurableResource):
         return calibration.load_labelled_scores(
             collection.layout, calibration.read_labels_file(Path(self.labels_path))
         )
+
+
+def pipeline_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The resources every deployment has (fine-tuning adds `captioned_pairs`: clip_assets.defs.tuning)."""
+    return {
+        "collection": ImageCollection.from_settings(settings),
+        "clip_model": ClipModelResource.from_settings(settings),
+        "labelled_sample": LabelledSample.from_settings(settings),
+    }

@@ -6,14 +6,22 @@ for scripts that want a whole pipeline run recorded in an instance without a web
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.defs.automation import new_captions_observation, new_labels_observation, new_prompt_observation
-from clip_assets.defs.fine_tuning_assets import FINE_TUNED_MODEL
+from clip_assets.defs.asset_keys import (
+    BATCH_ASSETS,
+    CATEGORY_ADAPTERS,
+    FINE_TUNED_MODEL,
+    IMAGE_SEARCH_INDEX,
+    NEAR_DUPLICATES,
+    PROMPT_CENTROIDS,
+)
+from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
 from clip_assets.defs.partitions import image_batches
+from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
+from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
+from clip_assets.instance.dagster_internals import partition_range_tags
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -32,9 +40,6 @@ concurrency:
     default_limit: 1
 """
 
-BATCH_ASSETS = [dg.AssetKey("image_manifest"), dg.AssetKey("image_embeddings"), dg.AssetKey("image_classifications")]
-
-
 def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[str]:
     """Add batch folders as `image_batches` partitions; returns the ones that were new."""
     known = set(instance.get_dynamic_partitions(image_batches.name))
@@ -44,31 +49,18 @@ def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[s
     return new
 
 
-def observe_prompt_files(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
-    """What the prompt_files_observation sensor does on a tick: record an observation, without a run,
-    when the prompt files changed since the last one. Returns it, or None when nothing changed."""
-    observation = new_prompt_observation(instance, Path(defs.resources["collection"].prompts_dir))
-    if observation is not None:
-        instance.report_runless_asset_event(observation)
-    return observation
-
-
-def observe_labels_file(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
-    """What the labels_file_observation sensor does on a tick (see observe_prompt_files)."""
-    observation = new_labels_observation(instance, defs.resources["labelled_sample"].path)
-    if observation is not None:
-        instance.report_runless_asset_event(observation)
-    return observation
-
-
-def observe_captions_file(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.AssetObservation | None:
-    """What the captions_file_observation sensor does on a tick (see observe_prompt_files); None also where
-    the deployment has no fine-tuning."""
-    captioned_pairs = defs.resources.get("captioned_pairs")
-    observation = new_captions_observation(instance, captioned_pairs.path) if captioned_pairs else None
-    if observation is not None:
-        instance.report_runless_asset_event(observation)
-    return observation
+def observe(defs: dg.Definitions, instance: dg.DagsterInstance, sensor_name: str) -> dg.AssetObservation | None:
+    """What an observation sensor (the prompt files', the labels file's, the captions file's) does on a
+    tick, without a daemon: evaluate it and record its observation, without a run. Returns the
+    observation, or None when the file is as last observed (or the deployment has no such sensor)."""
+    sensor = next((s for s in defs.sensors or [] if s.name == sensor_name), None)
+    if sensor is None:
+        return None
+    result = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    events = result.asset_events if isinstance(result, dg.SensorResult) else []
+    for event in events:
+        instance.report_runless_asset_event(event)
+    return events[0] if events else None
 
 
 def materialize(
@@ -82,10 +74,7 @@ def materialize(
     """One run of `keys`: unpartitioned, one partition, or a range of partitions (first, last) as a
     backfill run covers them."""
     job = defs.resolve_implicit_global_asset_job_def()
-    tags = (
-        {ASSET_PARTITION_RANGE_START_TAG: partition_range[0], ASSET_PARTITION_RANGE_END_TAG: partition_range[1]}
-        if partition_range else None
-    )
+    tags = partition_range_tags(*partition_range) if partition_range else None
     return job.execute_in_process(
         instance=instance,
         asset_selection=keys,
@@ -101,13 +90,13 @@ def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, b
     centroids and adapters, then manifest, embeddings, classifications and the index shard per batch,
     then the near-duplicate groups."""
     register_batches(instance, batches)
-    observe_prompt_files(defs, instance)
-    observe_labels_file(defs, instance)
+    observe(defs, instance, PROMPT_OBSERVATION_SENSOR)
+    observe(defs, instance, LABELS_OBSERVATION_SENSOR)
     if "captioned_pairs" in defs.resources:
-        observe_captions_file(defs, instance)
+        observe(defs, instance, CAPTIONS_OBSERVATION_SENSOR)
         materialize(defs, instance, [FINE_TUNED_MODEL])
-    materialize(defs, instance, [dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters")])
+    materialize(defs, instance, [PROMPT_CENTROIDS, CATEGORY_ADAPTERS])
     for batch in batches:
         materialize(defs, instance, BATCH_ASSETS, partition_key=batch)
-        materialize(defs, instance, [dg.AssetKey("image_search_index")], partition_key=batch)
-    materialize(defs, instance, [dg.AssetKey("near_duplicates")])
+        materialize(defs, instance, [IMAGE_SEARCH_INDEX], partition_key=batch)
+    materialize(defs, instance, [NEAR_DUPLICATES])

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLauncher
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.tags import GRPC_INFO_TAG
+
+from clip_assets.instance.dagster_internals import GRPC_INFO_TAG, CheckRunHealthResult, WorkerStatus
 
 # The run worker logs its pid among its first engine events.
 FIRST_ENGINE_EVENTS = 10

@@ -145,7 +145,7 @@ def test_blocking_model_check_stops_the_classification(settings, instance, other
 
 
 def test_a_check_over_several_batches_names_each_batch_failed_ones_first():
-    from clip_assets.defs.assets import _combined
+    from clip_assets.defs.check_results import combined as _combined
 
     ok = checks.CheckOutcome(True, "2 of 122 files could not be embedded (1.6%; warns above 5.0%)", {"failure_share": 0.0164})
     bad = checks.CheckOutcome(False, "9 of 100 files could not be embedded (9.0%; warns above 5.0%)", {"failure_share": 0.09})

@@ -14,9 +14,7 @@ from clip_assets.instance.execution import (
     BATCH_ASSETS,
     materialize,
     materialize_everything,
-    observe_captions_file,
-    observe_labels_file,
-    observe_prompt_files,
+    observe,
     register_batches,
 )
 from clip_assets.tuning.adapter_store import adapter_version
@@ -24,7 +22,10 @@ from clip_assets.model.clip_model import model_identity
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.model.fine_tuned_weights import fine_tuned_checkpoint
 from clip_assets.instance.execution import QUIET_CONSOLE
-from clip_assets.defs.sensors import SPLIT_SENSOR, split_failed_batch_runs
+from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
+from clip_assets.defs.ingest.sensors import SPLIT_SENSOR, split_failed_batch_runs
+from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
+from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories, prompt_version
@@ -125,9 +126,9 @@ def _ticks_until_settled(defs, instance, result, now):
     Returns what was requested, each tick's observations per observed asset, and the last evaluation."""
     requested, quiet_ticks, observations = set(), 0, {PROMPT_FILES: [], LABELS_FILE: [], CAPTIONS_FILE: []}
     for tick in range(2, 14):
-        observations[PROMPT_FILES].append(observe_prompt_files(defs, instance))
-        observations[LABELS_FILE].append(observe_labels_file(defs, instance))
-        observations[CAPTIONS_FILE].append(observe_captions_file(defs, instance))
+        observations[PROMPT_FILES].append(observe(defs, instance, PROMPT_OBSERVATION_SENSOR))
+        observations[LABELS_FILE].append(observe(defs, instance, LABELS_OBSERVATION_SENSOR))
+        observations[CAPTIONS_FILE].append(observe(defs, instance, CAPTIONS_OBSERVATION_SENSOR))
         result = dg.evaluate_automation_conditions(
             defs, instance, cursor=result.cursor, evaluation_time=now + datetime.timedelta(minutes=tick)
         )
@@ -272,7 +273,7 @@ def test_opted_in_the_fine_tuned_model_encodes_and_a_captions_edit_re_embeds(set
 
     # a captions edit: the fine-tuned model is stale, then, once re-tuned, the embeddings of every batch
     captions.write_text("\n".join(captions.read_text().splitlines()[:-2]) + "\n")  # two captioned images fewer
-    assert observe_captions_file(defs, instance).data_version == content_digest(captions, SOURCE_VERSION_CHARS)
+    assert observe(defs, instance, CAPTIONS_OBSERVATION_SENSOR).data_version == content_digest(captions, SOURCE_VERSION_CHARS)
     assert stale_status(defs, instance, FINE_TUNED_MODEL) == "STALE"
     materialize(defs, instance, [FINE_TUNED_MODEL])
     second = fine_tuned_checkpoint(layout)
@@ -345,7 +346,7 @@ def test_a_multi_batch_run_records_each_batch_with_its_own_metadata(settings, in
     re-run launch them): each batch gets exactly one materialization per asset, with its own figures."""
     defs = build_definitions(settings)
     register_batches(instance, BATCHES)
-    observe_prompt_files(defs, instance)
+    observe(defs, instance, PROMPT_OBSERVATION_SENSOR)
     materialize(defs, instance, [CENTROIDS])
     result = materialize(defs, instance, BATCH_ASSETS, partition_range=("batch-001", "batch-002"))
     n_cats = len(load_categories(settings.prompts_dir))
@@ -396,7 +397,7 @@ def test_a_bad_batch_fails_alone_and_the_good_ones_of_its_run_are_done(settings,
     defs = build_definitions(settings)
     layout = DataLayout(settings.data_dir)
     register_batches(instance, ["batch-001", "batch-00l", "batch-002"])
-    observe_prompt_files(defs, instance)
+    observe(defs, instance, PROMPT_OBSERVATION_SENSOR)
     materialize(defs, instance, [CENTROIDS])
     result = materialize(defs, instance, BATCH_ASSETS, partition_range=("batch-001", "batch-002"), raise_on_error=False)
     assert not result.success

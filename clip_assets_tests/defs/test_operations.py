@@ -11,8 +11,8 @@ import dagster as dg
 import pytest
 
 from clip_assets.instance.execution import QUIET_CONSOLE
-from clip_assets.defs.schedules import RESCAN_SCHEDULE
-from clip_assets.defs.sensors import BATCH_DISCOVERY_SENSOR
+from clip_assets.defs.ingest.schedules import RESCAN_SCHEDULE
+from clip_assets.defs.ingest.sensors import BATCH_DISCOVERY_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import write_collection
 from clip_assets.config.layout import DataLayout

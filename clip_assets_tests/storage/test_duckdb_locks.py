@@ -15,8 +15,8 @@ from clip_assets import checks
 
 from clip_assets.classification.steps import write_centroids, write_classifications
 from clip_assets.tuning.calibration import load_labelled_scores, read_labels_file
-from clip_assets.defs.assets import DUCKDB_READER, DUCKDB_WRITER, DUCKDB_WRITER_POOL
-from clip_assets.definitions import ASSETS, EVALUATION_ASSETS
+from clip_assets.defs.conventions import DUCKDB_READER, DUCKDB_WRITER, DUCKDB_WRITER_POOL
+from clip_assets.definitions import build_definitions
 from clip_assets.demo.run import category_summary, matched_labels
 from clip_assets.demo.shapes import LABELS_FILE
 from clip_assets.pages.gallery import gallery_rows
@@ -155,19 +155,19 @@ def test_only_the_warehouse_module_opens_the_duckdb_file():
         for path in (REPO_ROOT / folder).rglob("*.py")
         if re.search(r"duckdb\.connect\(", path.read_text(encoding="utf-8").replace(NOTEBOOK, ""))
     ]
-    assert openers == ["clip_assets/warehouse.py"]
+    assert openers == ["clip_assets/storage/warehouse.py"]
 
 
-def test_assets_declare_what_they_do_with_the_duckdb_file():
+def test_assets_declare_what_they_do_with_the_duckdb_file(settings):
     access = {}
-    for assets_def in ASSETS + EVALUATION_ASSETS:
+    for assets_def in build_definitions(settings).assets:
         for spec in assets_def.specs:
             mode = spec.tags.get("clip_assets/duckdb")
             if mode:
                 access[spec.key.to_user_string()] = (mode, assets_def.op.pool)
     writers = {k for k, (mode, _) in access.items() if mode == DUCKDB_WRITER["clip_assets/duckdb"]}
     readers_ = {k for k, (mode, _) in access.items() if mode == DUCKDB_READER["clip_assets/duckdb"]}
-    assert writers == {"prompt_centroids", "image_classifications"}
+    assert writers == {"prompt_centroids", "image_classifications", "near_duplicates"}
     assert all(access[k][1] == DUCKDB_WRITER_POOL for k in writers)  # one writer at a time
     assert readers_ == {"image_embeddings", "category_adapters", "image_evaluation", "threshold_calibration",
                         "classification_gallery"}

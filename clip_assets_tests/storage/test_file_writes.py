@@ -21,7 +21,7 @@ from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.storage.atomic_files import TEMP_MARKER, _host, temp_path_for, write_parquet_atomically
 from clip_assets.demo.shapes import write_collection
-from clip_assets.defs.sensors import BATCH_DISCOVERY_SENSOR
+from clip_assets.defs.ingest.sensors import BATCH_DISCOVERY_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import MAX_STEM_BYTES, DataLayout, batch_stem
 from clip_assets.classification.prompts import load_categories
@@ -154,7 +154,7 @@ def test_an_embedding_run_that_runs_out_of_space_leaves_no_temp_file(settings, c
     write_manifest(settings.image_root, layout, "batch-001")
     code = f"""
         from pathlib import Path
-        from clip_assets import steps
+        from clip_assets.embedding.steps import write_embeddings
         from clip_assets.model.clip_model import load_clip_model
         from clip_assets.config.layout import DataLayout
         clip = load_clip_model("clip-assets-tiny", {settings.pretrained!r}, "cpu")

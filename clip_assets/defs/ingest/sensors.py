@@ -12,21 +12,16 @@ cursor; the tick after the centroids exist requests the batches' runs.
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from clip_assets.ingest.batch_discovery import DiscoveryCursor, discover_new_batches
-from clip_assets.defs.jobs import (
-    CLASSIFY_BATCH_JOB,
-    PROMPT_CENTROIDS_JOB,
-    batch_run_requests,
-    classify_image_batch_job,
-    prompt_centroids_job,
-)
+from clip_assets.defs.asset_keys import BATCH_ASSETS, PROMPT_CENTROIDS
+from clip_assets.defs.classification.jobs import PROMPT_CENTROIDS_JOB, prompt_centroids_job
+from clip_assets.defs.ingest.jobs import CLASSIFY_BATCH_JOB, batch_run_requests, classify_image_batch_job
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
+from clip_assets.ingest.batch_discovery import DiscoveryCursor, discover_new_batches
+from clip_assets.instance.dagster_internals import partition_range
 
 BATCH_DISCOVERY_SENSOR = "image_batch_discovery"
-CENTROIDS = dg.AssetKey("prompt_centroids")
 
 
 @dg.sensor(
@@ -51,7 +46,7 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
         refused = "".join(f" Not a batch: {b!r} ({r})." for b, r in found.refused.items())
         return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason="No new batch folders." + refused)
     add = [image_batches.build_add_request(found.new)] if found.new else []
-    if context.instance.get_latest_materialization_event(CENTROIDS) is None:
+    if context.instance.get_latest_materialization_event(PROMPT_CENTROIDS) is None:
         # run_key: requested once; if it fails (a broken prompt file), the automation sensor builds
         # the centroids when the prompts are fixed, and the batches leave `pending` then.
         return dg.SensorResult(
@@ -69,7 +64,6 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
 
 SPLIT_SENSOR = "split_failed_batch_runs"
 SPLIT_FROM_TAG = "clip_assets/split_from"
-BATCH_JOB_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "image_classifications")]
 
 
 def split_run_requests(run: dg.DagsterRun, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
@@ -79,10 +73,10 @@ def split_run_requests(run: dg.DagsterRun, instance: dg.DagsterInstance) -> list
     so their runs finish from what is on disk; the batch that failed fails again alone, and its
     partition shows why. Runs of one batch are not split, so nothing loops.
     """
-    first, last = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
-    if not first or not last or first == last:
+    first, last = partition_range(run.tags) or (None, None)
+    if first is None or first == last:
         return []
-    selection = [k for k in BATCH_JOB_KEYS if run.asset_selection is None or k in run.asset_selection]
+    selection = [k for k in BATCH_ASSETS if run.asset_selection is None or k in run.asset_selection]
     if not selection:
         return []
     order = list(instance.get_dynamic_partitions(image_batches.name))  # a range covers the keys between its ends

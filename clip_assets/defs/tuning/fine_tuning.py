@@ -5,7 +5,7 @@ the centroids use it.
 Present only where `CLIP_ASSETS_FINE_TUNE_CAPTIONS` names a captions file. `fine_tuned_model` depends
 on `captions_file` and is eager: editing the captions re-tunes; its data version is the checkpoint's
 content hash, which is also its model identity. With `CLIP_ASSETS_USE_FINE_TUNED`, `image_embeddings`
-and `prompt_centroids` depend on it too (`use_fine_tuned_model`): a new checkpoint makes every batch's
+and `prompt_centroids` depend on it too (`encoded_with_fine_tuned_model`): a new checkpoint makes every batch's
 embeddings and the centroids stale, and they re-run (centroids: eager, as for a prompt edit; embeddings:
 when the model changed); classification refuses embeddings and centroids of different models in
 between. A prompt edit re-runs neither the fine-tuning nor the embeddings.
@@ -16,20 +16,15 @@ from pathlib import Path
 import dagster as dg
 
 from clip_assets.tuning.steps import write_fine_tuned_model
-from clip_assets.defs.assets import GPU_POOL, OWNER, observed_file_source
-from clip_assets.defs.automation import (
-    CAPTIONS_FILE,
-    CAPTIONS_OBSERVATION_SENSOR,
-    captions_file_observation,
-    file_observation_sensor,
-    new_captions_observation,
-)
+from clip_assets.defs.asset_keys import CAPTIONS_FILE, FINE_TUNED_MODEL, IMAGE_EMBEDDINGS, PROMPT_CENTROIDS
+from clip_assets.defs.conventions import GPU_POOL, OWNER
+from clip_assets.defs.observation import file_observation, observation_sensor, observed_file_source, record_if_changed
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection
 from clip_assets.model.fine_tuned_weights import checkpoint_version
 
-FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
-EMBEDDINGS = dg.AssetKey("image_embeddings")
+CAPTIONS_OBSERVATION_SENSOR = "captions_file_observation"
+NO_CAPTIONS = "no-captions"  # the captions file's data version while CLIP_ASSETS_FINE_TUNE_CAPTIONS is unset
 
 # image_embeddings re-run for every batch when the model they are made with changed, once nothing
 # they need is missing or running. Not eager: a manifest re-written by itself (the re-scan schedule's
@@ -42,11 +37,16 @@ WHEN_THE_MODEL_CHANGED = (
 ).with_label("when_the_model_changed")
 
 
+def captions_file_observation(captions_path: Path) -> dg.AssetObservation:
+    """An observation of the captions file fine_tuned_model tunes on: its content hash as the data version."""
+    return file_observation(CAPTIONS_FILE, captions_path, "CLIP_ASSETS_FINE_TUNE_CAPTIONS", NO_CAPTIONS)
+
+
 captions_file = observed_file_source(
     CAPTIONS_FILE,
     "The image-caption pairs fine_tuned_model tunes on (CLIP_ASSETS_FINE_TUNE_CAPTIONS). Data version: a hash "
     "of its content. Observed by the captions_file_observation sensor without a run.",
-    "captioned_pairs", lambda captioned_pairs: captions_file_observation(captioned_pairs.path),
+    "csv", "captioned_pairs", lambda captioned_pairs: captions_file_observation(captioned_pairs.path),
 )
 
 
@@ -85,20 +85,21 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
     )
 
 
-observe_captions_file = file_observation_sensor(
-    CAPTIONS_OBSERVATION_SENSOR, "captions file", "captioned_pairs",
-    lambda instance, captioned_pairs: new_captions_observation(instance, captioned_pairs.path),
+@observation_sensor(
+    CAPTIONS_OBSERVATION_SENSOR,
     "Hashes the captions file (CLIP_ASSETS_FINE_TUNE_CAPTIONS) and records an observation of captions_file, "
     "without a run, when the hash changed: fine_tuned_model then re-runs.",
 )
+def observe_captions_file(context: dg.SensorEvaluationContext, captioned_pairs: CaptionedPairs):
+    return record_if_changed(context, captions_file_observation(captioned_pairs.path), "captions file")
 
 
-def use_fine_tuned_model(embeddings: dg.AssetsDefinition, centroids: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
-    """image_embeddings and prompt_centroids depending on fine_tuned_model, what they are encoded with
-    once the deployment opts in, and the embeddings re-run when it changes."""
+def encoded_with_fine_tuned_model(defs: dg.Definitions) -> dg.Definitions:
+    """`defs` with image_embeddings and prompt_centroids depending on fine_tuned_model, what they are
+    encoded with once the deployment opts in, and the embeddings re-run when it changes."""
 
     def depend_on_it(spec: dg.AssetSpec) -> dg.AssetSpec:
         spec = spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(FINE_TUNED_MODEL)])
-        return spec.replace_attributes(automation_condition=WHEN_THE_MODEL_CHANGED) if spec.key == EMBEDDINGS else spec
+        return spec.replace_attributes(automation_condition=WHEN_THE_MODEL_CHANGED) if spec.key == IMAGE_EMBEDDINGS else spec
 
-    return dg.map_asset_specs(depend_on_it, [embeddings, centroids])
+    return defs.map_asset_specs(func=depend_on_it, selection=dg.AssetSelection.assets(IMAGE_EMBEDDINGS, PROMPT_CENTROIDS))

@@ -1,27 +1,19 @@
-"""Asset jobs the sensors and schedules launch: one batch end to end, and the centroids from the prompts."""
+"""The job the discovery sensor, the re-scan schedule and the split sensor launch: one batch end to end."""
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from clip_assets.defs.asset_keys import BATCH_ASSETS
+from clip_assets.defs.partitions import BATCHES_PER_RUN
 from clip_assets.ingest.batch_discovery import contiguous_ranges
-from clip_assets.defs.assets import BATCHES_PER_RUN
+from clip_assets.instance.dagster_internals import partition_range_tags
 
 CLASSIFY_BATCH_JOB = "classify_image_batch"
-PROMPT_CENTROIDS_JOB = "prompt_centroids_from_prompt_files"
 
 # A batch's three steps in order: manifest, embeddings, classifications.
 classify_image_batch_job = dg.define_asset_job(
     CLASSIFY_BATCH_JOB,
-    selection=dg.AssetSelection.assets("image_manifest", "image_embeddings", "image_classifications"),
+    selection=dg.AssetSelection.assets(*BATCH_ASSETS),
     description="List, encode and classify one image batch.",
-)
-
-# Observes the prompt files and builds the centroids in the same run, so the automation sensor sees
-# the observation as already handled and does not build them a second time.
-prompt_centroids_job = dg.define_asset_job(
-    PROMPT_CENTROIDS_JOB,
-    selection=dg.AssetSelection.assets("prompt_files", "prompt_centroids", "category_adapters"),
-    description="Observe prompts/ and build the prompt centroids (and the adapters on top of them).",
 )
 
 
@@ -38,7 +30,7 @@ def batch_run_requests(
             job_name=CLASSIFY_BATCH_JOB,
             partition_key=first if first == last else None,
             tags={**(tags or {}), **({} if first == last else
-                                     {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})},
+                                     partition_range_tags(first, last))},
         )
         for first, last in contiguous_ranges(order, batches, BATCHES_PER_RUN)
     ]

@@ -9,9 +9,10 @@ import dagster as dg
 
 from clip_assets.search import ann_index, near_duplicates as duplicates
 from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
-from clip_assets.defs.assets import BATCHES_PER_RUN, DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
+from clip_assets.defs.asset_keys import IMAGE_EMBEDDINGS
+from clip_assets.defs.conventions import DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
 from clip_assets.defs.metadata import table
-from clip_assets.defs.partitions import image_batches
+from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.pages.gallery import prune_pages, write_duplicates_page
 
@@ -20,7 +21,7 @@ KEEP_DUPLICATES_PAGES = 5  # the newest runs' near-duplicate pages; older ones (
 
 @dg.asset(
     partitions_def=image_batches,
-    deps=["image_embeddings"],
+    deps=[IMAGE_EMBEDDINGS],
     group_name="search",
     kinds={"faiss"},
     owners=[OWNER],

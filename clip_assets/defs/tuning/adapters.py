@@ -1,4 +1,4 @@
-"""The labels file as an observed source, and the few-shot adapters learnt from it (clip_assets.tuning.adapters).
+"""`category_adapters`: the few-shot adapters learnt from the labels file (clip_assets.tuning.adapters).
 
 `category_adapters` depends on `prompt_centroids` and `labels_file`, and `image_classifications` on
 it: editing the labels re-runs the adapters and the classifications; editing a prompt re-runs the
@@ -9,22 +9,14 @@ images' stored embeddings when they run; images embedded later count from the ne
 import dagster as dg
 
 from clip_assets.tuning.steps import write_adapters
-from clip_assets.defs.assets import DUCKDB_READER, OWNER, observed_file_source
-from clip_assets.defs.automation import LABELS_FILE, labels_file_observation
+from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS
+from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
 
 
-labels_file = observed_file_source(
-    LABELS_FILE,
-    "The labelled sample (CLIP_ASSETS_LABELS). Data version: a hash of its content, or 'no-labels' while "
-    "the setting is unset. Observed by the labels_file_observation sensor without a run.",
-    "labelled_sample", lambda labelled_sample: labels_file_observation(labelled_sample.path),
-)
-
-
 @dg.asset(
-    deps=["prompt_centroids", LABELS_FILE],
+    deps=[PROMPT_CENTROIDS, LABELS_FILE],
     group_name="prompts",
     kinds={"numpy"},
     owners=[OWNER],

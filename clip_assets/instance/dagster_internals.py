@@ -1,0 +1,48 @@
+"""The few things this project needs from Dagster that Dagster does not export publicly.
+
+Every private `dagster._...` import of the package is here and nowhere else, each with what it is
+for; clip_assets_tests/instance/test_dagster_internals.py fails loudly, naming the import, when a
+Dagster release moves or changes one of them (dagster is pinned in pyproject.toml: upgrade, run that
+test, then fix this module alone).
+"""
+
+from __future__ import annotations
+
+# A runless observation's data version: AssetObservation takes no data_version argument, so the
+# prompt, labels and captions observations carry it as these tags (what ObserveResult does inside).
+from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
+
+# A run over a range of partitions (what a backfill run covers): RunRequest and execute_in_process
+# take a single partition_key, the range only as these two tags.
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+# The run launcher's health check for run monitoring (clip_assets.instance.run_launcher): the
+# result type Dagster expects, and the tag that says a run went to a code server on another host.
+from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.tags import GRPC_INFO_TAG
+
+# The substrings a partition key may not contain (clip_assets.ingest.batch_discovery keeps its own
+# copy, so the library layer does not import Dagster; a test keeps the two equal).
+from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """The tags of a run over the partitions from `first` to `last`, as a backfill run carries them."""
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+
+
+def partition_range(tags: dict[str, str]) -> tuple[str, str] | None:
+    """(first, last) of a run over a range of partitions, from its tags; None for any other run."""
+    first, last = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    return (first, last) if first and last else None
+
+
+def data_version_tags(version: str) -> dict[str, str]:
+    """The tags that give a runless observation its data version."""
+    return {DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+
+
+__all__ = [
+    "ASSET_PARTITION_RANGE_END_TAG", "ASSET_PARTITION_RANGE_START_TAG", "CheckRunHealthResult", "GRPC_INFO_TAG",
+    "INVALID_PARTITION_SUBSTRINGS", "WorkerStatus", "data_version_tags", "partition_range", "partition_range_tags",
+]
