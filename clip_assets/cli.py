@@ -134,12 +134,16 @@ def port_number(text: str) -> int:
 
 
 def load_settings():
+    """The settings from the environment, read here once and applied to the process (the CLI is an edge)."""
+    from clip_assets.config.process import configure_process
     from clip_assets.config.settings import Settings, SettingsError
 
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as exc:  # a CLIP_ASSETS_* value of the wrong type or out of range; names the variable
         raise UsageError("clip-assets: " + " ".join(str(exc).split())) from exc
+    configure_process(settings)
+    return settings
 
 
 # --- search ---------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ def run_demo(args) -> int:
     accepted_warnings.ignore()
     from clip_assets.demo.run import run_demo as demo
 
-    demo()
+    demo(device=load_settings().device)
     return 0
 
 

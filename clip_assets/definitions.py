@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from clip_assets.config.process import configure_process
 from clip_assets.config.settings import Settings
 from clip_assets.defs import classification, embedding, ingest, pages, search, tuning
 from clip_assets.defs.automation import automation_sensor
@@ -39,4 +40,6 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
     return encoded_with_fine_tuned_model(defs) if settings.use_fine_tuned else defs
 
 
-defs = build_definitions(Settings.from_env())
+SETTINGS = Settings.from_env()
+configure_process(SETTINGS)
+defs = build_definitions(SETTINGS)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dagster_k8s import k8s_job_executor
 
-from clip_assets.definitions import build_definitions
-from clip_assets.config.settings import Settings
+from clip_assets.definitions import SETTINGS, build_definitions
 
-SETTINGS = Settings.from_env()
 # Steps of one run at once across the cluster; pools still bound the DuckDB writer and the GPU step.
 STEP_EXECUTOR_CONFIG = {
     "max_concurrent": SETTINGS.k8s_max_concurrent_steps,

@@ -2,7 +2,7 @@
 
 This is the only module that reads the environment. `Settings.from_env()` reads it (the Dagster code
 location, the CLI); `Settings(...)` takes only the values it is given and the defaults below (the
-demo, the tests). The README's configuration table is generated from this class
+demo, the tests). The configuration table in docs/configuration.md is generated from this class
 (`python -m clip_assets.config.settings`) and a test keeps the two equal.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clip_assets.embedding.gpu_claim import DEFAULT_LOCK_DIR
 
@@ -152,8 +151,11 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """The settings the `CLIP_ASSETS_*` variables of `environ` (default: this process's) give."""
-        values = _EnvironSource(cls, os.environ if environ is None else environ)()
+        """The settings the `CLIP_ASSETS_*` variables of `environ` (default: this process's) give: each
+        field's variable (its alias where it has one), matched case-insensitively as pydantic-settings
+        does; an empty value leaves the setting at its default."""
+        given = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
+        values = {name: given[env_var(name)] for name in cls.model_fields if given.get(env_var(name), "") != ""}
         try:
             return cls(**values)
         except ValidationError as exc:
@@ -161,17 +163,6 @@ class Settings(BaseSettings):
                 f"{env_var(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
             )
             raise SettingsError(f"Invalid setting: {problems}. See the configuration table in docs/configuration.md.") from None
-
-
-class _EnvironSource(EnvSettingsSource):
-    """pydantic-settings' environment source, over a given mapping instead of os.environ."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
-        self._environ = environ
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
 def env_var(field_name: str) -> str:
@@ -202,7 +193,7 @@ def _shown_default(value: Any) -> str:
 
 
 def configuration_table() -> str:
-    """The README's configuration table (Markdown), one row per variable, from the fields above."""
+    """The configuration table of docs/configuration.md (Markdown), one row per variable, from the fields above."""
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     lines += [
         f"| `{env_var(name)}` | {_shown_default(field.default)} | {field.description} |"

@@ -27,14 +27,14 @@ from clip_assets.storage.warehouse import connect
 DEMO_DIR = REPO_ROOT / ".demo"
 
 
-def demo_settings(demo_dir: Path, checkpoint: Path) -> Settings:
+def demo_settings(demo_dir: Path, checkpoint: Path, device: str | None = None) -> Settings:
     return Settings(
         image_root=demo_dir / "images",
         data_dir=demo_dir / "data",
         prompts_dir=REPO_ROOT / "prompts",
         model=DEMO_MODEL,
         pretrained=str(checkpoint),
-        device=Settings.from_env().device,
+        device=device,
     )
 
 
@@ -79,15 +79,16 @@ def show_calibration(layout: DataLayout, labels: Path, log=print) -> Calibration
     return report
 
 
-def run_demo(demo_dir: Path = DEMO_DIR, log=print) -> float:
-    """Generate, train, materialize, report; returns the macro F1 of matched labels."""
+def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) -> float:
+    """Generate, train, materialize, report; returns the macro F1 of matched labels. `device`: where the
+    pipeline encodes (CLIP_ASSETS_DEVICE, read by the CLI); unset: cuda, then mps, else cpu."""
     started = time.monotonic()
     images = demo_dir / "images"
     if not (images / LABELS_FILE).is_file():
         write_collection(images)
         log(f"generated the demo collection under {images}")
     checkpoint = train_tiny_clip(checkpoint_path(demo_dir / "checkpoints", training_recipe()), training_recipe(), log=log)
-    settings = demo_settings(demo_dir, checkpoint)
+    settings = demo_settings(demo_dir, checkpoint, device)
     write_env_file(demo_dir / "demo.env", settings)
 
     # The repo's dagster.yaml keeps the instance under .dagster_home/, so `dagster dev` shows these runs.

@@ -36,7 +36,7 @@ DEMO_MODEL = "clip-assets-tiny"
 def training_recipe(samples: int = 5500, epochs: int = 12, batch_size: int = 64, lr: float = 2e-3, seed: int = 1234,
                     partial_captions: float = 0.7, background_tints: bool = True) -> dict:
     # Chosen by comparing the demo's zero-shot F1 on its own collection (never trained on) between
-    # recipes of about the same CPU time: see the README's demo section for the figures.
+    # recipes of about the same CPU time (benchmarks/demo_recipe.py prints them per training seed).
     return {"model": DEMO_MODEL, "samples": samples, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
             "partial_captions": partial_captions, "background_tints": background_tints, "loss": "multi-positive", "generator": 2}
 

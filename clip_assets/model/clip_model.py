@@ -22,7 +22,6 @@ import torch
 
 from clip_assets.storage.file_hashes import current_content_digest
 from clip_assets.model.quantizable_attention import swap_self_attention
-from clip_assets.config.settings import Settings
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HF_HUB_PREFIX = "hf-hub:"
@@ -84,9 +83,20 @@ class ClipModel:
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
 
 
+# Extra architecture configs (CLIP_ASSETS_MODEL_CONFIG_DIR), set once by the process's edge
+# (clip_assets.config.process.configure_process), never read from the environment here.
+extra_config_dir: Path | None = None
+
+
+def configure_model_config_dir(folder: Path | None) -> None:
+    """Where extra open_clip architecture JSON configs are: registered when a model is loaded (no import now)."""
+    global extra_config_dir
+    extra_config_dir = Path(folder) if folder else None
+
+
 def _config_dirs() -> list[Path]:
     """Where an architecture's JSON config may be: CLIP_ASSETS_MODEL_CONFIG_DIR, ours, open_clip's own."""
-    extra = os.environ.get("CLIP_ASSETS_MODEL_CONFIG_DIR")
+    extra = extra_config_dir
     spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
     builtin = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
     return ([Path(extra)] if extra else []) + [MODEL_CONFIG_DIR] + builtin
@@ -226,7 +236,7 @@ def register_model_configs(config_dir: Path | None = None, model_name: str | Non
     """Make this project's architectures (and any under CLIP_ASSETS_MODEL_CONFIG_DIR) known to open_clip."""
     open_clip = import_open_clip(model_name)
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    extra = config_dir or Settings.from_env().model_config_dir
+    extra = config_dir or extra_config_dir
     if extra:
         open_clip.add_model_config(Path(extra))
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_assets.classification.centroids import KINDS, CentroidSet
-from clip_assets.config.settings import Settings
+from clip_assets.config.settings import default
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS prompt_centroids (
@@ -184,6 +184,15 @@ def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnecti
 # gallery's best-n lists, the labelled sample's rows) cap it, and with it their peak memory.
 COLLECTION_PASS_MEMORY_LIMIT = "256MB"
 
+# How long connect() waits for another process's lock: CLIP_ASSETS_DUCKDB_WAIT_S, set once by the process's
+# edge (clip_assets.config.process.configure_process), never read from the environment here.
+lock_wait_s: float = default("duckdb_wait_s")
+
+
+def configure_lock_wait(seconds: float) -> None:
+    global lock_wait_s
+    lock_wait_s = seconds
+
 
 @contextlib.contextmanager
 def connect(
@@ -192,14 +201,14 @@ def connect(
     """The one way into the DuckDB file, for readers and writers alike: open it, closed on exit.
 
     While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
-    this waits up to `wait_s` seconds (default: the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
+    this waits up to `wait_s` seconds (default: `lock_wait_s`, the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
     WarehouseLockedError naming the process. A writer creates the file and the tables if needed.
     `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
     database (its block cache included).
     """
     path = Path(path)
     if wait_s is None:
-        wait_s = Settings.from_env().duckdb_wait_s
+        wait_s = lock_wait_s
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     con = _open(path, read_only, wait_s)

@@ -1,4 +1,4 @@
-"""The settings object: every CLIP_ASSETS_* variable in one place, the README's table drawn from it."""
+"""The settings object: every CLIP_ASSETS_* variable in one place, the docs' configuration table drawn from it."""
 
 import re
 

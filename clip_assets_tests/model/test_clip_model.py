@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -90,8 +89,9 @@ def test_the_search_commands_skip_timm_for_an_architecture_without_it(tmp_path, 
     script = f"""
 import sys
 import torch
-from clip_assets.model.clip_model import has_timm_tower, import_open_clip, load_clip_model
+from clip_assets.model.clip_model import configure_model_config_dir, has_timm_tower, import_open_clip, load_clip_model
 
+configure_model_config_dir({str(configs)!r})  # what the CLI and the code location do with CLIP_ASSETS_MODEL_CONFIG_DIR
 assert has_timm_tower({TINY!r}) is False and has_timm_tower("tiny-timm") is True
 import_open_clip({TINY!r}, skip_unused_timm=True)
 clip = load_clip_model({TINY!r}, {str(checkpoint)!r}, "cpu")
@@ -102,6 +102,5 @@ assert "timm" in sys.modules
 assert timm_clip.encode_image_tensors(torch.rand(1, 3, 64, 64)).shape == (1, 32)
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CLIP_ASSETS_MODEL_CONFIG_DIR": str(configs)})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -23,6 +23,7 @@ from clip_assets.pages.gallery import gallery_rows
 from clip_assets.classification.prompts import load_categories
 from clip_assets.search.query import images_matching_category
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets.storage import warehouse
 from clip_assets.storage.warehouse import WarehouseLockedError, read_centroids, score_histograms, top_images
 from clip_assets_tests.conftest import TINY
 
@@ -90,7 +91,7 @@ def readers(settings, layout):
 
 
 def test_while_a_process_writes_every_reader_fails_after_the_wait_naming_it(settings, classified, hold, monkeypatch):
-    monkeypatch.setenv("CLIP_ASSETS_DUCKDB_WAIT_S", "0.3")
+    monkeypatch.setattr(warehouse, "lock_wait_s", 0.3)
     calls = readers(settings, classified)
     with hold(classified.duckdb_path, "read-write") as writer:
         for name, read in calls.items():
@@ -104,7 +105,7 @@ def test_while_a_process_writes_every_reader_fails_after_the_wait_naming_it(sett
 
 
 def test_read_only_holders_let_readers_in_and_keep_writers_out(settings, classified, clip, hold, monkeypatch):
-    monkeypatch.setenv("CLIP_ASSETS_DUCKDB_WAIT_S", "0.3")
+    monkeypatch.setattr(warehouse, "lock_wait_s", 0.3)
     calls = readers(settings, classified)
     alone = {name: read() for name, read in calls.items()}
     rows_before = top_images(classified.duckdb_path, "batch-002", per_category=1000)
@@ -120,7 +121,7 @@ def test_read_only_holders_let_readers_in_and_keep_writers_out(settings, classif
 @pytest.mark.parametrize("mode", ["read-write", "read-only"])
 def test_a_blocked_step_waits_and_succeeds_once_the_holder_lets_go(settings, classified, hold, monkeypatch, mode):
     """A writer waits out a notebook's read-only connection; a reader waits out a writer."""
-    monkeypatch.setenv("CLIP_ASSETS_DUCKDB_WAIT_S", "120")
+    monkeypatch.setattr(warehouse, "lock_wait_s", 120)
     blocked = (lambda: read_centroids(classified.duckdb_path).categories) if mode == "read-write" else (
         lambda: write_classifications(classified, "batch-002").rows)
     expected = blocked()

@@ -21,11 +21,10 @@ from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.storage.atomic_files import TEMP_MARKER, _host, temp_path_for, write_parquet_atomically
 from clip_assets.demo.shapes import write_collection
-from clip_assets.defs.ingest.sensors import BATCH_DISCOVERY_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import MAX_STEM_BYTES, DataLayout, batch_stem
 from clip_assets.classification.prompts import load_categories
-from clip_assets.search.query import embedding_files, top_k_streaming
+from clip_assets.search.exact_search import embedding_files, top_k_streaming
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets_tests.defs.test_operations import classification_counts, tick
