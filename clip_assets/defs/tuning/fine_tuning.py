@@ -102,4 +102,4 @@ def encoded_with_fine_tuned_model(defs: dg.Definitions) -> dg.Definitions:
         spec = spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(FINE_TUNED_MODEL)])
         return spec.replace_attributes(automation_condition=WHEN_THE_MODEL_CHANGED) if spec.key == IMAGE_EMBEDDINGS else spec
 
-    return defs.map_asset_specs(func=depend_on_it, selection=dg.AssetSelection.assets(IMAGE_EMBEDDINGS, PROMPT_CENTROIDS))
+    return defs.map_resolved_asset_specs(func=depend_on_it, selection=dg.AssetSelection.assets(IMAGE_EMBEDDINGS, PROMPT_CENTROIDS))

@@ -1,0 +1,34 @@
+"""The private Dagster names the project relies on (clip_assets.instance.dagster_internals) still mean
+what it relies on: a Dagster release that moves or changes one fails here, naming it."""
+
+import dagster as dg
+
+from clip_assets.ingest.batch_discovery import INVALID_PARTITION_SUBSTRINGS as OURS
+from clip_assets.instance import dagster_internals as internals
+
+
+def test_the_partition_range_tags_are_what_a_backfill_run_carries():
+    request = dg.RunRequest(run_key="r", tags=internals.partition_range_tags("batch-001", "batch-009"))
+    assert request.partition_key_range == dg.PartitionKeyRange("batch-001", "batch-009"), (
+        "dagster_internals.ASSET_PARTITION_RANGE_*_TAG no longer make a RunRequest's partition range")
+    assert internals.partition_range(request.tags) == ("batch-001", "batch-009")
+    assert internals.partition_range({}) is None
+
+
+def test_the_data_version_tags_give_an_observation_its_data_version():
+    observation = dg.AssetObservation("prompt_files", tags=internals.data_version_tags("abc123"))
+    assert observation.data_version == "abc123", (
+        "dagster_internals.DATA_VERSION_TAG no longer sets an AssetObservation's data_version")
+
+
+def test_the_run_health_types_are_the_launcher_api():
+    assert {"RUNNING", "NOT_FOUND", "FAILED", "SUCCESS", "UNKNOWN"} <= {s.name for s in internals.WorkerStatus}
+    result = internals.CheckRunHealthResult(internals.WorkerStatus.RUNNING, "alive")
+    assert result.status is internals.WorkerStatus.RUNNING and result.msg == "alive"
+    assert internals.GRPC_INFO_TAG == ".dagster/grpc_info", "the tag a run sent to a code server carries changed"
+
+
+def test_the_library_copy_of_the_forbidden_partition_substrings_is_dagsters():
+    assert tuple(OURS) == tuple(internals.INVALID_PARTITION_SUBSTRINGS), (
+        "Dagster changed what a partition key may not contain: update INVALID_PARTITION_SUBSTRINGS in "
+        "clip_assets/ingest/batch_discovery.py")
