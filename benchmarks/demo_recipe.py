@@ -32,7 +32,7 @@ from clip_assets.classification.rules import score_matrices
 from clip_assets.model.clip_model import load_clip_model
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
-from clip_assets.embedding.engine import draft_size, load_rgb
+from clip_assets.embedding.decode import draft_size, load_rgb
 from clip_assets.tuning.evaluation import macro_f1, score_labels
 from clip_assets.classification.prompts import load_categories
 

@@ -59,14 +59,9 @@ from clip_assets.model.clip_model import (
     resolved_precision,
     tuned_for_inference,
 )
-from clip_assets.embedding.engine import (
-    EncodeJob,
-    _collate,
-    _ImageFiles,
-    default_num_workers,
-    draft_size,
-    encode_images,
-)
+from clip_assets.embedding.decode import draft_size
+from clip_assets.embedding.engine import EncodeJob, default_num_workers, encode_images
+from clip_assets.embedding.image_files import ImageFiles, collate
 from clip_assets.embedding.tensor_decode import (
     JpegBytesOrPixels,
     TensorDecoder,
@@ -154,9 +149,9 @@ def model_only(clip: ClipModel, pixels: torch.Tensor, total: int, batch_size: in
 
 
 def decode_only_workers(clip: ClipModel, folder: Path, paths: list[str], batch_size: int, workers: int) -> float:
-    dataset = _ImageFiles(folder, paths, [None] * len(paths), clip.preprocess, draft_size(clip), 60.0)
+    dataset = ImageFiles(folder, paths, [None] * len(paths), clip.preprocess, draft_size(clip), 60.0)
     start = time.perf_counter()
-    for _ in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    for _ in DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         multiprocessing_context="fork" if workers else None):
         pass
     return len(paths) / (time.perf_counter() - start)

@@ -38,7 +38,7 @@ from clip_assets.demo.shapes import (
     BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
     read_labels,
 )
-from clip_assets.embedding.engine import load_rgb
+from clip_assets.embedding.decode import load_rgb
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
 from clip_assets.tuning.fine_tuning import (
     FineTuneOptions,
@@ -53,7 +53,7 @@ CAPTIONS_FILE = "captions.csv"
 IMAGES_FOLDER = "images"
 STYLES = ("hatched", "outline")
 CAPTIONS_PER_IMAGE = 3
-# Measured on the hatched domain (README, Fine-tuning): both towers, 15 epochs at 2e-3 (the tiny
+# Measured on the hatched domain (`python -m clip_assets.demo.second_domain`, docs/fine-tuning.md): both towers, 15 epochs at 2e-3 (the tiny
 # model's from-scratch rate) in batches of 32, the WiSE-FT share chosen on validation images (1 on
 # a quiet machine's demo model), lift held-out macro F1 by 0.217 and cost filled shapes 0.212 (with
 # 360 filled images replayed: +0.227 and -0.129). 10 epochs at 1e-3 in batches of 64

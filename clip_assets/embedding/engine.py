@@ -21,14 +21,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
 import multiprocessing
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,25 +33,17 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader
 
 from clip_assets.model.clip_model import ClipModel, batch_size_for
 from clip_assets.model.pillow_preprocess import fused_preprocess
 from clip_assets.config.settings import default
-from clip_assets.embedding.decode_faults import (
-    InFlightFiles,
-    call_with_time_limit,
-    crash_in_isolation,
-    is_worker_death,
-)
+from clip_assets.embedding.decode import draft_size
+from clip_assets.embedding.decode_faults import InFlightFiles, crash_in_isolation, is_worker_death
+from clip_assets.embedding.image_files import ImageFiles, collate, merged
 
 log = logging.getLogger(__name__)
 
-# JPEGs are decoded at the smallest DCT scale covering twice the model input: the model's resize
-# then works from a sharper image (mean pixel error vs full decoding ~0.003 on ViT-B-32, well
-# under the 0.08-0.19 by which bilinear and bicubic resizing differ; see the tests).
-DRAFT_OVERSAMPLE = 2
 MIN_SHARE = 8  # fewest images a decode worker collates at once
 WORKER_DEATH_WAIT_S = 2.0  # how long an odd loader error waits for a worker's death to show
 
@@ -75,143 +64,6 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field("fingerprint", pa.string()),
         ]
     )
-
-
-def fingerprint(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()[:20]
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB pixels for any mode Pillow opens: 16-bit, palette with transparency, alpha, CMYK, grey."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.uint32)
-        top = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
-        img = Image.fromarray((arr * 255 // max(top, 1)).astype(np.uint8), "L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The reason recorded for a file that could not be read or decoded, said plainly."""
-    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        return f"decompression bomb: {exc}"
-    if isinstance(exc, UnidentifiedImageError):  # Pillow's own text names an in-memory buffer, not the file
-        return "UnidentifiedImageError: cannot identify image file (not an image, or a format Pillow cannot read)"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def too_many_pixels(pixels: int) -> bool:
-    """More pixels than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; None: no limit)."""
-    return Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS
-
-
-def decode_image(data: bytes, min_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode from memory the way the model should see it: first frame, EXIF orientation, RGB.
-
-    With `min_size` (the model's input width and height), a JPEG is decoded at the smallest DCT
-    scale that still covers it in both dimensions. An image over Pillow's decompression-bomb limit
-    raises (Pillow itself only warns up to twice the limit).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        opened = Image.open(io.BytesIO(data))
-    with opened as img:
-        if min_size is not None and img.format == "JPEG":
-            img.draft(img.mode, min_size)
-        img.seek(0)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-
-
-def draft_size(clip: ClipModel) -> tuple[int, int] | None:
-    if clip.input_size is None:
-        return None
-    return (clip.input_size[0] * DRAFT_OVERSAMPLE, clip.input_size[1] * DRAFT_OVERSAMPLE)
-
-
-def load_rgb(path: Path, min_size: tuple[int, int] | None = None) -> Image.Image:
-    return decode_image(path.read_bytes(), min_size)
-
-
-UNCHANGED = "unchanged"
-
-
-class _ImageFiles(Dataset):
-    """Reads, fingerprints, decodes and preprocesses one file; never raises.
-
-    `in_flight` records, for a decode worker, the file it is reading, so a worker that dies on a
-    file leaves its index behind.
-    """
-
-    def __init__(self, image_root: Path, paths: list[str], expected: list[str | None], preprocess,
-                 min_size: tuple[int, int] | None, timeout_s: float | None, in_flight: InFlightFiles | None = None):
-        self.image_root = image_root
-        self.paths = paths
-        self.expected = expected
-        self.preprocess = preprocess
-        self.min_size = min_size
-        self.timeout_s = timeout_s
-        self.in_flight = in_flight or InFlightFiles(0)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _read(self, index: int):
-        data = (self.image_root / self.paths[index]).read_bytes()
-        digest = fingerprint(data)
-        if digest == self.expected[index]:
-            return None, digest, UNCHANGED
-        if not data:
-            raise ValueError("empty file")
-        return self._pixels(data), digest, None
-
-    def __getitem__(self, index: int):
-        self.in_flight.start(index)
-        try:
-            return (index, *call_with_time_limit(lambda: self._read(index), self.timeout_s))
-        except Exception as exc:  # one bad file must not stop the batch
-            return index, None, None, failure_reason(exc)
-        finally:
-            self.in_flight.finish()
-
-    def _pixels(self, data: bytes):
-        return self.preprocess(decode_image(data, self.min_size))
-
-
-def _collate(items):
-    ok = [(i, p, d) for i, p, d, err in items if err is None]
-    unchanged = [(i, d) for i, _, d, err in items if err == UNCHANGED]
-    failed = [(i, err) for i, _, _, err in items if err not in (None, UNCHANGED)]
-    pixels = torch.stack([p for _, p, _ in ok]) if ok else None
-    return [i for i, _, _ in ok], [d for _, _, d in ok], pixels, unchanged, failed
-
-
-def merged(batches: Iterator[tuple], n: int) -> Iterator[tuple]:
-    """Every `n` collated shares as one batch: (indices, digests, pixels, unchanged, failed)."""
-    group: list[tuple] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == n:
-            yield _merge(group)
-            group = []
-    if group:
-        yield _merge(group)
-
-
-def _merge(group: list[tuple]) -> tuple:
-    if len(group) == 1:
-        return group[0]
-    pixels = [g[2] for g in group if g[2] is not None]
-    return ([i for g in group for i in g[0]], [d for g in group for d in g[1]], torch.cat(pixels) if pixels else None,
-            [u for g in group for u in g[3]], [f for g in group for f in g[4]])
 
 
 def default_num_workers() -> int:
@@ -329,11 +181,13 @@ def encode_images(
     in_flight = InFlightFiles(workers)
     decoder = None
     if decode != "pillow":
-        from clip_assets.embedding import tensor_decode  # it builds on this module
+        # not at the top: it imports open_clip and torchvision, which the Pillow path (and the Dagster
+        # code location, which imports this module) need not load
+        from clip_assets.embedding import tensor_decode
 
         decoder = tensor_decode.decoder_for(decode, clip, image_root, job.paths, workers, report)
-    dataset_type, collate = (
-        (tensor_decode.JpegBytesOrPixels, tensor_decode.collate_bytes_or_pixels) if decoder else (_ImageFiles, _collate)
+    dataset_type, collate_fn = (
+        (tensor_decode.JpegBytesOrPixels, tensor_decode.collate_bytes_or_pixels) if decoder else (ImageFiles, collate)
     )
     dataset = dataset_type(
         image_root, job.paths, job.expected_fingerprints, fused_preprocess(clip.preprocess), draft_size(clip),
@@ -392,7 +246,7 @@ def encode_images(
                     # share, not when one worker has decoded the whole batch.
                     batch_sampler=BatchSampler(remaining, -(-batch_size // shares), drop_last=False),
                     num_workers=workers,
-                    collate_fn=collate,
+                    collate_fn=collate_fn,
                     pin_memory=clip.device.type == "cuda",
                     # Forked workers start at once with everything imported. The default start method is
                     # the parent's: under `forkserver` or `spawn` every worker would import torch and this

@@ -26,25 +26,20 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-from open_clip.transform import CenterCropOrPad, MaybeToTensor, ResizeKeepRatio
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip_assets.model.clip_model import ClipModel
-from clip_assets.embedding.engine import _collate, _ImageFiles, decode_image, draft_size, failure_reason, too_many_pixels
-from clip_assets.model.pillow_preprocess import is_rgb_conversion
+from clip_assets.embedding.decode import decode_image, draft_size, failure_reason, too_many_pixels
+from clip_assets.embedding.image_files import ImageFiles, collate
+from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
+from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 
 log = logging.getLogger(__name__)
 
 DECODE_PATHS = ("auto", "pillow", "tensor")
-# Decoded pixels held at once while resizing: a batch of 4000x3000 photos is resized a few at a
-# time rather than all at once (one 12-megapixel image is 144 MB as float32).
-RESIZE_PIXELS_PER_CALL = 64_000_000
 # Pixels decoded per call of the batch decoder, so a batch of large photos never holds all of them
 # decoded at once (256 megapixels: 768 MB as uint8 RGB, about twenty 12-megapixel photos).
 DECODE_PIXELS_PER_CALL = 256_000_000
@@ -53,172 +48,6 @@ MEASURE_FILES = 32
 # Batches decoded ahead of the one the model encodes.
 PREFETCH_BATCHES = 2
 
-_SOF_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)  # baseline and extended sequential: what nvJPEG batch-decodes
-_SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
-
-
-class UnsupportedTransform(ValueError):
-    """The model's preprocessing holds a step with no tensor equivalent here: use the Pillow path."""
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    batch_decodable: bool  # baseline/extended Huffman, 8-bit, grey or YCbCr, ends with EOI
-    orientation: int  # EXIF orientation, 1 (as stored) to 8
-    why_not: str | None = None
-    pixels: int = 0  # width x height, from the frame header
-
-
-def _exif_orientation(tiff: bytes) -> int:
-    """The Orientation tag (0x0112) of IFD0 in an Exif TIFF block, 1 when absent or malformed."""
-    if tiff[:4] == b"II*\x00":
-        order = "little"
-    elif tiff[:4] == b"MM\x00*":
-        order = "big"
-    else:
-        return 1
-    ifd = int.from_bytes(tiff[4:8], order)
-    if ifd + 2 > len(tiff):
-        return 1
-    for k in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
-        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
-        if len(entry) < 12:
-            return 1
-        if int.from_bytes(entry[:2], order) == 0x0112 and int.from_bytes(entry[2:4], order) == 3:
-            value = int.from_bytes(entry[8:10], order)
-            return value if 1 <= value <= 8 else 1
-    return 1
-
-
-def sniff_jpeg(data: bytes) -> JpegHeader:
-    """Read a JPEG's markers up to the first scan: can the batch decoder take it, and its orientation."""
-    if data[:2] != b"\xff\xd8":
-        return JpegHeader(False, 1, "not a JPEG")
-    orientation, sof, precision, component_ids, adobe_transform, pixels = 1, None, None, (), None, 0
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return JpegHeader(False, orientation, "malformed marker")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and orientation == 1:
-            orientation = _exif_orientation(segment[6:])
-        elif marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
-            adobe_transform = segment[11]
-        elif marker in _SOF_SEQUENTIAL_HUFFMAN or marker in _SOF_OTHER:
-            sof, precision = marker, segment[0] if segment else None
-            pixels = int.from_bytes(segment[1:3], "big") * int.from_bytes(segment[3:5], "big")
-            count = segment[5] if len(segment) > 5 else 0
-            component_ids = tuple(segment[6 + 3 * c] for c in range(count) if 6 + 3 * c < len(segment))
-        elif marker == 0xDA:  # start of scan: the header is over
-            break
-        i += 2 + length
-    if sof is None:
-        return JpegHeader(False, orientation, "no frame header")
-    if sof not in _SOF_SEQUENTIAL_HUFFMAN:
-        return JpegHeader(False, orientation, "progressive, lossless or arithmetic-coded")
-    if precision != 8:
-        return JpegHeader(False, orientation, f"{precision}-bit samples")
-    if len(component_ids) not in (1, 3):
-        return JpegHeader(False, orientation, f"{len(component_ids)} components (CMYK/YCCK)")
-    if len(component_ids) == 3 and (adobe_transform == 0 or component_ids == (82, 71, 66)):
-        return JpegHeader(False, orientation, "stored as RGB, not YCbCr")
-    if data[-2:] != b"\xff\xd9":
-        return JpegHeader(False, orientation, "no end-of-image marker (truncated?)")
-    return JpegHeader(True, orientation, pixels=pixels)
-
-
-def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """What Pillow's `ImageOps.exif_transpose` does, on a (..., H, W) tensor."""
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip(-1).flip(-2)
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-1, -2)
-    if orientation == 6:
-        return image.transpose(-1, -2).flip(-1)
-    if orientation == 7:
-        return image.transpose(-1, -2).flip(-1).flip(-2)
-    if orientation == 8:
-        return image.transpose(-1, -2).flip(-2)
-    return image
-
-
-def _resize_keep_ratio(step: ResizeKeepRatio) -> Callable[[torch.Tensor], torch.Tensor]:
-    def resize(images: torch.Tensor) -> torch.Tensor:
-        height, width = images.shape[-2:]
-        # open_clip's own size rule; it reads the size off a PIL image, so hand it one shaped alike
-        size = ResizeKeepRatio.get_params(SimpleNamespace(size=(width, height)), step.size, step.longest)
-        return TF.resize(images, size, step.interpolation, antialias=True)
-
-    return resize
-
-
-class TensorPreprocess:
-    """The model's own eval transform, applied to decoded uint8 tensors in batches on their device.
-
-    Built from the transform open_clip returns with the model: each geometric step (Resize,
-    CenterCrop, open_clip's ResizeKeepRatio and CenterCropOrPad) keeps its own parameters and runs
-    on uint8 tensors, rounding like Pillow; ToTensor and Normalize run once for the whole batch. A
-    step it does not know raises `UnsupportedTransform`, so nothing is silently approximated.
-    """
-
-    def __init__(self, transform):
-        steps = getattr(transform, "transforms", [transform])
-        self.geometry: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        self.mean = self.std = None
-        to_tensor_seen = False
-        for step in steps:
-            if isinstance(step, (T.Resize, T.CenterCrop, CenterCropOrPad)) and not to_tensor_seen:
-                self.geometry.append(step)
-            elif isinstance(step, ResizeKeepRatio) and not to_tensor_seen:
-                self.geometry.append(_resize_keep_ratio(step))
-            elif is_rgb_conversion(step):
-                continue  # decoded as RGB already
-            elif isinstance(step, (T.ToTensor, MaybeToTensor)):
-                to_tensor_seen = True
-            elif isinstance(step, T.Normalize) and to_tensor_seen and self.mean is None:
-                self.mean, self.std = tuple(step.mean), tuple(step.std)
-            else:
-                raise UnsupportedTransform(f"no tensor equivalent for the preprocessing step {step!r}")
-        if not to_tensor_seen:
-            raise UnsupportedTransform("the preprocessing has no ToTensor step")
-
-    def _geometry(self, images: torch.Tensor) -> torch.Tensor:
-        for step in self.geometry:
-            images = step(images)
-        return images
-
-    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 (3, H, W) RGB tensors of any sizes, on one device -> normalised float32 (N, 3, h, w)."""
-        out: list[torch.Tensor | None] = [None] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for k, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
-        for (height, width), members in by_size.items():
-            per_call = max(1, RESIZE_PIXELS_PER_CALL // (height * width))
-            for start in range(0, len(members), per_call):
-                group = members[start : start + per_call]
-                resized = self._geometry(torch.stack([images[k] for k in group]))
-                for k, image in zip(group, resized):
-                    out[k] = image
-        batch = torch.stack(out).float().div_(255)
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
-            batch = batch.sub_(mean).div_(std)
-        return batch
 
 
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
@@ -252,7 +81,7 @@ class RawJpeg(NamedTuple):
     pixels: int
 
 
-class JpegBytesOrPixels(_ImageFiles):
+class JpegBytesOrPixels(ImageFiles):
     """Like the Pillow path's dataset, except that batch-decodable JPEGs come back as bytes."""
 
     def _pixels(self, data: bytes):
@@ -289,7 +118,7 @@ def collate_bytes_or_pixels(items) -> RawBatch:
     rest = [item for item in items if not (item[3] is None and isinstance(item[1], RawJpeg))]
     data = b"".join(p.data for _, p, _ in raw)
     return RawBatch(
-        pillow=_collate(rest),
+        pillow=collate(rest),
         indices=[i for i, _, _ in raw],
         digests=[d for _, _, d in raw],
         data=torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8),

@@ -42,7 +42,7 @@ from clip_assets.storage.atomic_files import write_named_by_content
 from clip_assets.tuning.calibration import is_heldout
 from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model
 from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
-from clip_assets.embedding.engine import load_rgb
+from clip_assets.embedding.decode import load_rgb
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.config.layout import DataLayout
 

@@ -24,7 +24,7 @@ from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import load_clip_model
 from clip_assets.demo.shapes import write_collection
-from clip_assets.embedding.engine import decode_image, draft_size
+from clip_assets.embedding.decode import decode_image, draft_size
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import build_manifest, image_id_for
 from clip_assets.config.settings import REPO_ROOT

@@ -30,7 +30,8 @@ from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import ClipModel, _input_size
-from clip_assets.embedding.engine import _ImageFiles, decode_image, draft_size, failure_reason
+from clip_assets.embedding.decode import decode_image, draft_size, failure_reason
+from clip_assets.embedding.image_files import ImageFiles
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding import tensor_decode
 from clip_assets.embedding.tensor_decode import (
@@ -38,15 +39,13 @@ from clip_assets.embedding.tensor_decode import (
     JpegBytesOrPixels,
     RawJpeg,
     TensorDecoder,
-    TensorPreprocess,
-    UnsupportedTransform,
-    apply_orientation,
     choose_decode_path,
     collate_bytes_or_pixels,
     decode_jpegs,
     decoded_batches,
-    sniff_jpeg,
 )
+from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
+from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 from clip_assets_tests.embedding.test_embedding_engine import jpeg_bytes, photo_like, write_bad_batch, ycck_jpeg
 
 CPU = torch.device("cpu")
@@ -263,10 +262,10 @@ def test_a_jpeg_over_the_pixel_limit_fails_as_a_decompression_bomb_on_both_paths
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "big.jpg").write_bytes(jpeg_bytes(photo_like(90, 60)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90 * 60 // 3)  # Pillow raises from twice the limit
-    for dataset_type in (_ImageFiles, JpegBytesOrPixels):
+    for dataset_type in (ImageFiles, JpegBytesOrPixels):
         _, pixels, _, reason = dataset_type(tmp_path, ["b/big.jpg"], [None], clip.preprocess, draft_size(clip), 5)[0]
         assert pixels is None and reason.startswith("decompression bomb: "), (dataset_type, reason)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90 * 60 * 2 // 3)  # between the limit and twice it: Pillow warns
-    for dataset_type in (_ImageFiles, JpegBytesOrPixels):
+    for dataset_type in (ImageFiles, JpegBytesOrPixels):
         _, pixels, _, reason = dataset_type(tmp_path, ["b/big.jpg"], [None], clip.preprocess, draft_size(clip), 5)[0]
         assert pixels is None and reason.startswith("decompression bomb: "), (dataset_type, reason)

@@ -30,7 +30,8 @@ from clip_assets.ingest.steps import write_manifest
 from clip_assets.instance.execution import materialize, register_batches
 from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import make_sample
-from clip_assets.embedding.engine import embeddings_schema, load_rgb
+from clip_assets.embedding.decode import load_rgb
+from clip_assets.embedding.engine import embeddings_schema
 from clip_assets.pages.gallery import write_duplicates_page
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.config.layout import DataLayout

@@ -1,0 +1,87 @@
+"""What the embedding engine's DataLoader workers run on the Pillow path: each file read once,
+fingerprinted, skipped when its content is unchanged, else decoded and preprocessed, never raising;
+and the collation of their results into batches (the tensor decode path builds on both).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from clip_assets.embedding.decode import decode_image, failure_reason, fingerprint
+from clip_assets.embedding.decode_faults import InFlightFiles, call_with_time_limit
+
+UNCHANGED = "unchanged"
+
+
+class ImageFiles(Dataset):
+    """Reads, fingerprints, decodes and preprocesses one file; never raises.
+
+    `in_flight` records, for a decode worker, the file it is reading, so a worker that dies on a
+    file leaves its index behind.
+    """
+
+    def __init__(self, image_root: Path, paths: list[str], expected: list[str | None], preprocess,
+                 min_size: tuple[int, int] | None, timeout_s: float | None, in_flight: InFlightFiles | None = None):
+        self.image_root = image_root
+        self.paths = paths
+        self.expected = expected
+        self.preprocess = preprocess
+        self.min_size = min_size
+        self.timeout_s = timeout_s
+        self.in_flight = in_flight or InFlightFiles(0)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, index: int):
+        data = (self.image_root / self.paths[index]).read_bytes()
+        digest = fingerprint(data)
+        if digest == self.expected[index]:
+            return None, digest, UNCHANGED
+        if not data:
+            raise ValueError("empty file")
+        return self._pixels(data), digest, None
+
+    def __getitem__(self, index: int):
+        self.in_flight.start(index)
+        try:
+            return (index, *call_with_time_limit(lambda: self._read(index), self.timeout_s))
+        except Exception as exc:  # one bad file must not stop the batch
+            return index, None, None, failure_reason(exc)
+        finally:
+            self.in_flight.finish()
+
+    def _pixels(self, data: bytes):
+        return self.preprocess(decode_image(data, self.min_size))
+
+
+def collate(items):
+    ok = [(i, p, d) for i, p, d, err in items if err is None]
+    unchanged = [(i, d) for i, _, d, err in items if err == UNCHANGED]
+    failed = [(i, err) for i, _, _, err in items if err not in (None, UNCHANGED)]
+    pixels = torch.stack([p for _, p, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], [d for _, _, d in ok], pixels, unchanged, failed
+
+
+def merged(batches: Iterator[tuple], n: int) -> Iterator[tuple]:
+    """Every `n` collated shares as one batch: (indices, digests, pixels, unchanged, failed)."""
+    group: list[tuple] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield _merge(group)
+            group = []
+    if group:
+        yield _merge(group)
+
+
+def _merge(group: list[tuple]) -> tuple:
+    if len(group) == 1:
+        return group[0]
+    pixels = [g[2] for g in group if g[2] is not None]
+    return ([i for g in group for i in g[0]], [d for g in group for d in g[1]], torch.cat(pixels) if pixels else None,
+            [u for g in group for u in g[3]], [f for g in group for f in g[4]])
