@@ -1,7 +1,7 @@
 """The approximate index at scale: build time, size per vector, p50 latency and recall@10 against exact.
 
 Synthetic clustered vectors (benchmarks/ann_data.py, never uniform noise) are written a chunk at a
-time as the pipeline lays out a batch's search index (raw float32 rows, one file per batch), so the
+time as the pipeline lays out a batch's search rows (raw float32 rows, one file per batch), so the
 full matrix is never held: 10,000,000 x 512 is 20 GB. Then:
 
 1. ground truth: the exact top-10 of each held-out query, streaming over every file (cached);
@@ -144,7 +144,7 @@ def drop_page_cache() -> None:
 def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray, truth: np.ndarray) -> None:
     import faiss
 
-    from clip_assets.search import ann_index
+    from clip_assets.search import ann_index, shard_set
 
     faiss.omp_set_num_threads(args.threads)
     times, cpu = [], []
@@ -174,7 +174,7 @@ def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray
         ann_index.train_codec(sample, args.vectors, codec_path)
         print(f"codec {factory} trained on {len(sample):,} vectors from {len(sources)} files: "
               f"{time.perf_counter() - t:,.0f} s ({time.process_time() - c:,.0f} CPU s)", flush=True)
-    codec = ann_index.read_faiss(codec_path)
+    codec = shard_set.read_faiss(codec_path)
     t, c = time.perf_counter(), time.process_time()
     built = 0
     for path in paths:
@@ -192,7 +192,7 @@ def run_index_benchmark(args, work: Path, paths: list[Path], queries: np.ndarray
           f"(+ {DIM * 4} bytes of float32 per vector on disk for re-ranking); {load()}")
 
     t = time.perf_counter()
-    shards = ann_index.ShardSet([ann_index.Shard(p.stem, mapped(p), ann_index.read_faiss(shard_dir / f"{p.stem}.faiss"),
+    shards = shard_set.ShardSet([shard_set.Shard(p.stem, mapped(p), shard_set.read_faiss(shard_dir / f"{p.stem}.faiss"),
                                                  "codec") for p in paths], threads=args.threads)
     print(f"opened {len(paths)} shards in {time.perf_counter() - t:.1f} s (read into memory; a search process keeps them open)")
     offsets = np.cumsum([0] + [len(s.vectors) for s in shards.shards])

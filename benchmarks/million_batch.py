@@ -203,7 +203,7 @@ def run(args, work: Path) -> None:
     settings = Settings(image_root=images_root, data_dir=layout.data_dir, prompts_dir=prompts, model=TINY,
                         pretrained=str(checkpoint), device="cpu")
     seconds, cpu = [], []
-    for _ in range(args.searches + 1):  # the first builds the search index file: reported apart
+    for _ in range(args.searches + 1):  # the first builds the search rows file: reported apart
         c0, t0 = time.process_time(), time.perf_counter()
         hits = search(settings, text=QUERY, clip=clip)
         seconds.append(time.perf_counter() - t0)

@@ -4,11 +4,11 @@ Writes N random unit embeddings of dimension D as the pipeline lays them out (on
 batch under <dir>/embeddings/, the pipeline's schema), then runs one query each way in a fresh
 subprocess, so each figure's peak memory (ru_maxrss) is its own:
 
-- first query: `clip_assets.search.query.top_k_streaming` when no search index exists yet: it streams
-  every parquet file once to build the index (search_index/<batch>.f32), then answers;
-- streaming: `top_k_streaming` over the built index (mapped, a chunk at a time, running top-k):
+- first query: `clip_assets.search.exact_search.top_k_streaming` when no search rows exist yet: it streams
+  every parquet file once to build the search rows (search_index/<batch>.f32), then answers;
+- streaming: `top_k_streaming` over the built search rows (mapped, a chunk at a time, running top-k):
   what every later query costs;
-- streaming from parquet: `top_k_streaming(use_index=False)`, record batches decoded from the
+- streaming from parquet: `top_k_streaming(use_search_rows=False)`, record batches decoded from the
   parquet files themselves, running top-k (the fallback for a read-only data directory);
 - naive: read every file into one (N, D) matrix, then one matrix-vector product and a top-k.
 
@@ -97,17 +97,17 @@ def naive_top_k(query: np.ndarray, files: list[Path], k: int) -> list[str]:
     return table["image_id"].take(pa.array(best)).to_pylist()
 
 
-def streaming_top_k(query: np.ndarray, files: list[Path], k: int, use_index: bool = True) -> list[str]:
-    from clip_assets.search.query import top_k_streaming
+def streaming_top_k(query: np.ndarray, files: list[Path], k: int, use_search_rows: bool = True) -> list[str]:
+    from clip_assets.search.exact_search import top_k_streaming
 
-    return [image_id for _, image_id, _ in top_k_streaming(query, files, k, use_index=use_index)]
+    return [image_id for _, image_id, _ in top_k_streaming(query, files, k, use_search_rows=use_search_rows)]
 
 
 def first_query(query: np.ndarray, files: list[Path], k: int) -> list[str]:
-    from clip_assets.search.query import index_path
+    from clip_assets.search.search_rows import rows_path
 
     for path in files:
-        for stale in (index_path(path), index_path(path).with_suffix(".json")):
+        for stale in (rows_path(path), rows_path(path).with_suffix(".json")):
             stale.unlink(missing_ok=True)
     return streaming_top_k(query, files, k)
 
@@ -117,7 +117,7 @@ def first_query(query: np.ndarray, files: list[Path], k: int) -> list[str]:
 WAYS = {
     "first query": (first_query, False, 1),
     "streaming": (streaming_top_k, True, None),
-    "streaming from parquet": (lambda q, f, k: streaming_top_k(q, f, k, use_index=False), True, 1),
+    "streaming from parquet": (lambda q, f, k: streaming_top_k(q, f, k, use_search_rows=False), True, 1),
     "naive": (naive_top_k, True, None),
 }
 

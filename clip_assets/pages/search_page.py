@@ -36,13 +36,8 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from clip_assets.pages.gallery import LOAD_CHECK, write_thumbnail
 from clip_assets.config.layout import DataLayout
-from clip_assets.search.query import (
-    SearchHit,
-    check_query_model,
-    decode_query_image,
-    embedding_files,
-    search,
-)
+from clip_assets.search.exact_search import check_query_model, embedding_files
+from clip_assets.search.query import SearchHit, decode_query_image, search
 from clip_assets.config.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,13 @@
 - A batch's shard is the codec filled with that batch's vectors: assigning and encoding them, no
   training, so a new or changed batch costs only its own rows and never touches another shard.
 - A query is quantised once by the codec's coarse quantizer; every shard scans only its own part of
-  the same `nprobe` lists (faiss search_preassigned), so a query over 100 shards costs about what
-  one merged index would. The best `candidates` of all shards are re-ranked exactly from the batch's
-  float32 search index file (`search_index/<batch>.f32`, which exact search reads too): the scores
-  returned are true cosine similarities, only the candidate set is approximate.
+  the same `nprobe` lists (faiss search_preassigned, clip_assets.search.shard_set), so a query over
+  100 shards costs about what one merged index would. The best `candidates` of all shards are
+  re-ranked exactly from the batch's float32 search rows (clip_assets.search.search_rows, which exact
+  search reads too): the scores returned are true cosine similarities, only the candidate set is
+  approximate.
 - Until the collection holds `MIN_ROWS_FOR_IVF` rows there is no codec, and a batch's shard is
-  "exact": its float32 file is scored in full, which at that size costs less than probing an index.
+  "exact": its float32 search rows are scored in full, which at that size costs less than probing an index.
 - A shard records the embeddings file it was built from (size, mtime) and the codec version; one
   that no longer matches is stale, and search scores that batch exactly until the shard is rebuilt.
   Results are never wrong, only slower.
@@ -29,7 +30,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +38,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clip_assets.config.layout import DataLayout
+from clip_assets.search.exact_search import stored_models, top_k_streaming
+from clip_assets.search.search_rows import ensure_search_rows, fresh_search_rows, mapped_rows, source_note
+from clip_assets.search.shard_set import SEARCH_CANDIDATES, SEARCH_NPROBE, Shard, ShardSet, read_faiss
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.storage.file_hashes import current_content_digest
-from clip_assets.config.layout import DataLayout
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +53,6 @@ TRAINING_POINTS_PER_LIST = 40  # faiss warns below 39
 MAX_TRAINING_BATCHES = 64  # the codec's sample is drawn from at most this many batches
 ADD_CHUNK_ROWS = 65_536
 DEFAULT_NPROBE = 32  # near-duplicates: pairs at cosine >= 0.95 sit in the same or neighbouring lists
-# A text or image search. On 10M clustered vectors in 100 shards of 100k (benchmarks/ann_index.py,
-# codec IVF2048,PQ256x4fs, 2 cores), nprobe 128 with 300 re-ranked gave recall@10 0.961 at a p50 of
-# 27 ms with the re-ranked rows in the page cache and 34 ms with the page cache emptied first; 200
-# re-ranked gave 0.952, 500 gave 0.970 at 31 / 55-65 ms. A smaller collection has fewer lists, so
-# the same nprobe is a larger share of them.
-SEARCH_NPROBE = 128
-SEARCH_CANDIDATES = 300
 KIND_IVF = "ivf_pq"
 KIND_EXACT = "exact"
 
@@ -89,7 +85,7 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
     """Train an empty IVF-PQ index for a collection of `rows` vectors on `sample` (n, dim) and write
     it to `target` unless another process wrote one first: the first codec written is the one every
     shard uses. True when this call's codec is the one at `target`."""
-    import faiss
+    import faiss  # deferred: the search CLI and the code location import this module, faiss (0.2 s) only to use an index
 
     index = faiss.index_factory(sample.shape[1], codec_factory(rows, sample.shape[1]), faiss.METRIC_INNER_PRODUCT)
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -109,131 +105,13 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
 def fill_shard(codec, vectors: np.ndarray, target: Path) -> None:
     """The codec filled with `vectors` (rows, dim; a memmap is read a chunk at a time), written to
     `target` atomically. Row i of `vectors` gets id i."""
-    import faiss
+    import faiss  # deferred: the search CLI and the code location import this module, faiss (0.2 s) only to use an index
 
     index = faiss.clone_index(codec)
     for start in range(0, len(vectors), ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32))
     with atomic_write(target) as tmp:
         faiss.write_index(index, str(tmp))
-
-
-def read_faiss(path: Path):
-    import faiss
-
-    return faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY)
-
-
-@dataclass
-class Shard:
-    name: str  # the batch
-    vectors: np.ndarray  # (rows, dim) float32, memory-mapped: what candidates are re-ranked with
-    index: object | None  # the faiss index, filled from the codec; None: scored exactly
-    codec: str | None = None  # the version of the codec the index was filled from
-    allowed_rows: np.ndarray | None = None  # restrict to these rows (a category filter)
-
-
-class ShardSet:
-    """Shards searched together: the query quantised once, approximate candidates from each shard's
-    part of the same lists, merged, re-ranked exactly. The IVF shards must share one codec."""
-
-    def __init__(self, shards: list[Shard], threads: int | None = None):
-        import faiss
-
-        self.shards = shards
-        self.threads = max(1, threads or os.cpu_count() or 1)
-        ivf = [s for s in shards if s.index is not None]
-        if len({s.codec for s in ivf}) > 1:
-            raise ValueError(f"index shards of different codecs cannot be searched together: {sorted({s.codec for s in ivf})}")
-        self.quantizer = faiss.extract_index_ivf(ivf[0].index).quantizer if ivf else None
-
-    def candidates(self, queries: np.ndarray, per_shard: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(approximate scores, shard numbers, rows), each (queries, per_shard): the best per_shard of
-        all shards, best first per query; -inf pads."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        lists = None
-        if self.quantizer is not None:
-            nprobe = min(nprobe, self.quantizer.ntotal)
-            lists = self.quantizer.search(queries, nprobe)  # (similarities, list numbers), shared by every shard
-
-        def shard_range(first: int) -> list[tuple[np.ndarray, np.ndarray]]:
-            return [self._shard_candidates(self.shards[i], queries, per_shard, lists)
-                    for i in range(first, len(self.shards), workers)]
-
-        # few queries: spread the shards over threads; many: faiss spreads the queries over its own
-        workers = self.threads if len(queries) < self.threads and len(self.shards) > 1 else 1
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                by_worker = list(pool.map(shard_range, range(workers)))
-            parts = [by_worker[i % workers][i // workers] for i in range(len(self.shards))]
-        else:
-            parts = shard_range(0)
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        rows = np.concatenate([p[1] for p in parts], axis=1)
-        shard_no = np.concatenate([np.full(p[1].shape, i, np.int64) for i, p in enumerate(parts)], axis=1)
-        if scores.shape[1] > per_shard:  # keep the best per_shard of all shards before sorting
-            best = np.argpartition(-scores, per_shard - 1, axis=1)[:, :per_shard]
-            scores, shard_no, rows = (np.take_along_axis(a, best, 1) for a in (scores, shard_no, rows))
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return (np.take_along_axis(scores, order, 1), np.take_along_axis(shard_no, order, 1),
-                np.take_along_axis(rows, order, 1))
-
-    @staticmethod
-    def _shard_candidates(shard: Shard, queries: np.ndarray, per_shard: int, lists):
-        if shard.allowed_rows is not None and len(shard.allowed_rows) == 0:
-            empty = np.empty((len(queries), 0))
-            return empty.astype(np.float32), empty.astype(np.int64)
-        if shard.index is None:
-            vectors = shard.vectors if shard.allowed_rows is None else shard.vectors[shard.allowed_rows]
-            scores = queries @ np.asarray(vectors).T
-            take = min(per_shard, scores.shape[1])
-            top = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < scores.shape[1] else \
-                np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-            rows = top if shard.allowed_rows is None else shard.allowed_rows[top]
-            return np.take_along_axis(scores, top, 1).astype(np.float32), rows.astype(np.int64)
-        import faiss
-
-        list_scores, list_numbers = lists
-        params = faiss.SearchParametersIVF(nprobe=list_numbers.shape[1])
-        if shard.allowed_rows is not None:
-            params.sel = selector = faiss.IDSelectorBatch(shard.allowed_rows.astype(np.int64))  # noqa: F841 (kept alive)
-        scores = np.empty((len(queries), per_shard), np.float32)
-        rows = np.empty((len(queries), per_shard), np.int64)
-        shard.index.search_preassigned_c(
-            len(queries), faiss.swig_ptr(queries), per_shard, faiss.swig_ptr(list_numbers),
-            faiss.swig_ptr(list_scores), faiss.swig_ptr(scores), faiss.swig_ptr(rows), False, params)
-        scores[rows < 0] = -np.inf
-        return scores, rows
-
-    def vectors_of(self, shard_no: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(n, dim) float32: the stored vector of each (shard_no[i], rows[i]); rows must be >= 0."""
-        out = np.empty((len(rows), self.shards[0].vectors.shape[1]), np.float32)
-        for s in np.unique(shard_no):
-            mask = shard_no == s
-            wanted, where = np.unique(rows[mask], return_inverse=True)  # sorted rows: fewer page faults
-            out[mask] = np.asarray(self.shards[s].vectors[wanted], dtype=np.float32)[where]
-        return out
-
-    def exact_scores(self, queries: np.ndarray, shard_no: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Exact similarity of query i with (shard_no[i, j], rows[i, j]); -inf where rows < 0."""
-        out = np.full(rows.shape, -np.inf, np.float32)
-        valid = rows >= 0
-        if valid.any():
-            query_of = np.nonzero(valid)[0]
-            out[valid] = np.einsum("ij,ij->i", self.vectors_of(shard_no[valid], rows[valid]), queries[query_of])
-        return out
-
-    def top_k(self, queries: np.ndarray, k: int, nprobe: int = SEARCH_NPROBE,
-              candidates: int = SEARCH_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(exact scores, shard numbers, rows), each (queries, k), best first, of the re-ranked candidates."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        candidates = max(candidates, k)
-        _, shard_no, rows = self.candidates(queries, candidates, nprobe)
-        shard_no, rows = shard_no[:, :candidates], rows[:, :candidates]
-        exact = self.exact_scores(queries, shard_no, rows)
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return (np.take_along_axis(exact, order, 1), np.take_along_axis(shard_no, order, 1),
-                np.take_along_axis(rows, order, 1))
 
 
 # --- The pipeline's codec and shards: built from the embeddings, fresh while those are unchanged. ---
@@ -259,11 +137,6 @@ class ShardSummary:
         return self.index_bytes / max(1, self.rows)
 
 
-def embeddings_stamp(embeddings_file: Path) -> dict:
-    st = embeddings_file.stat()
-    return {"source": embeddings_file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def read_note(layout: DataLayout, batch: str) -> dict | None:
     path = layout.ann_shard_note_path(batch)
     try:
@@ -286,7 +159,7 @@ def is_fresh(layout: DataLayout, batch: str, note: dict | None = None) -> bool:
     embeddings = layout.embeddings_path(batch)
     if note is None or not embeddings.is_file():
         return False
-    if {k: note.get(k) for k in ("source", "size", "mtime_ns")} != embeddings_stamp(embeddings):
+    if {k: note.get(k) for k in ("source", "size", "mtime_ns")} != source_note(embeddings):
         return False
     if note["kind"] == KIND_EXACT:
         return True
@@ -296,22 +169,20 @@ def is_fresh(layout: DataLayout, batch: str, note: dict | None = None) -> bool:
 def codec_sample(layout: DataLayout, model: str, batch: str, vectors: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
     """(a training sample, the collection's rows): the sample is drawn from this batch's vectors and
     those of up to MAX_TRAINING_BATCHES - 1 other batches of the same model whose float32 search
-    index is already written, each in proportion to its rows, twice TRAINING_POINTS_PER_LIST per list
+    rows are already written, each in proportion to its rows, twice TRAINING_POINTS_PER_LIST per list
     of the codec the collection's rows (all such batches) call for."""
-    from clip_assets.search.query import fresh_search_index, stored_models
-
     rng = np.random.default_rng(seed)
     others = []
     for embeddings in sorted(layout.embeddings_dir.glob("*.parquet")):
         if embeddings.stem == Path(layout.embeddings_path(batch)).stem:
             continue
-        found = fresh_search_index(embeddings)
+        found = fresh_search_rows(embeddings)
         if found is not None and found.rows and found.dim == vectors.shape[1] and stored_models(embeddings) == {model}:
             others.append(found)
     collection_rows = len(vectors) + sum(f.rows for f in others)
     if len(others) > MAX_TRAINING_BATCHES - 1:
         others = [others[i] for i in sorted(rng.choice(len(others), MAX_TRAINING_BATCHES - 1, replace=False))]
-    sources = [vectors] + [np.memmap(f.path, np.float32, "r", shape=(f.rows, f.dim)) for f in others]
+    sources = [vectors] + [mapped_rows(f) for f in others]
     rows = sum(len(v) for v in sources)
     wanted = min(rows, codec_lists(collection_rows) * TRAINING_POINTS_PER_LIST * 2)
     parts = []
@@ -345,21 +216,18 @@ def model_codec(layout: DataLayout, model: str, batch: str, vectors: np.ndarray,
 def build_batch_shard(layout: DataLayout, batch: str, seed: int = 0) -> ShardSummary:
     """(Re)build one batch's shard from its embeddings with the model's codec (trained first when the
     collection has none yet and is large enough); the other batches' shards are not touched."""
-    from clip_assets.search.query import ensure_search_index, stored_models
-
     embeddings = layout.embeddings_path(batch)
     if not embeddings.is_file():
         raise IndexNotBuiltError(f"No embeddings for batch {batch} at {embeddings}: materialize image_embeddings first.")
     started = time.perf_counter()
-    stamp = embeddings_stamp(embeddings)
-    vectors_file = ensure_search_index(embeddings)  # the float32 rows that candidates are re-ranked from
+    stamp = source_note(embeddings)
+    vectors_file = ensure_search_rows(embeddings)  # the float32 rows that candidates are re-ranked from
     models = sorted(stored_models(embeddings)) if vectors_file.rows else []
     if len(models) > 1:
         raise ValueError(f"{embeddings} holds embeddings of several models {models}: re-materialize image_embeddings.")
     model = models[0] if models else ""
     target = layout.ann_shard_path(batch)
-    vectors = np.memmap(vectors_file.path, np.float32, "r", shape=(vectors_file.rows, vectors_file.dim)) \
-        if vectors_file.rows else np.empty((0, vectors_file.dim), np.float32)
+    vectors = mapped_rows(vectors_file)
     codec, version_of_codec, trained, codec_rows = model_codec(layout, model, batch, vectors, seed) \
         if vectors_file.rows else (None, None, False, 0)
     if codec is not None:
@@ -397,17 +265,13 @@ def _open_cached(path: Path, version: str):
 
 def open_batch_shards(layout: DataLayout, batches: list[str]) -> tuple[list[Shard], list[str]]:
     """The fresh shards of `batches`, and the batches without one (missing or stale)."""
-    from clip_assets.search.query import ensure_search_index
-
     shards, without = [], []
     for batch in batches:
         note = read_note(layout, batch)
         if note is None or not is_fresh(layout, batch, note):
             without.append(batch)
             continue
-        vectors_file = ensure_search_index(layout.embeddings_path(batch))
-        vectors = np.memmap(vectors_file.path, np.float32, "r", shape=(vectors_file.rows, vectors_file.dim)) \
-            if vectors_file.rows else np.empty((0, vectors_file.dim), np.float32)
+        vectors = mapped_rows(ensure_search_rows(layout.embeddings_path(batch)))
         index = _open_cached(layout.ann_shard_path(batch), note["version"]) if note["kind"] == KIND_IVF else None
         shards.append(Shard(batch, vectors, index, note.get("codec") if index is not None else None))
     return shards, without
@@ -423,9 +287,7 @@ def approximate_top_k(
     candidates: int = SEARCH_CANDIDATES,
 ) -> list[tuple[float, str, str]]:
     """(score, image_id, batch) of the k best, best first: through the shards of the batches that
-    have a fresh one, exactly (clip_assets.search.query.top_k_streaming) for the others."""
-    from clip_assets.search.query import top_k_streaming
-
+    have a fresh one, exactly (clip_assets.search.exact_search.top_k_streaming) for the others."""
     batches = [f.stem for f in files]
     shards, without = open_batch_shards(layout, batches)
     if without:

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_assets.search import ann_index
+from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
+from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_paths
@@ -50,7 +52,7 @@ PAIRS_SCHEMA = pa.schema(
 )
 
 
-def find_pairs(shards: ann_index.ShardSet, shard_no: int, threshold: float, ids: dict[str, pa.ChunkedArray],
+def find_pairs(shards: ShardSet, shard_no: int, threshold: float, ids: dict[str, pa.ChunkedArray],
                neighbours: int = NEIGHBOURS, nprobe: int = NPROBE) -> pa.Table:
     """Pairs (an image of shard `shard_no`, any other stored image) with cosine similarity >= threshold."""
     shard = shards.shards[shard_no]
@@ -125,7 +127,7 @@ def update_pairs(layout: DataLayout, batches: list[str], threshold: float) -> Du
             changed.append(b)
     if changed:
         shards, _ = ann_index.open_batch_shards(layout, indexed)
-        shard_set = ann_index.ShardSet(shards)
+        shard_set = ShardSet(shards)
         ids = {s.name: pq.read_table(layout.embeddings_path(s.name), columns=["image_id"])["image_id"] for s in shards}
         number = {s.name: i for i, s in enumerate(shards)}
         for b in changed:
@@ -203,8 +205,6 @@ def paired_image_paths(layout: DataLayout, pairs: pa.Table) -> dict[str, str]:
 def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], paths: dict[str, str],
                threshold: float) -> pa.Table:
     """One row per image in a group (first image first): its path, its similarity to the first image, exactly."""
-    from clip_assets.search.query import ensure_search_index
-
     by_batch: dict[str, list[str]] = {}
     for g in groups:
         for batch, image_id in g:
@@ -213,8 +213,7 @@ def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], paths: d
     for batch, wanted in by_batch.items():
         ids = pq.read_table(layout.embeddings_path(batch), columns=["image_id"])["image_id"].to_pylist()
         row_of = {image_id: row for row, image_id in enumerate(ids)}
-        f = ensure_search_index(layout.embeddings_path(batch))
-        mapped = np.memmap(f.path, np.float32, "r", shape=(f.rows, f.dim))
+        mapped = mapped_rows(ensure_search_rows(layout.embeddings_path(batch)))
         for image_id in wanted:
             vectors[(batch, image_id)] = np.asarray(mapped[row_of[image_id]])
     columns = {name: [] for name in GROUP_ROWS_SCHEMA.names}

@@ -30,7 +30,7 @@ from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories, prompt_version
 from clip_assets.config.settings import REPO_ROOT
-from clip_assets.search.query import stored_models
+from clip_assets.search.exact_search import stored_models
 from clip_assets.storage.warehouse import connect, read_centroids
 
 BATCHES = ["batch-001", "batch-002"]

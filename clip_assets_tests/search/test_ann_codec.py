@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from clip_assets.search import ann_index
+from clip_assets.search import ann_index, shard_set
 from clip_assets.config.layout import DataLayout
 from clip_assets_tests.search.test_near_duplicates import planted, write_vectors
 
@@ -95,11 +95,11 @@ def test_shards_of_different_codecs_are_never_searched_together(tmp_path):
     shards = []
     for name in ("a", "b"):
         ann_index.train_codec(sample, len(sample), tmp_path / f"{name}.faiss")
-        codec = ann_index.read_faiss(tmp_path / f"{name}.faiss")
+        codec = shard_set.read_faiss(tmp_path / f"{name}.faiss")
         ann_index.fill_shard(codec, sample[:1000], tmp_path / f"{name}-shard.faiss")
-        shards.append(ann_index.Shard(name, sample[:1000], ann_index.read_faiss(tmp_path / f"{name}-shard.faiss"), name))
+        shards.append(shard_set.Shard(name, sample[:1000], shard_set.read_faiss(tmp_path / f"{name}-shard.faiss"), name))
     with pytest.raises(ValueError, match="different codecs"):
-        ann_index.ShardSet(shards)
+        shard_set.ShardSet(shards)
 
 
 def test_codec_lists_grow_with_the_square_root_of_the_collection_and_stay_trainable():

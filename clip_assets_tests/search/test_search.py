@@ -13,13 +13,8 @@ from clip_assets.embedding.engine import embeddings_schema
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.config.layout import DataLayout
-from clip_assets.search.query import (
-    NothingToSearchError,
-    SearchModelMismatchError,
-    SearchQueryError,
-    search,
-    top_k_streaming,
-)
+from clip_assets.search.exact_search import NothingToSearchError, SearchModelMismatchError, SearchQueryError, top_k_streaming
+from clip_assets.search.query import search
 from clip_assets.storage.warehouse import connect
 
 BATCHES = ["batch-001", "batch-002"]
@@ -92,13 +87,13 @@ def test_ties_break_by_image_id_so_a_smaller_k_is_a_prefix_of_a_larger(tmp_path)
         ids_of.update({i: w for i, w in zip(ids, which)})
     query = np.array([0.5, 0.25, 0.125, 0, 0, 0, 0, 0], dtype=np.float32)
     expected = sorted(ids_of, key=lambda i: (-query[ids_of[i]], i))
-    for use_index in (True, False):
+    for use_search_rows in (True, False):
         for chunk in (2, 3, 64):
-            full = top_k_streaming(query, files, len(expected), record_batch_rows=chunk, use_index=use_index, threads=2)
+            full = top_k_streaming(query, files, len(expected), record_batch_rows=chunk, use_search_rows=use_search_rows, threads=2)
             assert [h[1] for h in full] == expected
             for k in range(1, len(expected)):
-                got = top_k_streaming(query, files, k, record_batch_rows=chunk, use_index=use_index, threads=2)
-                assert got == full[:k], (k, chunk, use_index)
+                got = top_k_streaming(query, files, k, record_batch_rows=chunk, use_search_rows=use_search_rows, threads=2)
+                assert got == full[:k], (k, chunk, use_search_rows)
 
 
 def test_batch_and_category_filters(settings, clip, classified):
@@ -135,8 +130,8 @@ def write_random_embeddings(path, ids, vectors, model="m"):
     )
 
 
-@pytest.mark.parametrize("use_index", [True, False], ids=["search index", "parquet"])
-def test_streaming_top_k_equals_a_full_load(tmp_path, use_index):
+@pytest.mark.parametrize("use_search_rows", [True, False], ids=["search rows", "parquet"])
+def test_streaming_top_k_equals_a_full_load(tmp_path, use_search_rows):
     rng = np.random.default_rng(0)
     dim, files, all_ids, mats = 16, [], [], []
     for b in range(3):
@@ -153,12 +148,12 @@ def test_streaming_top_k_equals_a_full_load(tmp_path, use_index):
     query = rng.standard_normal(dim).astype(np.float32)
     scores = np.concatenate(mats) @ query
     best = np.argsort(-scores)[:25]
-    got = top_k_streaming(query, files, 25, record_batch_rows=97, use_index=use_index)
-    assert (tmp_path / "search_index" / "b0.f32").is_file() == use_index
+    got = top_k_streaming(query, files, 25, record_batch_rows=97, use_search_rows=use_search_rows)
+    assert (tmp_path / "search_index" / "b0.f32").is_file() == use_search_rows
     assert [g[1] for g in got] == [all_ids[i] for i in best]
     assert [g[2] for g in got] == [all_ids[i].split("-")[0] for i in best]
     allowed = set(all_ids[::7])
-    got = top_k_streaming(query, files, 5, allowed_ids=allowed, record_batch_rows=200, use_index=use_index)
+    got = top_k_streaming(query, files, 5, allowed_ids=allowed, record_batch_rows=200, use_search_rows=use_search_rows)
     expected = [all_ids[i] for i in np.argsort(-scores) if all_ids[i] in allowed][:5]
     assert [g[1] for g in got] == expected
 
