@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.classification.rules import DEFAULT_CHUNK_IMAGES, centroid_columns, classify_in_chunks, score_matrices
+from clip_assets.classification.rules import DEFAULT_CHUNK_IMAGES, centroid_columns, score_matrices
+from clip_assets_tests.support.chunked_classification import classify_in_chunks
 
 
 def unit(rng, *shape):

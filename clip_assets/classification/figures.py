@@ -2,8 +2,9 @@
 
 Each record batch of scores updates running counts, fine histograms and bounded best-k lists, so a
 batch of any size is summarised in memory that does not grow with it: matches per category, the
-distribution of the score each category is matched on (as `warehouse.score_histograms` gives it),
-the top images (as `warehouse.top_images`) and the contact sheet's rows (as `gallery.gallery_rows`).
+distribution of the score each category is matched on (as the tests' SQL oracle
+`clip_assets_tests.support.warehouse_oracles.score_histograms` gives it), the top images (as its
+`top_images`) and the contact sheet's rows (as `gallery.gallery_rows`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class ClassificationFigures:
         return self._top.image_ids() | self._gallery.image_ids()
 
     def top_images(self) -> list[tuple[str, str, float, bool]]:
-        """(category, image_id, value, matched) of each category's best images, as warehouse.top_images."""
+        """(category, image_id, value, matched) of each category's best images, as the tests' SQL oracle top_images."""
         return [(name, image_id, value, bool(matched))
                 for j, name in enumerate(self.centroids.categories)
                 for value, image_id, (matched,) in self._top.entries(j)]

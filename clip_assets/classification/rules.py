@@ -236,21 +236,6 @@ def classification_rows(
     )
 
 
-def classify_in_chunks(
-    batch: str,
-    image_ids: list[str],
-    embeddings: np.ndarray,
-    centroids: CentroidSet,
-    chunk_images: int = DEFAULT_CHUNK_IMAGES,
-    adapters=None,
-) -> Iterator[pa.Table]:
-    """The rows of `classify_batch`, a bounded number of images at a time."""
-    columns = centroid_columns(centroids)
-    for start in range(0, len(image_ids), chunk_images):
-        stop = start + chunk_images
-        yield classify_batch(batch, image_ids[start:stop], embeddings[start:stop], centroids, columns, adapters)
-
-
 def classify_stream(
     batch: str,
     embedding_batches: Iterable[pa.RecordBatch],

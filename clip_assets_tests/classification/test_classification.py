@@ -1,10 +1,12 @@
 """The vectorised rule against the first seed's per-image loop, written out independently here."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import ModelMismatchError, check_same_model, classify_batch
+from clip_assets_tests.support.chunked_classification import classify_in_chunks
 
 
 def unit(rng, *shape):
@@ -120,9 +122,6 @@ def test_single_label_is_a_softmax_over_each_files_categories():
 
 
 def test_chunks_give_the_same_rows_as_one_pass():
-    from clip_assets.classification.rules import classify_in_chunks
-    import pyarrow as pa
-
     rng = np.random.default_rng(4)
     c = make_centroids(rng)
     emb = unit(rng, 1001, 16)

@@ -16,7 +16,8 @@ from clip_assets.classification.rules import classify_batch
 from clip_assets.pages.gallery import gallery_rows
 from clip_assets.config.layout import DataLayout
 from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
-from clip_assets.storage.warehouse import connect, read_centroids, score_histograms, top_images
+from clip_assets.storage.warehouse import connect, read_centroids
+from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
 
 BATCH = "synthetic"
 IMAGES = 1_000

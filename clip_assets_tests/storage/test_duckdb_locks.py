@@ -24,7 +24,8 @@ from clip_assets.classification.prompts import load_categories
 from clip_assets.search.query import images_matching_category
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets.storage import warehouse
-from clip_assets.storage.warehouse import WarehouseLockedError, read_centroids, score_histograms, top_images
+from clip_assets.storage.warehouse import WarehouseLockedError, read_centroids
+from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
 from clip_assets_tests.conftest import TINY
 
 NOTEBOOK = """
