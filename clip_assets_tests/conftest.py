@@ -10,9 +10,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import open_clip
 import pytest
-import torch
 
 from clip_assets.config import accepted_warnings
 
@@ -21,12 +19,12 @@ from clip_assets.classification.steps import write_centroids, write_classificati
 from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import load_clip_model, register_model_configs
+from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.shapes import write_collection
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings
+from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
 
-TINY = "clip-assets-tiny"
 BATCHES = ["batch-001", "batch-002"]
 
 accepted_warnings.ignore()
@@ -35,14 +33,6 @@ accepted_warnings.ignore()
 def pytest_configure(config):
     for line in accepted_warnings.pytest_filters():
         config.addinivalue_line("filterwarnings", line)
-
-
-def save_random_checkpoint(path: Path, seed: int) -> Path:
-    register_model_configs()
-    torch.manual_seed(seed)
-    model = open_clip.create_model(TINY)
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +49,12 @@ def other_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def clip(checkpoint):
     return load_clip_model(TINY, str(checkpoint), "cpu")
+
+
+@pytest.fixture(scope="module")
+def vit_s_32() -> ClipModel:
+    """ViT-S-32 with seeded random weights (clip_assets_tests.support.models.seeded_vit_s_32)."""
+    return seeded_vit_s_32()
 
 
 @pytest.fixture(scope="session")

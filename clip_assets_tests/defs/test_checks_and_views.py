@@ -21,7 +21,7 @@ from clip_assets.definitions import build_definitions
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories
 from clip_assets.storage.warehouse import connect
-from clip_assets_tests.conftest import TINY
+from clip_assets_tests.support.models import TINY
 
 
 @pytest.fixture

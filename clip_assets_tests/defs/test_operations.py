@@ -10,14 +10,12 @@ import shutil
 import dagster as dg
 import pytest
 
-from clip_assets.instance.execution import QUIET_CONSOLE
 from clip_assets.defs.ingest.schedules import RESCAN_SCHEDULE
 from clip_assets.defs.ingest.sensors import BATCH_DISCOVERY_SENSOR
 from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import write_collection
-from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories
-from clip_assets.storage.warehouse import connect
+from clip_assets_tests.support.dagster_ticks import classification_counts, run_requests, tick
 
 BATCH_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "image_classifications")]
 
@@ -30,41 +28,11 @@ def ops_settings(settings, tmp_path):
     return settings.model_copy(update={"image_root": root})
 
 
-def run_requests(defs, instance, requests):
-    for request in requests:
-        job = defs.resolve_job_def(request.job_name)
-        result = job.execute_in_process(
-            instance=instance, partition_key=request.partition_key, tags=request.tags, run_config=QUIET_CONSOLE
-        )
-        assert result.success
-
-
-def tick(defs, instance, cursor):
-    sensor = defs.resolve_sensor_def(BATCH_DISCOVERY_SENSOR)
-    # instance_ref, as the daemon passes it: run requests may name partitions added in the same tick
-    with dg.build_sensor_context(
-        instance_ref=instance.get_ref(), cursor=cursor, repository_def=defs.get_repository_def(), resources=defs.resources
-    ) as context:  # closing it releases the instance it opened from the ref
-        data = sensor.evaluate_tick(context)
-    for request in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    run_requests(defs, instance, data.run_requests or [])
-    return data
-
-
 def evaluate_schedule(schedule, defs, instance):
     with dg.build_schedule_context(
         instance=instance, repository_def=defs.get_repository_def(), resources=defs.resources
     ) as context:
         return schedule.evaluate_tick(context)
-
-
-def classification_counts(settings):
-    with connect(DataLayout(settings.data_dir).duckdb_path, read_only=True) as con:
-        return con.execute(
-            "SELECT batch, count(*), count(DISTINCT (image_id, category)) FROM image_classifications "
-            "GROUP BY batch ORDER BY batch"
-        ).fetchall()
 
 
 def materializations(instance, key, partition=None):

@@ -17,7 +17,6 @@ import io
 import shutil
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -29,7 +28,7 @@ from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding.steps import write_embeddings
 
 from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import ClipModel, _input_size
+from clip_assets.model.clip_model import ClipModel
 from clip_assets.embedding.decode import decode_image, draft_size, failure_reason
 from clip_assets.embedding.image_files import ImageFiles
 from clip_assets.config.layout import DataLayout
@@ -46,19 +45,14 @@ from clip_assets.embedding.tensor_decode import (
 )
 from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
-from clip_assets_tests.embedding.test_embedding_engine import jpeg_bytes, photo_like, write_bad_batch, ycck_jpeg
+from clip_assets_tests.support.images import jpeg_bytes, photo_like, with_orientation, write_bad_batch, ycck_jpeg
+from clip_assets_tests.support.vectors import agreement
 
 CPU = torch.device("cpu")
 
 
 def as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def with_orientation(img: Image.Image, orientation: int, **kw) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return jpeg_bytes(img, exif=exif.tobytes(), **kw)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -173,21 +167,6 @@ def test_auto_takes_the_tensor_path_only_on_cuda_where_it_measures_faster():
         choose_decode_path("gpu", CPU, None)
 
 
-def seeded_vit_s_32() -> ClipModel:
-    """ViT-S-32 with random weights (seeded: the same every call): ViT-B-32's preprocessing, real
-    open_clip, no download."""
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32")
-    model.eval()
-    return ClipModel(model, preprocess, open_clip.get_tokenizer("ViT-S-32"), "ViT-S-32/random-seed0", CPU,
-                     int(model.text_projection.shape[1]), 100.0, _input_size(model))
-
-
-@pytest.fixture(scope="module")
-def vit_s_32() -> ClipModel:
-    return seeded_vit_s_32()
-
-
 def embed_both_ways(clip: ClipModel, root, tmp_path, batch: str, workers: int):
     """Both paths over one manifest; returns per path (image_id -> vector, path -> failure reason)."""
     out = {}
@@ -205,16 +184,6 @@ def embed_both_ways(clip: ClipModel, root, tmp_path, batch: str, workers: int):
         out[decode] = (dict(zip(table["image_id"].to_pylist(), vectors_matrix(table["embedding"]))),
                        {r["path"]: r["error"] for r in failures})
     return out
-
-
-def agreement(out) -> tuple[float, float, float]:
-    """(lowest cosine of an image between the two paths, median and highest between different images)."""
-    pillow, tensor = out["pillow"][0], out["tensor"][0]
-    ids = sorted(pillow)
-    a, b = np.stack([pillow[i] for i in ids]), np.stack([tensor[i] for i in ids])
-    same = (a * b).sum(1)
-    cross = (a @ a.T)[~np.eye(len(ids), dtype=bool)]
-    return float(same.min()), float(np.median(cross)), float(cross.max())
 
 
 def test_bad_and_odd_files_same_outcomes_and_embeddings_both_ways(tmp_path, vit_s_32, clip):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from clip_assets.model.clip_model import WeightsUnavailableError, load_clip_model, model_identity
-from clip_assets_tests.conftest import TINY, save_random_checkpoint
+from clip_assets_tests.support.models import TINY, save_random_checkpoint
 
 
 def test_missing_checkpoint_file_says_how_to_fix(tmp_path):

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from clip_assets.model.pillow_preprocess import FusedResizeCrop, fused_preprocess
-from clip_assets_tests.embedding.test_embedding_engine import photo_like
-from clip_assets_tests.embedding.test_tensor_decode import vit_s_32  # noqa: F401 (a fixture)
+from clip_assets_tests.support.images import photo_like
 
 SIZES = [(640, 480), (480, 640), (1000, 750), (225, 224), (224, 224), (97, 300), (3000, 97), (333, 500)]
 

@@ -29,8 +29,9 @@ from clip_assets.embedding.engine import (
 )
 from clip_assets.config.layout import DataLayout
 from clip_assets.model.quantizable_attention import SelfAttention
-from clip_assets_tests.embedding.test_embedding_engine import photo_like, write_bad_batch
-from clip_assets_tests.embedding.test_tensor_decode import agreement, seeded_vit_s_32, with_orientation
+from clip_assets_tests.support.images import photo_like, with_orientation, write_bad_batch
+from clip_assets_tests.support.models import seeded_vit_s_32
+from clip_assets_tests.support.vectors import agreement
 
 CPU = torch.device("cpu")
 FAST = ("int8", "bfloat16")  # each made with a fresh seeded_vit_s_32: int8 quantises in place

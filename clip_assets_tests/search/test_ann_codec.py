@@ -12,7 +12,7 @@ import pytest
 
 from clip_assets.search import ann_index, shard_set
 from clip_assets.config.layout import DataLayout
-from clip_assets_tests.search.test_near_duplicates import planted, write_vectors
+from clip_assets_tests.support.vectors import planted, write_vectors
 
 DIM = 64
 MODEL = "test/planted"

@@ -38,7 +38,8 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.storage.warehouse import connect
 from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.search.near_duplicates import update_duplicate_groups
-from clip_assets_tests.pages.test_gallery import CHROMIUM, chromium_dump_dom
+from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
+from clip_assets_tests.support.vectors import planted, write_vectors
 
 DESCRIPTOR = "test/rgb-8x8-thumbnail"
 
@@ -194,21 +195,6 @@ def test_a_chain_of_look_alikes_is_not_grouped_through_its_middle_image(tmp_path
     with connect(layout.duckdb_path, read_only=True) as con:
         grouped = {r[0] for r in con.execute("SELECT image_id FROM duplicate_groups").fetchall()}
     assert grouped == {ids[0], ids[1], ids[3]}
-
-
-def planted(rows: int, dim: int, seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def write_vectors(layout: DataLayout, batch: str, vectors: np.ndarray) -> list[str]:
-    ids = [f"{batch}-{i:06d}" for i in range(len(vectors))]
-    write_parquet_atomically(pa.table({
-        "image_id": ids,
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
-        "model": ["test/planted"] * len(ids), "size": [0] * len(ids), "mtime": [0.0] * len(ids), "fingerprint": ids,
-    }, schema=embeddings_schema(vectors.shape[1])), layout.embeddings_path(batch))
-    return ids
 
 
 def test_ivf_shards_find_planted_copies_across_batches_and_answer_queries(tmp_path):

@@ -26,7 +26,7 @@ from clip_assets.config.settings import REPO_ROOT
 from clip_assets.storage import warehouse
 from clip_assets.storage.warehouse import WarehouseLockedError, read_centroids
 from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
-from clip_assets_tests.conftest import TINY
+from clip_assets_tests.support.models import TINY
 
 NOTEBOOK = """
 import sys, duckdb

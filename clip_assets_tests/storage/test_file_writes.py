@@ -27,7 +27,7 @@ from clip_assets.classification.prompts import load_categories
 from clip_assets.search.exact_search import embedding_files, top_k_streaming
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.config.settings import REPO_ROOT
-from clip_assets_tests.defs.test_operations import classification_counts, tick
+from clip_assets_tests.support.dagster_ticks import classification_counts, tick
 
 NAME_MAX = os.pathconf("/", "PC_NAME_MAX")
 LONG_BATCH = "b" * 250  # a folder name this long fits the file system; "<name>.parquet" would not
