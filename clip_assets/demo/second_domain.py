@@ -34,6 +34,8 @@ from clip_assets.classification.centroids import compute_centroids
 from clip_assets.classification.rules import score_matrices
 from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
+from clip_assets.demo.run import demo_settings
+from clip_assets.demo.train import checkpoint_path, training_recipe
 from clip_assets.demo.shapes import (
     BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
     read_labels,
@@ -188,9 +190,6 @@ def compare_on_domains(base: ClipModel, tuned: ClipModel, prompts_dir: Path,
 def _demo_domains(demo_dir: Path, style: str, heldout_fraction: float, log=print):
     """(settings, the domain's root, {name: (image root, labels)}): the held-out images of the domain
     (its collection written once) and the demo's own filled-shape collection."""
-    from clip_assets.demo.run import demo_settings
-    from clip_assets.demo.train import checkpoint_path, training_recipe
-
     base_checkpoint = checkpoint_path(demo_dir / "checkpoints", training_recipe())
     if not base_checkpoint.is_file():
         raise FileNotFoundError(f"No demo model at {base_checkpoint}: run `clip-assets demo` first.")

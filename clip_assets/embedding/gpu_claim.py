@@ -108,7 +108,7 @@ def claim_for_process(device_ids: list[str], lock_dir: Path = DEFAULT_LOCK_DIR,
 
 def visible_gpu_ids() -> list[str]:
     """A stable name per GPU this process sees, in torch's index order (its UUID where torch has it)."""
-    import torch
+    import torch  # deferred: config.settings imports this module, and `clip-assets search` checks its query before torch loads
 
     if not torch.cuda.is_available():
         return []

@@ -128,7 +128,7 @@ def import_open_clip(model_name: str | None = None, skip_unused_timm: bool = Fal
             import open_clip
         finally:
             del sys.modules["timm"]
-    import open_clip
+    import open_clip  # deferred: open_clip and torchvision load only to build a model, never for a saved text tower
 
     if model_name and has_timm_tower(model_name) is not False and open_clip.timm_model.timm is None:
         if importlib.util.find_spec("timm") is not None:

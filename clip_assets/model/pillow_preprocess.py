@@ -31,7 +31,7 @@ from PIL import Image
 
 def is_rgb_conversion(step) -> bool:
     """open_clip's step that converts the image to RGB (its MaybeConvertMode, or an older `_convert_to_rgb`)."""
-    from open_clip.transform import MaybeConvertMode
+    from open_clip.transform import MaybeConvertMode  # deferred: the code location imports this module; open_clip only with a model
 
     return isinstance(step, MaybeConvertMode) or getattr(step, "__name__", "") == "_convert_to_rgb"
 
@@ -84,6 +84,7 @@ class FusedResizeCrop:
 def fused_preprocess(transform) -> Callable[[Image.Image], torch.Tensor]:
     """A FusedResizeCrop doing what `transform` does, where it is the usual Resize/CenterCrop/ToTensor/
     Normalize chain; otherwise `transform` itself."""
+    # deferred: the code location imports this module (through the engine); open_clip and torchvision only with a model
     from open_clip.transform import MaybeToTensor
     from torchvision import transforms as T
     from torchvision.transforms.functional import pil_modes_mapping  # what torchvision's Resize uses for PIL

@@ -57,7 +57,7 @@ class SelfAttention(nn.Module):
 def swap_self_attention(tower: nn.Module) -> set[str]:
     """Replace, in place, each self-attention module of open_clip's ResidualAttentionBlocks in `tower`
     by a SelfAttention; returns the names of the Linear layers that now hold its projections."""
-    from open_clip.transformer import ResidualAttentionBlock
+    from open_clip.transformer import ResidualAttentionBlock  # deferred: open_clip loads only to build a model
 
     linear = set()
     for name, block in tower.named_modules():

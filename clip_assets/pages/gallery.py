@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import io
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.config.layout import DataLayout
-from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
+from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect, read_duplicate_groups
 
 THUMBNAIL_PX = 128
 
@@ -325,8 +326,6 @@ def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], co
 
 def prune_pages(parent: Path, keep: int) -> list[Path]:
     """Remove all but the `keep` newest page folders (one per run) under `parent`; the removed ones."""
-    import shutil
-
     folders = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns, reverse=True) \
         if parent.is_dir() else []
     for old in folders[keep:]:
@@ -338,8 +337,6 @@ def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, m
                           title: str = "clip-assets near-duplicates") -> Path:
     """out_dir/index.html: the largest near-duplicate groups, one row each, images side by side with
     their similarity to the group's first image; thumbnails in out_dir/thumbs/."""
-    from clip_assets.storage.warehouse import read_duplicate_groups
-
     groups: dict[str, list[GalleryImage]] = {}
     for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
         first = position == 0

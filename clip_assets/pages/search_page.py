@@ -39,6 +39,9 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.search.exact_search import check_query_model, embedding_files
 from clip_assets.search.query import SearchHit, decode_query_image, search
 from clip_assets.config.settings import Settings
+from clip_assets.model.clip_model import import_open_clip, load_clip_model, model_identity
+from clip_assets.model.fine_tuned_weights import configured_weights
+from clip_assets.storage.warehouse import connect
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +342,6 @@ class SearchPageHandler(BaseHTTPRequestHandler):
 
 def read_categories(settings: Settings) -> list[str]:
     """The categories to suggest in the form, in the prompt files' order; none if DuckDB is busy or absent."""
-    from clip_assets.storage.warehouse import connect
-
     layout = DataLayout(settings.data_dir)
     if not layout.duckdb_path.is_file():
         return []
@@ -365,8 +366,6 @@ def start_server(settings: Settings, host: str, port: int, clip=None, thumbs_dir
 
     The address is taken first, so a port in use is said before the model loads. Thumbnails are
     cached in `thumbs_dir` (default: a new temporary folder, removed by `serve`)."""
-    from clip_assets.model.clip_model import load_clip_model, model_identity
-    from clip_assets.model.fine_tuned_weights import configured_weights
 
     files = embedding_files(DataLayout(settings.data_dir))
     identity = clip.identity if clip is not None else model_identity(settings.model, configured_weights(settings))
@@ -388,7 +387,6 @@ def start_server(settings: Settings, host: str, port: int, clip=None, thumbs_dir
 
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the search page until interrupted."""
-    from clip_assets.model.clip_model import import_open_clip
 
     started = time.perf_counter()
     import_open_clip(settings.model, skip_unused_timm=True)  # this process loads one model

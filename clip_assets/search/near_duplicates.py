@@ -32,6 +32,7 @@ from clip_assets.search import ann_index
 from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.storage.warehouse import replace_duplicate_groups
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_paths
 
@@ -233,8 +234,6 @@ def group_rows(layout: DataLayout, groups: list[list[tuple[str, str]]], paths: d
 def update_duplicate_groups(layout: DataLayout, batches: list[str], threshold: float = DEFAULT_THRESHOLD) -> DuplicatesSummary:
     """Bring the pair files up to date for `batches` (the whole collection), re-form the groups and
     replace DuckDB's duplicate_groups with them."""
-    from clip_assets.storage.warehouse import replace_duplicate_groups
-
     if not 0 < threshold <= 1:
         raise ValueError(f"the near-duplicate threshold is a cosine similarity in (0, 1], got {threshold}")
     summary = update_pairs(layout, batches, threshold)

@@ -33,6 +33,7 @@ from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import MULTI_LABEL, OVERRIDES_FILE
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
+from clip_assets.pages.plots import precision_recall_png
 
 NONE_LABEL = "none"
 DEFAULT_HELDOUT_FRACTION = 0.5
@@ -441,8 +442,6 @@ def write_overrides(report: CalibrationReport, prompts_dir: Path) -> Path:
 def precision_recall_plot(data: LabelledScores, report: CalibrationReport | None = None) -> bytes:
     """PNG: per category the precision-recall curve on every labelled image, with the current
     threshold's point (red) and, given a report, the calibrated one's (green)."""
-    from clip_assets.pages.plots import precision_recall_png
-
     settings = [("now", (210, 30, 30), data.thresholds, data.neutral_margins)]
     if report is not None:
         settings.append(("calibrated", (30, 150, 60), report.new_thresholds, report.new_margins))

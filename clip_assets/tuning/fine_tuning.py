@@ -40,7 +40,7 @@ import torch
 
 from clip_assets.storage.atomic_files import write_named_by_content
 from clip_assets.tuning.calibration import is_heldout
-from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model
+from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model, model_identity
 from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 from clip_assets.embedding.decode import load_rgb
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
@@ -393,8 +393,6 @@ def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Pat
 
 def opt_in_note(report: FineTuneReport, model_name: str) -> str:
     """Where the checkpoint is, and what switching to it re-runs."""
-    from clip_assets.model.clip_model import model_identity
-
     return (
         f"checkpoint: {report.checkpoint}\n"
         f"To use it, set CLIP_ASSETS_PRETRAINED={report.checkpoint} (CLIP_ASSETS_MODEL stays {model_name}). Its model "
