@@ -11,6 +11,9 @@ Routes:
                                     search prints it), &k=N, &batch=B, &category=C: the results
     POST /search                    multipart form: an uploaded image (field `image`) or `q`, and the same options
     GET  /thumb?path=PATH           a small JPEG of an image file under the image root; nothing outside it
+
+The module stays whole (a little over 400 lines): it is one request handler, its form parsing and
+the HTML it writes, which change together.
 """
 
 from __future__ import annotations

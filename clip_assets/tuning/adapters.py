@@ -29,6 +29,9 @@ the file's categories is fitted on the images it learns from (at most MAX_FIT_IM
 a rare category keeps its labelled images). Its thresholds are then tuned on every image given, as
 calibration's are: out-of-fold scores for the images it was fitted on, scores through the fitted
 correction for the others (neither kind was fitted on, as the images it will classify are not).
+
+The module stays whole (a little over 400 lines): fitting, cross-validated choice and threshold
+tuning share the fold assignment and the fitted heads, and split apart they would pass those around.
 """
 
 from __future__ import annotations

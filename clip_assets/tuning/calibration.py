@@ -14,6 +14,11 @@ categories they see, separated by ';', or "none"). From the stored classificatio
 
 Only multi_label categories are calibrated (their rule is score >= threshold and pos_sim >=
 neutral_sim + neutral_margin); single_label ones are scored but keep their settings.
+
+The module stays whole (a little over 400 lines): reading the labels, scoring them and choosing
+thresholds are one pass over the same LabelledScores. The one clean seam, the labels-file reader
+(read_labels_file, LabelRows, LabelsFileError), is imported from here by the CLI and the Dagster
+assets, so it moves with them.
 """
 
 from __future__ import annotations

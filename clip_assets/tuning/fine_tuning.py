@@ -23,6 +23,9 @@ Held-out contrastive loss and image-to-text retrieval accuracy are measured befo
 checkpoint (`{"state_dict": ...}`, loadable by `open_clip.create_model_from_pretrained(arch,
 pretrained=path)`) is named by its content hash, so its model identity
 (`clip_model.model_identity`) differs from the base model's and from every other tuning's.
+
+The module stays whole (about 400 lines): the caption reading, the training loop (whose contrastive
+step already lives in contrastive_training.py) and the checkpoint writing are one run's steps.
 """
 
 from __future__ import annotations
