@@ -169,7 +169,7 @@ KILLED_RUN = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from clip_assets import steps
+    from clip_assets.embedding.steps import write_embeddings
     from clip_assets.model.clip_model import load_clip_model
     from clip_assets.config.layout import DataLayout
     clip = load_clip_model("clip-assets-tiny", sys.argv[1], "cpu")

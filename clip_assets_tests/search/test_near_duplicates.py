@@ -40,6 +40,7 @@ from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.search.near_duplicates import update_duplicate_groups
 from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 from clip_assets_tests.support.vectors import planted, write_vectors
+from clip_assets.defs.search.assets import KEEP_DUPLICATES_PAGES
 
 DESCRIPTOR = "test/rgb-8x8-thumbnail"
 
@@ -265,8 +266,6 @@ def test_assets_through_dagster_build_shards_then_groups_and_rerun_only_what_cha
     assert meta["recomputed_batches"].value == 0 and meta["reused_batches"].value == 2
 
     # a page per run, the newest few kept: the asset re-runs after every new batch
-    from clip_assets.defs.index_assets import KEEP_DUPLICATES_PAGES
-
     for _ in range(KEEP_DUPLICATES_PAGES):
         last = materialize(defs, instance, [dg.AssetKey("near_duplicates")])
     pages = sorted(p.name for p in classified.duplicates_page_dir("x").parent.iterdir())
