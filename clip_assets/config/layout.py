@@ -77,7 +77,9 @@ class DataLayout:
         return self.embedding_failures_dir / f"{batch_stem(batch)}.parquet"
 
     @property
-    def search_index_dir(self) -> Path:
+    def search_rows_dir(self) -> Path:
+        """The search rows (clip_assets.search.search_rows). The folder keeps the name it was first given,
+        so the rows already written there stay in use."""
         return self.data_dir / "search_index"
 
     @property
@@ -121,9 +123,9 @@ class DataLayout:
         """Text towers saved for fast search start-up (clip_assets.search.text_query_encoder)."""
         return self.data_dir / "text_query_encoders"
 
-    def search_index_path(self, batch: str) -> Path:
+    def search_rows_path(self, batch: str) -> Path:
         """The batch's embeddings as raw float32 rows; its note is the same path with `.json`."""
-        return self.search_index_dir / f"{batch_stem(batch)}.f32"
+        return self.search_rows_dir / f"{batch_stem(batch)}.f32"
 
     @property
     def adapters_path(self) -> Path:
@@ -150,7 +152,7 @@ class DataLayout:
     def sweep_stale_temp_files(self, batch: str | None = None) -> list[Path]:
         """Remove temp files abandoned by dead writers in every output folder (and the batch's parts)."""
         folders = [
-            self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_index_dir,
+            self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_rows_dir,
             self.text_query_encoder_dir, self.calibration_proposal_path.parent, self.fine_tuned_models_dir,
         ]
         if batch is not None:

@@ -37,7 +37,7 @@ class SearchRowsFile:
 
 
 def rows_path(embeddings_file: Path) -> Path:
-    return DataLayout.of_embeddings_file(embeddings_file).search_index_path(embeddings_file.stem)
+    return DataLayout.of_embeddings_file(embeddings_file).search_rows_path(embeddings_file.stem)
 
 
 def source_note(embeddings_file: Path) -> dict:

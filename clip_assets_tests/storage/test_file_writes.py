@@ -54,7 +54,7 @@ def test_batch_names_past_the_limit_get_a_short_stable_stem(tmp_path):
         stem = batch_stem(name)
         assert len(os.fsencode(stem)) <= MAX_STEM_BYTES and batch_stem(stem) == stem
         for path in (layout.manifest_path(name), layout.embeddings_path(name), layout.embedding_parts_dir(name),
-                     layout.embedding_failures_path(name), layout.search_index_path(name)):
+                     layout.embedding_failures_path(name), layout.search_rows_path(name)):
             assert name_bytes(path) <= NAME_MAX and path.stem == stem
     assert batch_stem(LONG_BATCH) != batch_stem(other)
 
