@@ -31,6 +31,7 @@ from clip_assets.tuning.calibration import predictions, read_labels_file, tuned_
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets.storage.warehouse import read_centroids
+from clip_assets.embedding.options import EncodeOptions
 
 SHORTFALL = 0.02
 
@@ -58,7 +59,7 @@ def build_collection(root: Path, checkpoint: str, images: int) -> None:
     clip = load_clip_model(DEMO_MODEL, checkpoint)
     for batch in sorted(p.name for p in image_root.iterdir() if p.is_dir()):
         write_manifest(image_root, layout, batch)
-        write_embeddings(clip, image_root, layout, batch, num_workers=1)
+        write_embeddings(clip, image_root, layout, batch, EncodeOptions(num_workers=1))
     write_centroids(clip, REPO_ROOT / "prompts", layout)
 
 

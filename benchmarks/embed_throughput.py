@@ -61,6 +61,7 @@ from clip_assets.model.clip_model import (
 )
 from clip_assets.embedding.decode import draft_size
 from clip_assets.embedding.engine import EncodeJob, default_num_workers, encode_images
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.image_files import ImageFiles, collate
 from clip_assets.embedding.tensor_decode import (
     JpegBytesOrPixels,
@@ -172,8 +173,7 @@ def decode_only_tensor(clip: ClipModel, folder: Path, paths: list[str], batch_si
 def engine(clip: ClipModel, folder: Path, paths: list[str], batch_size: int, workers: int, decode: str) -> float:
     job = EncodeJob(paths, paths, [None] * len(paths), [None] * len(paths), [None] * len(paths), {})
     start = time.perf_counter()
-    result = encode_images(clip, folder, job, lambda table: None, batch_size=batch_size, num_workers=workers,
-                           report=lambda s: None, decode=decode)
+    result = encode_images(clip, folder, job, lambda table: None, EncodeOptions(batch_size=batch_size, num_workers=workers, decode=decode), report=lambda s: None)
     assert result.encoded == len(paths) and not result.failures, result.failures
     return len(paths) / (time.perf_counter() - start)
 
@@ -184,8 +184,7 @@ def equivalence(clip: ClipModel, folder: Path, names: list[str], workers: int) -
     for decode in ("pillow", "tensor"):
         tables = []
         job = EncodeJob(names, names, [None] * len(names), [None] * len(names), [None] * len(names), {})
-        encode_images(clip, folder, job, tables.append, batch_size=32, num_workers=workers, report=lambda s: None,
-                      decode=decode)
+        encode_images(clip, folder, job, tables.append, EncodeOptions(batch_size=32, num_workers=workers, decode=decode), report=lambda s: None)
         vectors[decode] = {i: v for t in tables for i, v in zip(t["image_id"].to_pylist(), vectors_matrix(t["embedding"]))}
     a = np.stack([vectors["pillow"][n] for n in names])
     b = np.stack([vectors["tensor"][n] for n in names])
@@ -201,10 +200,11 @@ from embed_throughput import random_clip
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.options import EncodeOptions
 clip = random_clip(sys.argv[1], None)
 layout = DataLayout(Path(sys.argv[3]))
 write_manifest(Path(sys.argv[2]), layout, "batch")
-summary = write_embeddings(clip, Path(sys.argv[2]), layout, "batch", batch_size=32, report=lambda s: None)
+summary = write_embeddings(clip, Path(sys.argv[2]), layout, "batch", EncodeOptions(batch_size=32), report=lambda s: None)
 print(json.dumps({"rows": summary.rows, "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """

@@ -84,11 +84,11 @@ ENGINE_DIRECT = textwrap.dedent(
     from clip_assets.model.clip_model import load_clip_model
     from clip_assets.config.layout import DataLayout
     from clip_assets.config.settings import Settings
+    from clip_assets.embedding.options import EncodeOptions
     settings = Settings.from_env()
     clip = load_clip_model(settings.model, settings.pretrained, settings.device)
-    options = {"decode": settings.decode} if hasattr(settings, "decode") else {}  # older checkouts: none
     write_embeddings(clip, settings.image_root, DataLayout(settings.data_dir), sys.argv[1],
-                           batch_size=settings.batch_size, num_workers=settings.num_workers, **options)
+                     EncodeOptions.from_settings(settings))
     """
 )
 

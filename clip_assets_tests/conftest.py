@@ -24,6 +24,7 @@ from clip_assets.demo.shapes import write_collection
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings
 from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
+from clip_assets.embedding.options import EncodeOptions
 
 BATCHES = ["batch-001", "batch-002"]
 
@@ -113,6 +114,6 @@ def classified(settings, clip) -> DataLayout:
     write_centroids(clip, settings.prompts_dir, layout)
     for batch in BATCHES:
         write_manifest(settings.image_root, layout, batch)
-        write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
+        write_embeddings(clip, settings.image_root, layout, batch, EncodeOptions(batch_size=8, num_workers=0))
         write_classifications(layout, batch)
     return layout

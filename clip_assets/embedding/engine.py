@@ -35,9 +35,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.clip_model import ClipModel, batch_size_for
 from clip_assets.model.pillow_preprocess import fused_preprocess
-from clip_assets.config.settings import default
 from clip_assets.embedding.decode import draft_size
 from clip_assets.embedding.decode_faults import InFlightFiles, crash_in_isolation, is_worker_death
 from clip_assets.embedding.image_files import ImageFiles, collate, merged
@@ -152,46 +152,41 @@ def encode_images(
     image_root: Path,
     job: EncodeJob,
     write_chunk: Callable[[pa.Table], None],
-    batch_size: int = default("batch_size"),
-    num_workers: int = default("num_workers"),
-    chunk_rows: int = default("chunk_rows"),
-    timeout_s: float | None = default("file_timeout_s"),
+    options: EncodeOptions = EncodeOptions(),
     report: Callable[[str], None] = log.info,
-    decode: str = "pillow",
-    flush_interval_s: float = default("flush_interval_s"),
 ) -> EncodeResult:
-    """Encode every image of `job`, handing finished rows to `write_chunk` every `chunk_rows`, or
-    after `flush_interval_s` seconds of work if that comes first (a slow model on a CPU).
+    """Encode every image of `job`, handing finished rows to `write_chunk` every `options.chunk_rows`,
+    or after `options.flush_interval_s` seconds of work if that comes first (a slow model on a CPU).
 
     When a decode worker dies, the file it was reading is decoded again in a process of its own;
     if that crashes too, the file is recorded as failed with how the process ended, and new workers
     take up the files not yet done. Rows already encoded are kept.
 
-    `decode`: "pillow" (workers decode and preprocess), "tensor" (JPEGs batch-decoded on the model's
-    device, see tensor_decode.py) or "auto" (tensor on CUDA where it measures faster).
+    `options.decode`: "pillow" (workers decode and preprocess), "tensor" (JPEGs batch-decoded on the
+    model's device, see tensor_decode.py) or "auto" (tensor on CUDA where it measures faster).
     """
     result = EncodeResult(failures=[])
     n = len(job.image_ids)
     if not n:
         return result
-    batch_size = batch_size_for(clip, batch_size)
+    batch_size = batch_size_for(clip, options.batch_size)
     model_on_cpu = clip.device.type == "cpu"
-    workers = decode_workers(num_workers, n, batch_size)
+    workers = decode_workers(options.num_workers, n, batch_size)
     shares = max(1, min(workers, batch_size // MIN_SHARE))
     in_flight = InFlightFiles(workers)
     decoder = None
-    if decode != "pillow":
+    if options.decode != "pillow":
         # not at the top: it imports open_clip and torchvision, which the Pillow path (and the Dagster
         # code location, which imports this module) need not load
         from clip_assets.embedding import tensor_decode
 
-        decoder = tensor_decode.decoder_for(decode, clip, image_root, job.paths, workers, report)
+        decoder = tensor_decode.decoder_for(options.decode, clip, image_root, job.paths, workers, report)
     dataset_type, collate_fn = (
         (tensor_decode.JpegBytesOrPixels, tensor_decode.collate_bytes_or_pixels) if decoder else (ImageFiles, collate)
     )
     dataset = dataset_type(
         image_root, job.paths, job.expected_fingerprints, fused_preprocess(clip.preprocess), draft_size(clip),
-        timeout_s, in_flight,
+        options.file_timeout_s, in_flight,
     )
     schema = embeddings_schema(clip.embed_dim)
     # torch reports a dead worker from its SIGCHLD handler, i.e. in whatever code the main thread is
@@ -268,8 +263,8 @@ def encode_images(
                     failures.update(failed)
                     progress.add(len(indices) + len(unchanged) + len(failed))
                     if pending and (
-                        sum(len(chunk) for chunk, _, _ in pending) >= chunk_rows
-                        or time.monotonic() - last_flush >= flush_interval_s
+                        sum(len(chunk) for chunk, _, _ in pending) >= options.chunk_rows
+                        or time.monotonic() - last_flush >= options.flush_interval_s
                     ):
                         flush()
                 break
@@ -283,7 +278,7 @@ def encode_images(
                 culprits = {
                     i: reason
                     for i in in_flight.held()
-                    if not finished[i] and (reason := crash_in_isolation(dataset, i, timeout_s))
+                    if not finished[i] and (reason := crash_in_isolation(dataset, i, options.file_timeout_s))
                 }
                 if not culprits and int(finished.sum()) == done_at_last_crash:
                     flush()  # what was done stays in part files for the next run

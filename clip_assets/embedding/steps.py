@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.engine import (
     FAILURES_SCHEMA,
     embeddings_schema,
@@ -29,7 +30,6 @@ from clip_assets.embedding.store import (
     write_final,
 )
 from clip_assets.config.layout import DataLayout
-from clip_assets.config.settings import default
 
 
 @dataclass
@@ -58,13 +58,8 @@ def write_embeddings(
     image_root: Path,
     layout: DataLayout,
     batch: str,
-    batch_size: int = default("batch_size"),
-    num_workers: int = default("num_workers"),
-    chunk_rows: int = default("chunk_rows"),
-    timeout_s: float | None = default("file_timeout_s"),
+    options: EncodeOptions = EncodeOptions(),
     report: Callable[[str], None] = logging.getLogger(__name__).info,
-    decode: str = "pillow",
-    flush_interval_s: float = default("flush_interval_s"),
 ) -> EmbeddingSummary:
     """Encode what is new or changed since the last run of this model; resume an interrupted run."""
     layout.sweep_stale_temp_files(batch)
@@ -78,12 +73,7 @@ def write_embeddings(
         f"{len(plan.carried_ids):,} unchanged, {len(plan.resumed_ids):,} resumed"
     )
     with BackgroundWrites(parts.write) as write_chunk:  # parquet is written while the model goes on
-        result = encode_images(
-            clip, image_root, plan.job, write_chunk,
-            batch_size=batch_size, num_workers=num_workers, chunk_rows=chunk_rows, timeout_s=timeout_s, report=report,
-            flush_interval_s=flush_interval_s,
-            decode=decode,
-        )
+        result = encode_images(clip, image_root, plan.job, write_chunk, options, report)
     failures = pa.table(
         {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
     )

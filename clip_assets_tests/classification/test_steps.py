@@ -19,6 +19,7 @@ from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.classification.prompts import PromptFileError, load_categories
 from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.models import TINY
+from clip_assets.embedding.options import EncodeOptions
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_manifest_step_writes_parquet(settings, layout):
 
 def test_a_file_that_is_not_an_image_is_recorded_by_the_embedding_step(settings, layout, clip):
     write_manifest(settings.image_root, layout, "batch-002")
-    summary = write_embeddings(clip, settings.image_root, layout, "batch-002", batch_size=4, num_workers=0)
+    summary = write_embeddings(clip, settings.image_root, layout, "batch-002", EncodeOptions(batch_size=4, num_workers=0))
     assert (summary.encoded, summary.failed) == (10, 1)
     failures = pq.read_table(layout.embedding_failures_path("batch-002")).to_pylist()
     assert [(r["path"], r["error"].split(":")[0]) for r in failures] == [
@@ -52,7 +53,7 @@ def test_a_file_that_is_not_an_image_is_recorded_by_the_embedding_step(settings,
 
 def test_embedding_step_encodes_usable_images(settings, layout, clip):
     write_manifest(settings.image_root, layout, "batch-002")
-    summary = write_embeddings(clip, settings.image_root, layout, "batch-002", batch_size=4, num_workers=0)
+    summary = write_embeddings(clip, settings.image_root, layout, "batch-002", EncodeOptions(batch_size=4, num_workers=0))
     table = pq.read_table(layout.embeddings_path("batch-002"))
     manifest = pq.read_table(layout.manifest_path("batch-002"))
     failed = {r["image_id"] for r in pq.read_table(layout.embedding_failures_path("batch-002")).to_pylist()}
@@ -65,11 +66,11 @@ def test_embedding_step_encodes_usable_images(settings, layout, clip):
 
 def test_worker_processes_give_the_same_embeddings(settings, layout, clip, tmp_path):
     write_manifest(settings.image_root, layout, "batch-001")
-    write_embeddings(clip, settings.image_root, layout, "batch-001", batch_size=4, num_workers=0)
+    write_embeddings(clip, settings.image_root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     single = pq.read_table(layout.embeddings_path("batch-001"))
     other = DataLayout(tmp_path / "other")
     write_manifest(settings.image_root, other, "batch-001")
-    write_embeddings(clip, settings.image_root, other, "batch-001", batch_size=4, num_workers=2)
+    write_embeddings(clip, settings.image_root, other, "batch-001", EncodeOptions(batch_size=4, num_workers=2))
     multi = pq.read_table(other.embeddings_path("batch-001"))
     assert multi["image_id"].to_pylist() == single["image_id"].to_pylist()
     np.testing.assert_allclose(vectors_matrix(multi["embedding"]), vectors_matrix(single["embedding"]), atol=1e-5)
@@ -83,7 +84,7 @@ def test_file_broken_after_the_manifest_is_recorded_and_the_batch_goes_on(settin
     write_manifest(root, layout, "batch-001")
     victim = sorted((root / "batch-001").glob("*.jpg"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated after it was listed
-    summary = write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=0)
+    summary = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     assert summary.failed == 1 and summary.encoded == 9
     failures = pq.read_table(layout.embedding_failures_path("batch-001")).to_pylist()
     assert failures[0]["path"] == f"batch-001/{victim.name}" and failures[0]["error"]
@@ -106,7 +107,7 @@ def test_centroid_step_stores_normalised_means(settings, layout, clip):
 def test_classification_step_writes_one_row_per_image_and_category(settings, layout, clip):
     for batch in ("batch-001", "batch-002"):
         write_manifest(settings.image_root, layout, batch)
-        write_embeddings(clip, settings.image_root, layout, batch, batch_size=8, num_workers=0)
+        write_embeddings(clip, settings.image_root, layout, batch, EncodeOptions(batch_size=8, num_workers=0))
     write_centroids(clip, settings.prompts_dir, layout)
     n_cats = len(load_categories(settings.prompts_dir))
     s1 = write_classifications(layout, "batch-001")
@@ -131,7 +132,7 @@ def test_broken_prompt_file_keeps_the_last_good_centroids(settings, layout, clip
 
 def test_embeddings_from_another_model_are_refused(settings, layout, clip, other_checkpoint):
     write_manifest(settings.image_root, layout, "batch-001")
-    write_embeddings(clip, settings.image_root, layout, "batch-001", batch_size=8, num_workers=0)
+    write_embeddings(clip, settings.image_root, layout, "batch-001", EncodeOptions(batch_size=8, num_workers=0))
     write_centroids(clip, settings.prompts_dir, layout)
     write_classifications(layout, "batch-001")
     before = query(layout, "SELECT count(*), any_value(model) FROM image_classifications")

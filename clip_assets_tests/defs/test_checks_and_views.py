@@ -22,6 +22,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories
 from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.models import TINY
+from clip_assets.embedding.options import EncodeOptions
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def done(settings, clip):
     """Batch-001 through all four steps, without Dagster."""
     layout = DataLayout(settings.data_dir)
     write_manifest(settings.image_root, layout, "batch-001")
-    write_embeddings(clip, settings.image_root, layout, "batch-001", batch_size=8, num_workers=0)
+    write_embeddings(clip, settings.image_root, layout, "batch-001", EncodeOptions(batch_size=8, num_workers=0))
     write_centroids(clip, settings.prompts_dir, layout)
     write_classifications(layout, "batch-001")
     return layout

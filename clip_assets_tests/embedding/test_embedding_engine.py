@@ -30,6 +30,7 @@ from clip_assets.ingest.manifest import build_manifest, image_id_for
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets_tests.support.images import jpeg_bytes, photo_like, write_bad_batch
 from clip_assets_tests.support.models import TINY
+from clip_assets.embedding.options import EncodeOptions
 
 
 def test_every_bad_file_is_recorded_and_the_batch_goes_on(tmp_path, clip):
@@ -42,7 +43,7 @@ def test_every_bad_file_is_recorded_and_the_batch_goes_on(tmp_path, clip):
     (root / "bad" / "hangs.jpg").unlink()
     os.mkfifo(root / "bad" / "hangs.jpg")  # opening it blocks until someone writes: must time out
 
-    summary = write_embeddings(clip, root, layout, "bad", batch_size=4, num_workers=2, timeout_s=3)
+    summary = write_embeddings(clip, root, layout, "bad", EncodeOptions(batch_size=4, num_workers=2, file_timeout_s=3))
     embedded = {r["image_id"] for r in pq.read_table(layout.embeddings_path("bad")).to_pylist()}
     failures = {r["path"].split("/", 1)[1]: r["error"] for r in pq.read_table(layout.embedding_failures_path("bad")).to_pylist()}
     for name, outcome in cases.items():
@@ -140,7 +141,7 @@ def test_rematerializing_encodes_only_new_or_changed_images(tmp_path, clip, othe
     write_collection(root, batches=1, per_batch=12, seed=3)
     layout = DataLayout(tmp_path / "data")
     write_manifest(root, layout, "batch-001")
-    first = write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=0)
+    first = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     assert (first.encoded, first.carried_over, first.rows) == (12, 0, 12)
     before = pq.read_table(layout.embeddings_path("batch-001"))
     files = sorted((root / "batch-001").glob("img-*"))
@@ -149,7 +150,7 @@ def test_rematerializing_encodes_only_new_or_changed_images(tmp_path, clip, othe
     files[2].unlink()  # deleted
     photo_like(96, 96, 10).save(root / "batch-001" / "new.png")  # added
     write_manifest(root, layout, "batch-001")
-    second = write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=0)
+    second = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     assert (second.encoded, second.unchanged_content, second.carried_over, second.dropped) == (2, 1, 9, 1)
     after = pq.read_table(layout.embeddings_path("batch-001"))
     ids = after["image_id"].to_pylist()
@@ -160,8 +161,7 @@ def test_rematerializing_encodes_only_new_or_changed_images(tmp_path, clip, othe
     assert np.array_equal(new[touched], old[touched])
     assert not np.allclose(new[image_id_for(f"batch-001/{files[0].name}")], old[image_id_for(f"batch-001/{files[0].name}")])
     assert image_id_for(f"batch-001/{files[2].name}") not in new
-    other = write_embeddings(load_clip_model(TINY, str(other_checkpoint), "cpu"), root, layout, "batch-001",
-                                   batch_size=4, num_workers=0)
+    other = write_embeddings(load_clip_model(TINY, str(other_checkpoint), "cpu"), root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     assert (other.encoded, other.carried_over) == (12, 0)
 
 
@@ -172,9 +172,10 @@ KILLED_RUN = textwrap.dedent(
     from clip_assets.embedding.steps import write_embeddings
     from clip_assets.model.clip_model import load_clip_model
     from clip_assets.config.layout import DataLayout
+    from clip_assets.embedding.options import EncodeOptions
     clip = load_clip_model("clip-assets-tiny", sys.argv[1], "cpu")
     write_embeddings(clip, Path(sys.argv[2]), DataLayout(Path(sys.argv[3])), "batch-001",
-                           batch_size=4, num_workers=0, chunk_rows=8)
+                     EncodeOptions(batch_size=4, num_workers=0, chunk_rows=8))
     """
 )
 
@@ -199,7 +200,7 @@ def test_a_killed_run_resumes_from_its_last_chunk(tmp_path, clip, checkpoint):
     assert not layout.embeddings_path("batch-001").exists()
     done_before = sum(pq.read_metadata(p).num_rows for p in parts_dir.glob("part-*.parquet"))
 
-    summary = write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=0, chunk_rows=8)
+    summary = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0, chunk_rows=8))
     assert summary.resumed == done_before >= 24
     assert summary.encoded == 240 - done_before
     table = pq.read_table(layout.embeddings_path("batch-001"))
@@ -208,7 +209,7 @@ def test_a_killed_run_resumes_from_its_last_chunk(tmp_path, clip, checkpoint):
     # The resumed rows are the same vectors a fresh run computes.
     fresh = DataLayout(tmp_path / "fresh")
     write_manifest(root, fresh, "batch-001")
-    write_embeddings(clip, root, fresh, "batch-001", batch_size=4, num_workers=0)
+    write_embeddings(clip, root, fresh, "batch-001", EncodeOptions(batch_size=4, num_workers=0))
     reference = pq.read_table(fresh.embeddings_path("batch-001"))
     ref = dict(zip(reference["image_id"].to_pylist(), vectors_matrix(reference["embedding"])))
     for image_id, vector in zip(ids, vectors_matrix(table["embedding"])):
@@ -252,7 +253,7 @@ def test_a_decoder_that_kills_its_worker_costs_only_its_file(tmp_path, clip, cra
     culprit_ids = {image_id_for(f"batch-001/{name}") for name in culprits}
     assert culprit_ids <= usable  # the header parses: only decoding crashes
 
-    summary = write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=2, chunk_rows=8)
+    summary = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=2, chunk_rows=8))
     failures = pq.read_table(layout.embedding_failures_path("batch-001")).to_pylist()
     assert {r["image_id"]: r["error"] for r in failures} == dict.fromkeys(
         culprit_ids, "decoder crashed the worker process (signal SIGABRT)")
@@ -273,7 +274,7 @@ def test_a_worker_death_no_file_explains_stops_with_the_suspect_named(tmp_path, 
     usable = usable_ids(layout, "batch-001")
 
     with pytest.raises(RuntimeError, match="no file can be blamed") as raised:
-        write_embeddings(clip, root, layout, "batch-001", batch_size=4, num_workers=2, chunk_rows=1000)
+        write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=2, chunk_rows=1000))
     assert "batch-001/img-0010-odd.png" in str(raised.value)
     parts = layout.embedding_parts_dir("batch-001").glob("part-*.parquet")
     kept = [i for p in parts for i in pq.read_table(p)["image_id"].to_pylist()]
@@ -295,8 +296,7 @@ def test_the_file_time_limit_holds_off_the_main_thread(tmp_path, clip):
 
     def encode():
         try:
-            outcome["summary"] = write_embeddings(clip, root, layout, "batch-001", batch_size=4,
-                                                        num_workers=0, timeout_s=2)
+            outcome["summary"] = write_embeddings(clip, root, layout, "batch-001", EncodeOptions(batch_size=4, num_workers=0, file_timeout_s=2))
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -328,8 +328,7 @@ def test_finished_rows_are_written_by_elapsed_time_as_well_as_by_count(tmp_path,
     written = {}
     for interval in (3600.0, 1e-9):
         chunks = []
-        encode_images(clip, root, job, chunks.append, batch_size=4, num_workers=0, chunk_rows=10**6,
-                      flush_interval_s=interval)
+        encode_images(clip, root, job, chunks.append, EncodeOptions(batch_size=4, num_workers=0, chunk_rows=10**6, flush_interval_s=interval))
         written[interval] = [c.num_rows for c in chunks]
     assert written[3600.0] == [n]  # neither the count nor the time was reached: one write at the end
     assert written[1e-9] == [4] * (n // 4) + ([n % 4] if n % 4 else [])  # every model batch is past the time

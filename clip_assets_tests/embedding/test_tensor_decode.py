@@ -47,6 +47,7 @@ from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 from clip_assets_tests.support.images import jpeg_bytes, photo_like, with_orientation, write_bad_batch, ycck_jpeg
 from clip_assets_tests.support.vectors import agreement
+from clip_assets.embedding.options import EncodeOptions
 
 CPU = torch.device("cpu")
 
@@ -177,8 +178,7 @@ def embed_both_ways(clip: ClipModel, root, tmp_path, batch: str, workers: int):
         if decode != "pillow":
             layout.manifest_path(batch).parent.mkdir(parents=True)
             shutil.copy(first.manifest_path(batch), layout.manifest_path(batch))
-        write_embeddings(clip, root, layout, batch, batch_size=4, num_workers=workers, timeout_s=5,
-                               decode=decode)
+        write_embeddings(clip, root, layout, batch, EncodeOptions(batch_size=4, num_workers=workers, file_timeout_s=5, decode=decode))
         table = pq.read_table(layout.embeddings_path(batch))
         failures = pq.read_table(layout.embedding_failures_path(batch)).to_pylist()
         out[decode] = (dict(zip(table["image_id"].to_pylist(), vectors_matrix(table["embedding"]))),

@@ -32,6 +32,7 @@ from clip_assets.model.quantizable_attention import SelfAttention
 from clip_assets_tests.support.images import photo_like, with_orientation, write_bad_batch
 from clip_assets_tests.support.models import seeded_vit_s_32
 from clip_assets_tests.support.vectors import agreement
+from clip_assets.embedding.options import EncodeOptions
 
 CPU = torch.device("cpu")
 FAST = ("int8", "bfloat16")  # each made with a fresh seeded_vit_s_32: int8 quantises in place
@@ -44,7 +45,7 @@ def embed_at_precisions(root, tmp_path, batch: str) -> dict[str, tuple[dict, dic
         layout = DataLayout(tmp_path / precision)
         write_manifest(root, layout, batch)
         clip = with_precision(seeded_vit_s_32(), precision)
-        write_embeddings(clip, root, layout, batch, batch_size=4, num_workers=1, timeout_s=5)
+        write_embeddings(clip, root, layout, batch, EncodeOptions(batch_size=4, num_workers=1, file_timeout_s=5))
         table = pq.read_table(layout.embeddings_path(batch))
         failures = pq.read_table(layout.embedding_failures_path(batch)).to_pylist()
         out[precision] = (dict(zip(table["image_id"].to_pylist(), vectors_matrix(table["embedding"]))),
@@ -140,8 +141,7 @@ def test_the_engine_runs_the_model_on_the_cores_its_workers_leave_and_restores_t
     before = torch.get_num_threads()
     seen = []
     with torch_threads(before + 1):  # something other than what the engine will choose
-        encode_images(clip, root, job, lambda table: seen.append(torch.get_num_threads()), batch_size=2,
-                      num_workers=1, chunk_rows=2, report=lambda s: None)
+        encode_images(clip, root, job, lambda table: seen.append(torch.get_num_threads()), EncodeOptions(batch_size=2, num_workers=1, chunk_rows=2), report=lambda s: None)
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
     assert seen and set(seen) == {model_threads(1)}

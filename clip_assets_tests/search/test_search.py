@@ -16,6 +16,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.search.exact_search import NothingToSearchError, SearchModelMismatchError, SearchQueryError, top_k_streaming
 from clip_assets.search.query import search
 from clip_assets.storage.warehouse import connect
+from clip_assets.embedding.options import EncodeOptions
 
 BATCHES = ["batch-001", "batch-002"]
 
@@ -200,7 +201,7 @@ def test_the_table_keeps_one_line_per_hit_whatever_the_file_names(settings, tmp_
         Image.new("RGB", (32, 32), (80 * n, 40, 200 - 60 * n)).save(root / "odd" / name)
     layout = DataLayout(settings.data_dir)
     write_manifest(root, layout, "odd")
-    write_embeddings(clip, root, layout, "odd", batch_size=4, num_workers=0)
+    write_embeddings(clip, root, layout, "odd", EncodeOptions(batch_size=4, num_workers=0))
     cli_env(settings.model_copy(update={"image_root": root}))
     assert main(["search", "--image", "odd/line\nbreak.png", "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()

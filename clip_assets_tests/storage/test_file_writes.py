@@ -28,6 +28,7 @@ from clip_assets.search.exact_search import embedding_files, top_k_streaming
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets_tests.support.dagster_ticks import classification_counts, tick
+from clip_assets.embedding.options import EncodeOptions
 
 NAME_MAX = os.pathconf("/", "PC_NAME_MAX")
 LONG_BATCH = "b" * 250  # a folder name this long fits the file system; "<name>.parquet" would not
@@ -66,7 +67,7 @@ def test_a_batch_with_a_250_character_name_is_listed_embedded_classified_and_sea
     layout = DataLayout(settings.data_dir)
     write_centroids(clip, settings.prompts_dir, layout)
     manifest = write_manifest(root, layout, LONG_BATCH)
-    embedded = write_embeddings(clip, root, layout, LONG_BATCH, batch_size=8, num_workers=0)
+    embedded = write_embeddings(clip, root, layout, LONG_BATCH, EncodeOptions(batch_size=8, num_workers=0))
     classified = write_classifications(layout, LONG_BATCH)
     assert manifest.path.is_file() and embedded.rows == manifest.usable == 10
     assert classified.rows == 10 * len(load_categories(settings.prompts_dir))
@@ -142,7 +143,7 @@ def test_an_embedding_run_that_runs_out_of_space_leaves_no_temp_file(settings, c
     the 2-row part files fit under the limit, the 10-row batch file does not."""
     measured = DataLayout(tmp_path / "measure")
     write_manifest(settings.image_root, measured, "batch-001")
-    write_embeddings(clip, settings.image_root, measured, "batch-001", batch_size=8, num_workers=0)
+    write_embeddings(clip, settings.image_root, measured, "batch-001", EncodeOptions(batch_size=8, num_workers=0))
     final = pq.read_table(measured.embeddings_path("batch-001"))
     pq.write_table(final.slice(0, 2), tmp_path / "two-rows.parquet")
     part_size, final_size = (tmp_path / "two-rows.parquet").stat().st_size, measured.embeddings_path("batch-001").stat().st_size
@@ -156,10 +157,11 @@ def test_an_embedding_run_that_runs_out_of_space_leaves_no_temp_file(settings, c
         from clip_assets.embedding.steps import write_embeddings
         from clip_assets.model.clip_model import load_clip_model
         from clip_assets.config.layout import DataLayout
+        from clip_assets.embedding.options import EncodeOptions
         clip = load_clip_model("clip-assets-tiny", {settings.pretrained!r}, "cpu")
         try:
             write_embeddings(clip, Path({str(settings.image_root)!r}), DataLayout(Path({str(settings.data_dir)!r})),
-                                   "batch-001", batch_size=2, num_workers=0, chunk_rows=2)
+                             "batch-001", EncodeOptions(batch_size=2, num_workers=0, chunk_rows=2))
         except OSError as exc:
             print("failed", exc)
     """
@@ -169,7 +171,7 @@ def test_an_embedding_run_that_runs_out_of_space_leaves_no_temp_file(settings, c
     assert [p for p in settings.data_dir.rglob("*") if TEMP_MARKER in p.name] == []
     assert not layout.embeddings_path("batch-001").exists()
     # the finished chunks are kept: the next run resumes from them instead of encoding again
-    summary = write_embeddings(clip, settings.image_root, layout, "batch-001", batch_size=8, num_workers=0)
+    summary = write_embeddings(clip, settings.image_root, layout, "batch-001", EncodeOptions(batch_size=8, num_workers=0))
     assert summary.rows == 10 and summary.resumed == 10 and summary.encoded == 0
 
 

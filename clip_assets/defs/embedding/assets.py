@@ -55,19 +55,8 @@ def image_embeddings(
     layout = collection.layout
 
     def encode_batch(batch: str) -> tuple[CheckOutcome, CheckOutcome, CheckOutcome]:
-        s = write_embeddings(
-            clip,
-            Path(collection.image_root),
-            layout,
-            batch,
-            batch_size=clip_model.batch_size,
-            num_workers=clip_model.num_workers,
-            timeout_s=clip_model.file_timeout_s,
-            chunk_rows=clip_model.chunk_rows,
-            flush_interval_s=clip_model.flush_interval_s,
-            report=context.log.info,
-            decode=clip_model.decode,
-        )
+        s = write_embeddings(clip, Path(collection.image_root), layout, batch, clip_model.encode_options,
+                             report=context.log.info)
         unusable = unusable_in_manifest(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": s.rows,
