@@ -1,7 +1,8 @@
 """Sensor and schedule on a real Dagster instance: ticks evaluated for real, requested runs executed.
 
-`tick` and `run_requests` do what the daemon does with a tick's result: add the requested
-partitions, then launch each requested run (here in-process, one after another).
+`tick` and `run_requests` (clip_assets_tests/support/dagster_ticks.py) do what the daemon does with a
+tick's result: add the requested partitions, then launch each requested run (here in-process, one
+after another).
 """
 
 import datetime
