@@ -49,7 +49,6 @@ MEASURE_FILES = 32
 PREFETCH_BATCHES = 2
 
 
-
 def decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """RGB uint8 (3, H, W) tensors on `device`, or the exception of each JPEG the decoder refused.
 

@@ -40,6 +40,7 @@ concurrency:
     default_limit: 1
 """
 
+
 def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[str]:
     """Add batch folders as `image_batches` partitions; returns the ones that were new."""
     known = set(instance.get_dynamic_partitions(image_batches.name))

@@ -18,6 +18,7 @@ from clip_assets.storage.file_hashes import content_digest
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
 
+
 class NoFineTunedModelError(RuntimeError):
     """The deployment opted in to the fine-tuned model, and there is none (yet)."""
 

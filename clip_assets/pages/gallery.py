@@ -45,7 +45,6 @@ CASE WHEN c.matched THEN NULL
 """
 
 
-
 def failed_conditions(m: dict[str, np.ndarray | None], modes: list[str], thresholds: np.ndarray,
                       neutral_margins: np.ndarray, has_neutral: np.ndarray) -> np.ndarray:
     """FAILED_CONDITION_SQL over `classification.score_matrices`' numbers, as an (n, C) int8 array:

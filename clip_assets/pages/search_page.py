@@ -342,7 +342,6 @@ class SearchPageHandler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-
 def read_categories(settings: Settings) -> list[str]:
     """The categories to suggest in the form, in the prompt files' order; none if DuckDB is busy or absent."""
     layout = DataLayout(settings.data_dir)

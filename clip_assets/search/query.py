@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # torch and open_clip load only when a query is encoded
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class SearchHit:
     image_id: str

@@ -20,6 +20,7 @@ from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 
+
 def test_dagster_asset_materialize_encodes_in_the_runs_process(tmp_path, settings, collection, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()

@@ -26,7 +26,6 @@ from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 from clip_assets_tests.support.synthetic_collection import tied_collection
 
 
-
 def test_gallery_shows_matches_and_near_misses_as_small_thumbnails(settings, classified, tmp_path):
     rows = gallery_rows(classified, matched_per_category=3, near_misses=2)
     for images in rows.values():

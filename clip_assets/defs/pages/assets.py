@@ -19,7 +19,6 @@ def serve_command(folder: Path) -> str:
     return f"python3 -m http.server {SERVE_PORT} --bind 127.0.0.1 --directory {shlex.quote(str(folder))}"
 
 
-
 @dg.asset(
     deps=[IMAGE_CLASSIFICATIONS],
     group_name="evaluation",

@@ -24,6 +24,7 @@ labels_file = observed_file_source(
     "csv", "labelled_sample", lambda labelled_sample: labels_file_observation(labelled_sample.path),
 )
 
+
 @observation_sensor(
     LABELS_OBSERVATION_SENSOR,
     "Hashes the labels file (CLIP_ASSETS_LABELS) and records an observation of labels_file, without a run, when "
