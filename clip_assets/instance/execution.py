@@ -6,6 +6,7 @@ for scripts that want a whole pipeline run recorded in an instance without a web
 
 from __future__ import annotations
 
+import logging
 
 import dagster as dg
 
@@ -57,7 +58,9 @@ def observe(defs: dg.Definitions, instance: dg.DagsterInstance, sensor_name: str
     sensor = next((s for s in defs.sensors or [] if s.name == sensor_name), None)
     if sensor is None:
         return None
-    result = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    context = dg.build_sensor_context(instance=instance, resources=defs.resources)
+    context.log.setLevel(logging.WARNING)  # as QUIET_CONSOLE does for runs: the daemon's tick log keeps the info
+    result = sensor(context)
     events = result.asset_events if isinstance(result, dg.SensorResult) else []
     for event in events:
         instance.report_runless_asset_event(event)
