@@ -37,10 +37,10 @@ READERS = {
     "gallery_rows, whole collection": "from clip_assets.pages.gallery import gallery_rows\n"
                                       "rows = gallery_rows(layout, 12, 6)\n"
                                       "out = sum(len(v) for v in rows.values())",
-    "load_labelled_scores + calibrate": "from clip_assets import calibration as cal\n"
+    "load_labelled_scores + calibrate": "from clip_assets.tuning import calibration as cal\n"
                                         "data = cal.load_labelled_scores(layout, cal.read_labels_file(labels))\n"
                                         "out = cal.calibrate(data).heldout_images",
-    "load_labelled_scores + evaluate_current": "from clip_assets import calibration as cal\n"
+    "load_labelled_scores + evaluate_current": "from clip_assets.tuning import calibration as cal\n"
                                                "data = cal.load_labelled_scores(layout, cal.read_labels_file(labels))\n"
                                                "out = len(cal.evaluate_current(data))",
 }
@@ -48,7 +48,7 @@ READERS = {
 CHILD = """
 import sys, time
 from pathlib import Path
-import clip_assets.pages.gallery, clip_assets.tuning.calibration  # imported before the clock starts
+import clip_assets, clip_assets.pages.gallery, clip_assets.tuning.calibration  # imported before the clock starts
 from clip_assets.config.layout import DataLayout
 layout, labels = DataLayout(Path(sys.argv[1])), Path(sys.argv[2])
 out = None
@@ -56,7 +56,7 @@ t, c = time.perf_counter(), time.process_time()
 {body}
 # VmHWM: this process's own peak (ru_maxrss can carry the parent's peak across fork and exec)
 hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out, Path(clip_assets.pages.gallery.__file__).parent)
+print("RESULT", time.perf_counter() - t, time.process_time() - c, hwm, out, Path(clip_assets.__file__).parent)
 """
 
 

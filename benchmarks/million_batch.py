@@ -132,7 +132,7 @@ def run(args, work: Path) -> None:
 
     from clip_assets.classification.steps import write_centroids
     from clip_assets.model.clip_model import load_clip_model, register_model_configs
-    from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML
+    from clip_assets_tests.support.scratch_instance import SCRATCH_INSTANCE_YAML
     from clip_assets.config.layout import DataLayout
     from clip_assets.search.query import search
     from clip_assets.config.settings import Settings

@@ -44,16 +44,13 @@ import sys
 import tempfile
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from embed_throughput import SIZES, make_images  # noqa: E402
 
-with warnings.catch_warnings():  # Dagster's beta notes, printed on import, are not this script's output
-    warnings.simplefilter("ignore")
-    from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML  # noqa: E402
+from clip_assets_tests.support.scratch_instance import SCRATCH_INSTANCE_YAML  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path.home() / ".cache" / "clip-assets-bench"
@@ -85,7 +82,9 @@ ENGINE_DIRECT = textwrap.dedent(
     from clip_assets.config.layout import DataLayout
     from clip_assets.config.settings import Settings
     from clip_assets.embedding.options import EncodeOptions
+    from clip_assets.process import configure_process
     settings = Settings.from_env()
+    configure_process(settings)
     clip = load_clip_model(settings.model, settings.pretrained, settings.device)
     write_embeddings(clip, settings.image_root, DataLayout(settings.data_dir), sys.argv[1],
                      EncodeOptions.from_settings(settings))

@@ -135,7 +135,7 @@ def port_number(text: str) -> int:
 
 def load_settings():
     """The settings from the environment, read here once and applied to the process (the CLI is an edge)."""
-    from clip_assets.config.process import configure_process
+    from clip_assets.process import configure_process
     from clip_assets.config.settings import Settings, SettingsError
 
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from clip_assets.config.process import configure_process
+from clip_assets.process import configure_process
 from clip_assets.config.settings import Settings
 from clip_assets.defs import classification, embedding, ingest, pages, search, tuning
 from clip_assets.defs.automation import automation_sensor
@@ -25,7 +25,10 @@ IN_PROCESS_EXECUTOR = dg.in_process_executor
 
 
 def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
-    """`executor`: None runs steps in the run's process; definitions_k8s passes the k8s one."""
+    """The definitions of a deployment with these settings, which also apply to this process (the lock
+    wait, extra model configs: clip_assets.process). `executor`: None runs steps in the run's process;
+    definitions_k8s passes the k8s one."""
+    configure_process(settings)
     defs = dg.Definitions.merge(
         ingest.definitions(settings),
         embedding.definitions(),
@@ -41,5 +44,4 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
 
 
 SETTINGS = Settings.from_env()
-configure_process(SETTINGS)
 defs = build_definitions(SETTINGS)

@@ -60,7 +60,7 @@ class ClassificationSummary:
     model: str
     prompt_version: str
     adapter_version: str = NO_ADAPTER
-    # gathered while the rows streamed to DuckDB (see classification_figures)
+    # gathered while the rows streamed to DuckDB (see clip_assets.classification.figures)
     histograms: dict[str, tuple[float, float, list[int], float, str]] = field(default_factory=dict)
     top_images: list[dict] = field(default_factory=list)  # category, path, score, matched
     gallery_rows: dict[str, list[GalleryImage]] = field(default_factory=dict)  # the contact sheet's

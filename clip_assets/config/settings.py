@@ -16,7 +16,6 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from clip_assets.embedding.gpu_claim import DEFAULT_LOCK_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,7 +119,7 @@ class Settings(BaseSettings):
     compile_model: bool = Field(
         default=False, validation_alias=f"{ENV_PREFIX}COMPILE", description="`torch.compile` the image tower"
     )
-    gpu_lock_dir: Path = Field(default=DEFAULT_LOCK_DIR, description="machine-local folder of the per-GPU claim locks")
+    gpu_lock_dir: Path = Field(default=Path(tempfile.gettempdir()) / "clip-assets-gpu-locks", description="machine-local folder of the per-GPU claim locks")
     k8s_max_concurrent_steps: int = Field(
         default=8, ge=1, description="steps of one run at once on Kubernetes (`clip_assets.definitions_k8s`)"
     )

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from clip_assets.cli import share_or_auto
+from clip_assets.config import accepted_warnings
 from clip_assets.tuning.calibration import category_scores, is_heldout
 from clip_assets.classification.centroids import compute_centroids
 from clip_assets.classification.rules import score_matrices
 from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
-from clip_assets.demo.run import demo_settings
+from clip_assets.demo.run import DEMO_DIR, demo_settings
 from clip_assets.demo.train import checkpoint_path, training_recipe
 from clip_assets.demo.shapes import (
     BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
@@ -53,7 +55,6 @@ from clip_assets.classification.prompts import load_categories, prompt_version
 
 CAPTIONS_FILE = "captions.csv"
 IMAGES_FOLDER = "images"
-STYLES = ("hatched", "outline")
 CAPTIONS_PER_IMAGE = 3
 # Measured on the hatched domain (`python -m clip_assets.demo.second_domain`, docs/fine-tuning.md): both towers, 15 epochs at 2e-3 (the tiny
 # model's from-scratch rate) in batches of 32, the WiSE-FT share chosen on validation images (1 on
@@ -249,11 +250,6 @@ def _option(name: str, default: str | None = None) -> str | None:
 
 
 if __name__ == "__main__":
-    from clip_assets.config import accepted_warnings
-    from clip_assets.demo.run import DEMO_DIR
-
-    from clip_assets.cli import share_or_auto
-
     accepted_warnings.ignore()
     torch.set_num_threads(int(_option("--threads", str(torch.get_num_threads()))))
     style = "outline" if "--outline" in sys.argv else "hatched"

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_LOCK_DIR = Path(tempfile.gettempdir()) / "clip-assets-gpu-locks"
+from clip_assets.config.settings import default
+
+DEFAULT_LOCK_DIR = default("gpu_lock_dir")  # CLIP_ASSETS_GPU_LOCK_DIR
 REPORT_EVERY_S = 30.0
 
 
@@ -108,7 +109,7 @@ def claim_for_process(device_ids: list[str], lock_dir: Path = DEFAULT_LOCK_DIR,
 
 def visible_gpu_ids() -> list[str]:
     """A stable name per GPU this process sees, in torch's index order (its UUID where torch has it)."""
-    import torch  # deferred: config.settings imports this module, and `clip-assets search` checks its query before torch loads
+    import torch  # deferred: claiming needs it only on a machine with GPUs, and importing it costs seconds
 
     if not torch.cuda.is_available():
         return []

@@ -27,21 +27,6 @@ from clip_assets.instance.dagster_internals import partition_range_tags
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
-# A throwaway instance for scripts and tests that run the `dagster` CLI: sqlite storage under its
-# DAGSTER_HOME, no telemetry, and pools of one as in the repo's dagster.yaml.
-SCRATCH_INSTANCE_YAML = """\
-storage:
-  sqlite:
-    base_dir: {home}/storage
-telemetry:
-  enabled: false
-concurrency:
-  pools:
-    granularity: op
-    default_limit: 1
-"""
-
-
 def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[str]:
     """Add batch folders as `image_batches` partitions; returns the ones that were new."""
     known = set(instance.get_dynamic_partitions(image_batches.name))
@@ -58,9 +43,9 @@ def observe(defs: dg.Definitions, instance: dg.DagsterInstance, sensor_name: str
     sensor = next((s for s in defs.sensors or [] if s.name == sensor_name), None)
     if sensor is None:
         return None
-    context = dg.build_sensor_context(instance=instance, resources=defs.resources)
-    context.log.setLevel(logging.WARNING)  # as QUIET_CONSOLE does for runs: the daemon's tick log keeps the info
-    result = sensor(context)
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        context.log.setLevel(logging.WARNING)  # as QUIET_CONSOLE does for runs: the daemon's tick log keeps the info
+        result = sensor(context)
     events = result.asset_events if isinstance(result, dg.SensorResult) else []
     for event in events:
         instance.report_runless_asset_event(event)

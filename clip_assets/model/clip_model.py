@@ -84,7 +84,7 @@ class ClipModel:
 
 
 # Extra architecture configs (CLIP_ASSETS_MODEL_CONFIG_DIR), set once by the process's edge
-# (clip_assets.config.process.configure_process), never read from the environment here.
+# (clip_assets.process.configure_process), never read from the environment here.
 extra_config_dir: Path | None = None
 
 

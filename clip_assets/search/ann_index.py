@@ -52,7 +52,6 @@ MAX_LISTS = 4096
 TRAINING_POINTS_PER_LIST = 40  # faiss warns below 39
 MAX_TRAINING_BATCHES = 64  # the codec's sample is drawn from at most this many batches
 ADD_CHUNK_ROWS = 65_536
-DEFAULT_NPROBE = 32  # near-duplicates: pairs at cosine >= 0.95 sit in the same or neighbouring lists
 KIND_IVF = "ivf_pq"
 KIND_EXACT = "exact"
 

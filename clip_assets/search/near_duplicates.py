@@ -34,13 +34,14 @@ from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.storage.warehouse import replace_duplicate_groups
 from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import default
 from clip_assets.ingest.manifest import image_paths
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.95  # cosine similarity; a common choice for CLIP embeddings
+DEFAULT_THRESHOLD = default("duplicate_threshold")  # CLIP_ASSETS_DUPLICATE_THRESHOLD
 NEIGHBOURS = 16  # per image and shard; a larger group still joins up through its members' pairs
-NPROBE = ann_index.DEFAULT_NPROBE
+NPROBE = 32  # pairs at cosine >= 0.95 sit in the same or neighbouring lists: fewer than a search probes
 CANDIDATE_ENTRIES_PER_CHUNK = 4_000_000  # bounds memory: queries per chunk x shards x NEIGHBOURS
 
 PAIRS_SCHEMA = pa.schema(

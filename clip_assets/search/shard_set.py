@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_assets.config.settings import default
+
 # A text or image search. On 10M clustered vectors in 100 shards of 100k (benchmarks/ann_index.py,
 # codec IVF2048,PQ256x4fs, 2 cores), nprobe 128 with 300 re-ranked gave recall@10 0.961 at a p50 of
 # 27 ms with the re-ranked rows in the page cache and 34 ms with the page cache emptied first; 200
 # re-ranked gave 0.952, 500 gave 0.970 at 31 / 55-65 ms. A smaller collection has fewer lists, so
 # the same nprobe is a larger share of them.
-SEARCH_NPROBE = 128
+SEARCH_NPROBE = default("ann_nprobe")  # CLIP_ASSETS_ANN_NPROBE
 SEARCH_CANDIDATES = 300
 
 

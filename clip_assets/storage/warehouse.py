@@ -185,7 +185,7 @@ def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnecti
 COLLECTION_PASS_MEMORY_LIMIT = "256MB"
 
 # How long connect() waits for another process's lock: CLIP_ASSETS_DUCKDB_WAIT_S, set once by the process's
-# edge (clip_assets.config.process.configure_process), never read from the environment here.
+# edge (clip_assets.process.configure_process), never read from the environment here.
 lock_wait_s: float = default("duckdb_wait_s")
 
 

@@ -16,7 +16,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from clip_assets.ingest.steps import write_manifest
-from clip_assets.instance.execution import SCRATCH_INSTANCE_YAML
+from clip_assets_tests.support.scratch_instance import SCRATCH_INSTANCE_YAML
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 
