@@ -1,7 +1,8 @@
 """A snapshot of the code location's graph, so an accidental change to it shows up in review.
 
 The snapshot (definitions_snapshot.json beside this file) lists every asset with its group, partitions,
-dependencies, checks, kinds, pool and automation; every sensor, schedule and job. A change that is
+dependencies, checks, kinds, pool, op tags, tags, owners, code version, backfill policy and
+automation; every sensor and schedule with its default status; the jobs and the resources. A change that is
 meant: write the snapshot again with `uv run python -m clip_assets_tests.defs.test_definitions_snapshot`
 and commit it with the change, where the diff shows what the graph gained or lost.
 """
@@ -23,7 +24,7 @@ SNAPSHOT = Path(__file__).with_name("definitions_snapshot.json")
 
 def graph_of(defs: dg.Definitions) -> dict:
     graph = defs.resolve_asset_graph()
-    pools = {key: ad.op.pool for ad in graph.assets_defs if ad.is_executable and not ad.is_observable for key in ad.keys}
+    ops = {key: ad for ad in graph.assets_defs if ad.is_executable and not ad.is_observable for key in ad.keys}
     assets = {}
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)
@@ -35,15 +36,21 @@ def graph_of(defs: dg.Definitions) -> dict:
             "deps": sorted(k.to_user_string() for k in node.parent_keys),
             "checks": sorted(c.name for c in node.check_keys),
             "kinds": sorted(node.kinds),
-            "pool": pools.get(key),
+            "pool": ops[key].op.pool if key in ops else None,
+            "op_tags": dict(ops[key].op.tags) if key in ops else {},
+            "tags": dict(node.tags),
+            "owners": list(node.owners),
+            "code_version": node.code_version,
+            "backfill_policy": str(node.backfill_policy) if node.backfill_policy else None,
             "automation": (condition.get_label() or type(condition).__name__) if condition else None,
             "observable": node.is_observable,
         }
     return {
         "assets": assets,
-        "sensors": sorted(s.name for s in defs.sensors or []),
-        "schedules": {s.name: s.cron_schedule for s in defs.schedules or []},
+        "sensors": {s.name: [s.default_status.value, s.minimum_interval_seconds] for s in defs.sensors or []},
+        "schedules": {s.name: [s.cron_schedule, s.default_status.value] for s in defs.schedules or []},
         "jobs": sorted(j.name for j in defs.jobs or []),
+        "resources": sorted(defs.resources or {}),
     }
 
 
