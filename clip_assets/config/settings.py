@@ -8,10 +8,9 @@ demo, the tests). The configuration table in docs/configuration.md is generated 
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,22 +145,29 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings,)  # the environment is read by from_env only
+        # Settings(...) takes only what it is given; the environment is read through from_env only.
+        return (init_settings, env_settings) if settings_cls.reads_environment else (init_settings,)
+
+    reads_environment: ClassVar[bool] = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """The settings the `CLIP_ASSETS_*` variables of `environ` (default: this process's) give: each
-        field's variable (its alias where it has one), matched case-insensitively as pydantic-settings
-        does; an empty value leaves the setting at its default."""
-        given = {k.upper(): v for k, v in (os.environ if environ is None else environ).items()}
-        values = {name: given[env_var(name)] for name in cls.model_fields if given.get(env_var(name), "") != ""}
+    def from_env(cls) -> "Settings":
+        """The settings this process's `CLIP_ASSETS_*` variables give, read by pydantic-settings' own
+        environment source (an empty value leaves the setting at its default)."""
         try:
-            return cls(**values)
+            found = _FromEnvironment()
         except ValidationError as exc:
             problems = "; ".join(
                 f"{env_var(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
             )
             raise SettingsError(f"Invalid setting: {problems}. See the configuration table in docs/configuration.md.") from None
+        return cls(**{name: getattr(found, name) for name in cls.model_fields})
+
+
+class _FromEnvironment(Settings):
+    """Settings that also read the environment: what from_env reads through."""
+
+    reads_environment: ClassVar[bool] = True
 
 
 def env_var(field_name: str) -> str:

@@ -107,11 +107,11 @@ def test_rescan_schedule_reruns_only_the_batch_whose_files_changed(ops_settings,
     assert counts["batch-001"] == 5 * n_cats and counts["batch-002"] == 4 * n_cats
 
 
-def test_rescan_cron_comes_from_the_environment(ops_settings):
+def test_rescan_cron_comes_from_the_environment(ops_settings, monkeypatch):
     from clip_assets.config.settings import Settings
 
-    env = {"CLIP_ASSETS_RESCAN_CRON": "*/15 * * * *"}
-    assert Settings.from_env(env).rescan_cron == "*/15 * * * *"
+    monkeypatch.setenv("CLIP_ASSETS_RESCAN_CRON", "*/15 * * * *")
+    assert Settings.from_env().rescan_cron == "*/15 * * * *"
     defs = build_definitions(ops_settings.model_copy(update={"rescan_cron": "*/15 * * * *"}))
     assert defs.resolve_schedule_def(RESCAN_SCHEDULE).cron_schedule == "*/15 * * * *"
 
