@@ -27,7 +27,8 @@ import numpy as np
 from clip_assets.tuning.adapter_evaluation import load_labelled_embeddings, scored
 from clip_assets.tuning.adapters import f1_per_column, fit_adapters, select_shots
 from clip_assets.tuning.calibration import stable_fraction
-from clip_assets.tuning.calibration import predictions, read_labels_file, tuned_settings
+from clip_assets.tuning.calibration import predictions, tuned_settings
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets.storage.warehouse import read_centroids

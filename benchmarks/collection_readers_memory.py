@@ -37,11 +37,11 @@ READERS = {
     "gallery_rows, whole collection": "from clip_assets.pages.gallery import gallery_rows\n"
                                       "rows = gallery_rows(layout, 12, 6)\n"
                                       "out = sum(len(v) for v in rows.values())",
-    "load_labelled_scores + calibrate": "from clip_assets.tuning import calibration as cal\n"
-                                        "data = cal.load_labelled_scores(layout, cal.read_labels_file(labels))\n"
+    "load_labelled_scores + calibrate": "from clip_assets.tuning import calibration as cal, labels_file\n"
+                                        "data = cal.load_labelled_scores(layout, labels_file.read_labels_file(labels))\n"
                                         "out = cal.calibrate(data).heldout_images",
-    "load_labelled_scores + evaluate_current": "from clip_assets.tuning import calibration as cal\n"
-                                               "data = cal.load_labelled_scores(layout, cal.read_labels_file(labels))\n"
+    "load_labelled_scores + evaluate_current": "from clip_assets.tuning import calibration as cal, labels_file\n"
+                                               "data = cal.load_labelled_scores(layout, labels_file.read_labels_file(labels))\n"
                                                "out = len(cal.evaluate_current(data))",
 }
 

@@ -254,7 +254,8 @@ def add_calibrate_parser(sub) -> None:
 
 
 def run_calibrate(args) -> int:
-    from clip_assets.tuning.calibration import calibrate, evaluate_current, load_labelled_scores, read_labels_file, write_overrides
+    from clip_assets.tuning.calibration import calibrate, evaluate_current, load_labelled_scores, write_overrides
+    from clip_assets.tuning.labels_file import read_labels_file
     from clip_assets.tuning.evaluation import macro_f1
     from clip_assets.config.layout import DataLayout
 
@@ -296,7 +297,7 @@ def add_adapt_parser(sub) -> None:
 
 def run_adapt(args) -> int:
     from clip_assets.tuning.adapter_evaluation import compare, load_labelled_embeddings
-    from clip_assets.tuning.calibration import read_labels_file
+    from clip_assets.tuning.labels_file import read_labels_file
     from clip_assets.config.layout import DataLayout
     from clip_assets.storage.warehouse import read_centroids
 

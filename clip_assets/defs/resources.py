@@ -20,6 +20,7 @@ from clip_assets.model.clip_model import ClipModel, load_clip_model, tuned_for_i
 from clip_assets.model.fine_tuned_weights import weights_in_use
 from clip_assets.tuning import calibration
 from clip_assets.tuning.fine_tuning import FineTuneOptions
+from clip_assets.tuning.labels_file import read_labels_file
 
 
 def _settings_named_like(resource: type[dg.ConfigurableResource], settings: Settings, **renamed) -> dict:
@@ -142,7 +143,7 @@ class LabelledSample(dg.ConfigurableResource):
                 "'image_id') column and a 'labels' column (categories separated by ';', or 'none')."
             )
         return calibration.load_labelled_scores(
-            collection.layout, calibration.read_labels_file(Path(self.labels_path))
+            collection.layout, read_labels_file(Path(self.labels_path))
         )
 
 

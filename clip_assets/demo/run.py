@@ -12,7 +12,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores, read_labels_file
+from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.instance.execution import materialize_everything
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe

@@ -15,9 +15,8 @@ import pyarrow as pa
 
 from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
-from clip_assets.tuning.calibration import (
-    DEFAULT_HELDOUT_FRACTION, LabelledScores, LabelRows, LabelsFileError, calibrate, category_scores, is_heldout,
-)
+from clip_assets.tuning.calibration import DEFAULT_HELDOUT_FRACTION, LabelledScores, calibrate, category_scores, is_heldout
+from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import score_matrices
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1

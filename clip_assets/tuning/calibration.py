@@ -15,15 +15,11 @@ categories they see, separated by ';', or "none"). From the stored classificatio
 Only multi_label categories are calibrated (their rule is score >= threshold and pos_sim >=
 neutral_sim + neutral_margin); single_label ones are scored but keep their settings.
 
-The module stays whole (a little over 400 lines): reading the labels, scoring them and choosing
-thresholds are one pass over the same LabelledScores. The one clean seam, the labels-file reader
-(read_labels_file, LabelRows, LabelsFileError), is imported from here by the CLI and the Dagster
-assets, so it moves with them.
+The labels file itself is read by clip_assets.tuning.labels_file.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,82 +27,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
+from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
 from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import MULTI_LABEL, OVERRIDES_FILE
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
 from clip_assets.pages.plots import precision_recall_png
 
-NONE_LABEL = "none"
 DEFAULT_HELDOUT_FRACTION = 0.5
-
-
-class LabelsFileError(ValueError):
-    """A labels file that cannot be used; the message says what is wrong with it."""
 
 
 class NotClassifiedError(LookupError):
     """Nothing to calibrate against yet: no DuckDB file with classifications."""
-
-
-@dataclass(frozen=True)
-class LabelRows:
-    """Labels keyed by what the file named each image by: `path` or `image_id`."""
-
-    key: str
-    labels: dict[str, set[str]]
-
-
-def read_labels_file(path: Path) -> LabelRows:
-    """CSV or parquet with a `path` or `image_id` column and a `labels` (or `categories`) column."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsFileError(f"No labels file at {path} (CLIP_ASSETS_LABELS / --labels).")
-    rows = _read_parquet_rows(path) if _is_parquet(path) else _read_csv_rows(path)
-    if not rows:
-        raise LabelsFileError(f"{path} has no rows.")
-    columns = set(rows[0])
-    key = "image_id" if "image_id" in columns else "path" if "path" in columns else None
-    label_col = "labels" if "labels" in columns else "categories" if "categories" in columns else None
-    if key is None or label_col is None:
-        raise LabelsFileError(
-            f"{path} needs a 'path' or 'image_id' column and a 'labels' column (categories separated "
-            f"by ';', or 'none'); it has {sorted(columns)}."
-        )
-    labels: dict[str, set[str]] = {}
-    for row in rows:
-        names = {c.strip() for c in str(row[label_col] or "").split(";")} - {"", NONE_LABEL}
-        labels[str(row[key])] = names
-    return LabelRows(key=key, labels=labels)
-
-
-def _is_parquet(path: Path) -> bool:
-    """By name, or by content: parquet files begin with the magic bytes PAR1 whatever they are called."""
-    with open(path, "rb") as f:
-        return path.suffix.lower() == ".parquet" or f.read(4) == b"PAR1"
-
-
-def _read_parquet_rows(path: Path) -> list[dict]:
-    try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise LabelsFileError(f"{path} is not a readable parquet file ({' '.join(str(exc).split())}).") from exc
-
-
-def _read_csv_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    except UnicodeDecodeError as exc:
-        raise LabelsFileError(
-            f"{path} is not a UTF-8 text (CSV) file: byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}. "
-            "Labels are a CSV file or a .parquet file."
-        ) from exc
-    except csv.Error as exc:  # e.g. NUL bytes: a binary file
-        raise LabelsFileError(f"{path} is not a CSV file ({exc}). Labels are a CSV file or a .parquet file.") from exc
 
 
 def stable_fraction(image_id: str, salt: str | None = None) -> float:

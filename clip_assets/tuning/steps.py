@@ -15,7 +15,7 @@ from clip_assets.tuning.adapter_evaluation import fit_on_tuning_half, load_label
 from clip_assets.tuning.adapter_store import adapter_version, remove_adapters, write_adapter_file
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.tuning.adapters import AdapterSet
-from clip_assets.tuning.calibration import read_labels_file
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.classification.rules import (
     NO_ADAPTER,
 )

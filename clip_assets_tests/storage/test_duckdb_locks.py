@@ -14,7 +14,8 @@ import pytest
 from clip_assets import checks
 
 from clip_assets.classification.steps import write_centroids, write_classifications
-from clip_assets.tuning.calibration import load_labelled_scores, read_labels_file
+from clip_assets.tuning.calibration import load_labelled_scores
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.defs.conventions import DUCKDB_READER, DUCKDB_WRITER, DUCKDB_WRITER_POOL
 from clip_assets.definitions import build_definitions
 from clip_assets.demo.run import category_summary, matched_labels

@@ -16,7 +16,8 @@ from clip_assets.tuning.adapter_evaluation import (
 )
 from clip_assets.tuning.adapter_store import AdapterMismatchError, adapters_for, read_adapters, write_adapter_file
 from clip_assets.tuning.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters, stratified_sample
-from clip_assets.tuning.calibration import is_heldout, read_labels_file
+from clip_assets.tuning.calibration import is_heldout
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import score_matrices
 from clip_assets.tuning.evaluation import macro_f1
