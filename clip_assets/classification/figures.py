@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.pages.gallery import NEAR_MISS_KINDS, GalleryImage, failed_conditions
+from clip_assets.classification.near_misses import NEAR_MISS_KINDS, GalleryImage, failed_conditions
 from clip_assets.classification.prompts import SINGLE_LABEL
 
 # The score distribution is counted in fine bins over the range a value can take, then folded into

@@ -29,7 +29,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.embedding.prefetch import prefetched
 from clip_assets.classification.prompts import Category, load_categories, prompt_version
-from clip_assets.pages.gallery import GalleryImage
+from clip_assets.classification.near_misses import GalleryImage
 from clip_assets.storage.warehouse import read_centroids, replace_batch_classifications, replace_centroids
 
 

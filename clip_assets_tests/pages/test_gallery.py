@@ -10,11 +10,10 @@ from PIL import Image
 from clip_assets.instance.execution import materialize, materialize_everything
 from clip_assets.definitions import build_definitions
 from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.classification.near_misses import NOT_ABOVE_NEUTRAL, UNDER_THRESHOLD
 from clip_assets.pages.gallery import (
-    NOT_ABOVE_NEUTRAL,
     SHEET_THUMB_PX,
     THUMBNAIL_PX,
-    UNDER_THRESHOLD,
     category_settings,
     contact_sheet,
     gallery_rows,
@@ -125,7 +124,7 @@ def test_gallery_asset_page_loads_with_its_images_in_chromium(settings, tmp_path
 
 def _best_by_sorting_every_row(layout, matched_per_category, near_misses, batch=None):
     """The gallery's choice the slow way: every row fetched, sorted per category and condition in Python."""
-    from clip_assets.pages.gallery import FAILED_CONDITION_SQL
+    from clip_assets.classification.near_misses import FAILED_CONDITION_SQL
 
     with connect(layout.duckdb_path, read_only=True) as con:
         rows = con.execute(f"""
