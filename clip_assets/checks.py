@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from clip_assets.classification.centroids import KINDS
-from clip_assets.classification.rules import models_in_file
-from clip_assets.embedding.store import EmbeddingFileFigures
-from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import Category
+from clip_assets.classification.rules import models_in_file
+from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.store import EmbeddingFileFigures
 from clip_assets.storage.warehouse import connect
 
 

@@ -135,8 +135,8 @@ def port_number(text: str) -> int:
 
 def load_settings():
     """The settings from the environment, read here once and applied to the process (the CLI is an edge)."""
-    from clip_assets.process import configure_process
     from clip_assets.config.settings import Settings, SettingsError
+    from clip_assets.process import configure_process
 
     try:
         settings = Settings.from_env()
@@ -254,10 +254,10 @@ def add_calibrate_parser(sub) -> None:
 
 
 def run_calibrate(args) -> int:
-    from clip_assets.tuning.calibration import calibrate, evaluate_current, load_labelled_scores, write_overrides
-    from clip_assets.tuning.labels_file import read_labels_file
-    from clip_assets.tuning.evaluation import macro_f1
     from clip_assets.config.layout import DataLayout
+    from clip_assets.tuning.calibration import calibrate, evaluate_current, load_labelled_scores, write_overrides
+    from clip_assets.tuning.evaluation import macro_f1
+    from clip_assets.tuning.labels_file import read_labels_file
 
     settings = load_settings()
     labels = read_labels_file(args.labels)
@@ -296,10 +296,10 @@ def add_adapt_parser(sub) -> None:
 
 
 def run_adapt(args) -> int:
-    from clip_assets.tuning.adapter_evaluation import compare, load_labelled_embeddings
-    from clip_assets.tuning.labels_file import read_labels_file
     from clip_assets.config.layout import DataLayout
     from clip_assets.storage.warehouse import read_centroids
+    from clip_assets.tuning.adapter_evaluation import compare, load_labelled_embeddings
+    from clip_assets.tuning.labels_file import read_labels_file
 
     settings = load_settings()
     layout = DataLayout(settings.data_dir)

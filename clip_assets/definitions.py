@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-from clip_assets.process import configure_process
 from clip_assets.config.settings import Settings
 from clip_assets.defs import classification, embedding, ingest, pages, search, tuning
 from clip_assets.defs.automation import automation_sensor
 from clip_assets.defs.resources import pipeline_resources
 from clip_assets.defs.tuning.fine_tuning import encoded_with_fine_tuned_model
+from clip_assets.process import configure_process
 
 # Steps run in the run's own process, which has imported torch and this code already. The steps of
 # every job here form a chain (manifest -> embeddings -> classifications), so subprocesses per step

@@ -12,19 +12,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from clip_assets.config import accepted_warnings
-
 from clip_assets.classification.steps import write_centroids, write_classifications
-
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import ClipModel, load_clip_model
-from clip_assets.demo.shapes import write_collection
+from clip_assets.config import accepted_warnings
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings
-from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
+from clip_assets.demo.shapes import write_collection
 from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.model.clip_model import ClipModel, load_clip_model
+from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
 
 BATCHES = ["batch-001", "batch-002"]
 

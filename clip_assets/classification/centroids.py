@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clip_assets.model.clip_model import ClipModel
 from clip_assets.classification.prompts import Category
+from clip_assets.model.clip_model import ClipModel
 
 KINDS = ("positive", "negative", "neutral")
 

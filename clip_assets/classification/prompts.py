@@ -29,7 +29,6 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.prompts import SINGLE_LABEL
+from clip_assets.storage.arrow_vectors import vectors_matrix
 
 DEFAULT_CHUNK_IMAGES = 8_192
 NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache

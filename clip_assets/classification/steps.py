@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_assets.classification.centroids import compute_centroids
-from clip_assets.tuning.adapter_store import adapters_for
+from clip_assets.classification.figures import ClassificationFigures
+from clip_assets.classification.near_misses import GalleryImage
+from clip_assets.classification.prompts import Category, load_categories, prompt_version
 from clip_assets.classification.rules import (
     CLASSIFICATION_SCHEMA,
     DEFAULT_CHUNK_IMAGES,
@@ -23,14 +25,12 @@ from clip_assets.classification.rules import (
     classify_stream,
     models_in_file,
 )
-from clip_assets.classification.figures import ClassificationFigures
-from clip_assets.model.clip_model import ClipModel
 from clip_assets.config.layout import DataLayout
-from clip_assets.ingest.manifest import image_paths
 from clip_assets.embedding.prefetch import prefetched
-from clip_assets.classification.prompts import Category, load_categories, prompt_version
-from clip_assets.classification.near_misses import GalleryImage
+from clip_assets.ingest.manifest import image_paths
+from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.warehouse import read_centroids, replace_batch_classifications, replace_centroids
+from clip_assets.tuning.adapter_store import adapters_for
 
 
 @dataclass

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores
-from clip_assets.tuning.labels_file import read_labels_file
-from clip_assets.instance.execution import materialize_everything
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import REPO_ROOT, Settings, env_var
+from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
-from clip_assets.definitions import build_definitions
-from clip_assets.tuning.evaluation import macro_f1, score_labels
-from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import list_batches
+from clip_assets.instance.execution import materialize_everything
 from clip_assets.search.query import format_table, search
-from clip_assets.config.settings import REPO_ROOT, Settings, env_var
 from clip_assets.storage.warehouse import connect
+from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores
+from clip_assets.tuning.evaluation import macro_f1, score_labels
+from clip_assets.tuning.labels_file import read_labels_file
 
 DEMO_DIR = REPO_ROOT / ".demo"
 

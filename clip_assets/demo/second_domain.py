@@ -29,20 +29,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from clip_assets.classification.centroids import compute_centroids
+from clip_assets.classification.prompts import load_categories, prompt_version
+from clip_assets.classification.rules import score_matrices
 from clip_assets.cli import share_or_auto
 from clip_assets.config import accepted_warnings
-from clip_assets.tuning.calibration import category_scores, is_heldout
-from clip_assets.classification.centroids import compute_centroids
-from clip_assets.classification.rules import score_matrices
-from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.run import DEMO_DIR, demo_settings
-from clip_assets.demo.train import checkpoint_path, training_recipe
 from clip_assets.demo.shapes import (
-    BACKGROUNDS, COLOURS, LABELS_FILE, SHAPES, Sample, ShapeSpec, _background, _draw_shape, make_sample,
+    BACKGROUNDS,
+    COLOURS,
+    LABELS_FILE,
+    SHAPES,
+    Sample,
+    ShapeSpec,
+    _background,
+    _draw_shape,
+    make_sample,
     read_labels,
 )
+from clip_assets.demo.train import checkpoint_path, training_recipe
 from clip_assets.embedding.decode import load_rgb
+from clip_assets.model.clip_model import ClipModel, load_clip_model
+from clip_assets.tuning.calibration import category_scores, is_heldout
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
 from clip_assets.tuning.fine_tuning import (
     FineTuneOptions,
@@ -51,7 +60,6 @@ from clip_assets.tuning.fine_tuning import (
     interpolate_weights,
     opt_in_note,
 )
-from clip_assets.classification.prompts import load_categories, prompt_version
 
 CAPTIONS_FILE = "captions.csv"
 IMAGES_FOLDER = "images"

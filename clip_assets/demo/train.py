@@ -24,11 +24,11 @@ from typing import Callable
 import open_clip
 import torch
 
-from clip_assets.storage.atomic_files import atomic_write
-from clip_assets.model.clip_model import register_model_configs
-from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import make_sample
+from clip_assets.model.clip_model import register_model_configs
+from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 
 DEMO_MODEL = "clip-assets-tiny"
 

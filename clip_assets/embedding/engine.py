@@ -35,12 +35,12 @@ import pyarrow as pa
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from clip_assets.embedding.options import EncodeOptions
-from clip_assets.model.clip_model import ClipModel, batch_size_for
-from clip_assets.model.pillow_preprocess import fused_preprocess
 from clip_assets.embedding.decode import draft_size
 from clip_assets.embedding.decode_faults import InFlightFiles, crash_in_isolation, is_worker_death
 from clip_assets.embedding.image_files import ImageFiles, collate, merged
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.model.clip_model import ClipModel, batch_size_for
+from clip_assets.model.pillow_preprocess import fused_preprocess
 
 log = logging.getLogger(__name__)
 

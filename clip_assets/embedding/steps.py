@@ -14,22 +14,12 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.engine import FAILURES_SCHEMA, embeddings_schema, encode_images
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.store import BackgroundWrites, EmbeddingFileFigures, PartFiles, plan_encoding, write_final
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.atomic_files import write_parquet_atomically
-from clip_assets.embedding.options import EncodeOptions
-from clip_assets.embedding.engine import (
-    FAILURES_SCHEMA,
-    embeddings_schema,
-    encode_images,
-)
-from clip_assets.embedding.store import (
-    BackgroundWrites,
-    EmbeddingFileFigures,
-    PartFiles,
-    plan_encoding,
-    write_final,
-)
-from clip_assets.config.layout import DataLayout
 
 
 @dataclass

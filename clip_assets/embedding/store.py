@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clip_assets.storage.atomic_files import atomic_write, write_parquet_atomically
-from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.embedding.engine import EncodeJob
 from clip_assets.ingest.manifest import STATUS_OK
+from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.storage.atomic_files import atomic_write, write_parquet_atomically
 
 PART_GLOB = "part-*.parquet"
 NORM_TOLERANCE = 1e-3

@@ -31,11 +31,11 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from clip_assets.model.clip_model import ClipModel
 from clip_assets.embedding.decode import decode_image, draft_size, failure_reason, too_many_pixels
 from clip_assets.embedding.image_files import ImageFiles, collate
 from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
+from clip_assets.model.clip_model import ClipModel
 
 log = logging.getLogger(__name__)
 

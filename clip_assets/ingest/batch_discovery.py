@@ -21,9 +21,9 @@ from typing import Callable, Iterable
 
 import pyarrow.parquet as pq
 
-from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import list_batches, list_files
+from clip_assets.storage.atomic_files import write_text_atomically
 
 # What Dagster refuses in a partition key (its private INVALID_PARTITION_SUBSTRINGS, copied so this
 # module does not import Dagster; clip_assets_tests/instance/test_dagster_internals.py keeps them equal).

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import STATUS_OK, build_manifest
+from clip_assets.storage.atomic_files import write_parquet_atomically
 
 
 @dataclass

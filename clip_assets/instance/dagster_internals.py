@@ -12,18 +12,17 @@ from __future__ import annotations
 # prompt, labels and captions observations carry it as these tags (what ObserveResult does inside).
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
-# A run over a range of partitions (what a backfill run covers): RunRequest and execute_in_process
-# take a single partition_key, the range only as these two tags.
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+# The substrings a partition key may not contain (clip_assets.ingest.batch_discovery keeps its own
+# copy, so the library layer does not import Dagster; a test keeps the two equal).
+from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
 
 # The run launcher's health check for run monitoring (clip_assets.instance.run_launcher): the
 # result type Dagster expects, and the tag that says a run went to a code server on another host.
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.tags import GRPC_INFO_TAG
 
-# The substrings a partition key may not contain (clip_assets.ingest.batch_discovery keeps its own
-# copy, so the library layer does not import Dagster; a test keeps the two equal).
-from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
+# A run over a range of partitions (what a backfill run covers): RunRequest and execute_in_process
+# take a single partition_key, the range only as these two tags.
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, GRPC_INFO_TAG
 
 
 def partition_range_tags(first: str, last: str) -> dict[str, str]:

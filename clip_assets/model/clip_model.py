@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from clip_assets.storage.file_hashes import current_content_digest
 from clip_assets.model.quantizable_attention import swap_self_attention
+from clip_assets.storage.file_hashes import current_content_digest
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HF_HUB_PREFIX = "hf-hub:"

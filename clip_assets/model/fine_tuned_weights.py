@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clip_assets.storage.atomic_files import write_text_atomically
-from clip_assets.storage.file_hashes import content_digest
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
+from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.storage.file_hashes import content_digest
 
 
 class NoFineTunedModelError(RuntimeError):

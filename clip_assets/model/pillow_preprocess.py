@@ -31,7 +31,9 @@ from PIL import Image
 
 def is_rgb_conversion(step) -> bool:
     """open_clip's step that converts the image to RGB (its MaybeConvertMode, or an older `_convert_to_rgb`)."""
-    from open_clip.transform import MaybeConvertMode  # deferred: the code location imports this module; open_clip only with a model
+    from open_clip.transform import (
+        MaybeConvertMode,  # deferred: the code location imports this module; open_clip only with a model
+    )
 
     return isinstance(step, MaybeConvertMode) or getattr(step, "__name__", "") == "_convert_to_rgb"
 

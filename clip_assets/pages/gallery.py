@@ -28,8 +28,8 @@ from clip_assets.classification.near_misses import (
     UNDER_THRESHOLD,
     GalleryImage,
 )
-from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.config.layout import DataLayout
+from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect, read_duplicate_groups
 
 THUMBNAIL_PX = 128

@@ -37,13 +37,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from clip_assets.pages.gallery import LOAD_CHECK, write_thumbnail
 from clip_assets.config.layout import DataLayout
-from clip_assets.search.exact_search import check_query_model, embedding_files
-from clip_assets.search.query import SearchHit, decode_query_image, search
 from clip_assets.config.settings import Settings
 from clip_assets.model.clip_model import import_open_clip, load_clip_model, model_identity
 from clip_assets.model.fine_tuned_weights import configured_weights
+from clip_assets.pages.gallery import LOAD_CHECK, write_thumbnail
+from clip_assets.search.exact_search import check_query_model, embedding_files
+from clip_assets.search.query import SearchHit, decode_query_image, search
 from clip_assets.storage.warehouse import connect
 
 log = logging.getLogger(__name__)

@@ -28,14 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import default
+from clip_assets.ingest.manifest import image_paths
 from clip_assets.search import ann_index
 from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.storage.warehouse import replace_duplicate_groups
-from clip_assets.config.layout import DataLayout
-from clip_assets.config.settings import default
-from clip_assets.ingest.manifest import image_paths
 
 log = logging.getLogger(__name__)
 

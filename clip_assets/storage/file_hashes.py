@@ -8,7 +8,6 @@ import functools
 import hashlib
 from pathlib import Path
 
-
 CONTENT_DIGEST_CHARS = 12  # hex of the sha256 that names a file by its content
 # hex of the sha256 that versions a human-edited source file (labels, prompts, captions): the data
 # version its observations record and what the adapters' version is built from. Stored in asset

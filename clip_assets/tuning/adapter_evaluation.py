@@ -13,16 +13,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
-from clip_assets.tuning.calibration import DEFAULT_HELDOUT_FRACTION, LabelledScores, calibrate, category_scores, is_heldout
-from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.classification.rules import score_matrices
-from clip_assets.tuning.evaluation import CategoryScore, macro_f1
-from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import SINGLE_LABEL
+from clip_assets.classification.rules import score_matrices
+from clip_assets.config.layout import DataLayout
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.warehouse import scratch
+from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
+from clip_assets.tuning.calibration import (
+    DEFAULT_HELDOUT_FRACTION,
+    LabelledScores,
+    calibrate,
+    category_scores,
+    is_heldout,
+)
+from clip_assets.tuning.evaluation import CategoryScore, macro_f1
+from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
 
 
 @dataclass

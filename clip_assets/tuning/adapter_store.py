@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_assets.tuning.adapters import AdapterSet, FileAdapter
-from clip_assets.storage.atomic_files import atomic_write
 from clip_assets.classification.centroids import CentroidSet
+from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.tuning.adapters import AdapterSet, FileAdapter
 
 FORMAT = 2  # 2: thresholds calibrated on the whole tuning half, not only the images the correction learnt from
 _ARRAYS = ("columns", "thresholds", "neutral_margins", "keys", "values", "alpha", "weight_change", "applies",

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from clip_assets.tuning.calibration import choose_threshold, predict, stable_fraction
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.classification.rules import score_matrices
 from clip_assets.classification.prompts import SINGLE_LABEL
+from clip_assets.classification.rules import score_matrices
+from clip_assets.tuning.calibration import choose_threshold, predict, stable_fraction
 
 NONE, CACHE, HEAD = "none", "cache", "head"
 FOLDS = 5

@@ -28,13 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clip_assets.classification.prompts import MULTI_LABEL, OVERRIDES_FILE
+from clip_assets.config.layout import DataLayout
+from clip_assets.pages.plots import precision_recall_png
+from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
 from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
-from clip_assets.storage.atomic_files import write_text_atomically
-from clip_assets.config.layout import DataLayout
-from clip_assets.classification.prompts import MULTI_LABEL, OVERRIDES_FILE
-from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
-from clip_assets.pages.plots import precision_recall_png
 
 DEFAULT_HELDOUT_FRACTION = 0.5
 

@@ -41,13 +41,13 @@ from typing import Callable
 
 import torch
 
-from clip_assets.storage.atomic_files import write_named_by_content
-from clip_assets.tuning.calibration import is_heldout
-from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model, model_identity
-from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
-from clip_assets.embedding.decode import load_rgb
-from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.decode import load_rgb
+from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model, model_identity
+from clip_assets.storage.atomic_files import write_named_by_content
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
+from clip_assets.tuning.calibration import is_heldout
+from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 
 REQUIRED_COLUMNS = ("path", "caption")
 DEFAULT_HELDOUT_FRACTION = 0.25

@@ -10,19 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
+from clip_assets.classification.rules import NO_ADAPTER
+from clip_assets.config.layout import DataLayout
+from clip_assets.model.fine_tuned_weights import record_fine_tuned_checkpoint
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
+from clip_assets.storage.warehouse import read_centroids
 from clip_assets.tuning.adapter_evaluation import fit_on_tuning_half, load_labelled_embeddings
 from clip_assets.tuning.adapter_store import adapter_version, remove_adapters, write_adapter_file
-from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.tuning.adapters import AdapterSet
-from clip_assets.tuning.labels_file import read_labels_file
-from clip_assets.classification.rules import (
-    NO_ADAPTER,
-)
-from clip_assets.model.fine_tuned_weights import record_fine_tuned_checkpoint
 from clip_assets.tuning.fine_tuning import FineTuneOptions, FineTuneReport, fine_tune_to_checkpoint
-from clip_assets.config.layout import DataLayout
-from clip_assets.storage.warehouse import read_centroids
+from clip_assets.tuning.labels_file import read_labels_file
 
 
 @dataclass

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.classification.steps import write_centroids, write_classifications
-from clip_assets.ingest.manifest import image_paths
 from clip_assets.classification.rules import classify_batch
-from clip_assets.pages.gallery import gallery_rows
+from clip_assets.classification.steps import write_centroids, write_classifications
 from clip_assets.config.layout import DataLayout
-from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
+from clip_assets.ingest.manifest import image_paths
+from clip_assets.pages.gallery import gallery_rows
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.warehouse import connect, read_centroids
+from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
 from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
 
 BATCH = "synthetic"

@@ -5,21 +5,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.classification.steps import write_centroids, write_classifications
-
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
 from clip_assets.classification.centroids import normalised_mean
-from clip_assets.classification.rules import ModelMismatchError
-from clip_assets.model.clip_model import load_clip_model
-from clip_assets.config.layout import DataLayout
-from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.classification.prompts import PromptFileError, load_categories
+from clip_assets.classification.rules import ModelMismatchError
+from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
+from clip_assets.ingest.manifest import STATUS_OK
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.model.clip_model import load_clip_model
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.models import TINY
-from clip_assets.embedding.options import EncodeOptions
 
 
 @pytest.fixture

@@ -9,20 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_assets import checks
-
-from clip_assets.classification.steps import write_centroids, write_classifications
-
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import load_clip_model
-from clip_assets.instance.execution import BATCH_ASSETS, materialize, materialize_everything
-from clip_assets.definitions import build_definitions
-from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories
+from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.config.layout import DataLayout
+from clip_assets.definitions import build_definitions
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.instance.execution import BATCH_ASSETS, materialize, materialize_everything
+from clip_assets.model.clip_model import load_clip_model
 from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.models import TINY
-from clip_assets.embedding.options import EncodeOptions
 
 
 @pytest.fixture

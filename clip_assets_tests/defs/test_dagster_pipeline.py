@@ -10,28 +10,28 @@ import sys
 import dagster as dg
 import pytest
 
+from clip_assets.classification.prompts import load_categories, prompt_version
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import REPO_ROOT
+from clip_assets.definitions import build_definitions
+from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
+from clip_assets.defs.ingest.sensors import SPLIT_SENSOR, split_failed_batch_runs
+from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
+from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
 from clip_assets.instance.execution import (
     BATCH_ASSETS,
+    QUIET_CONSOLE,
     materialize,
     materialize_everything,
     observe,
     register_batches,
 )
-from clip_assets.tuning.adapter_store import adapter_version
 from clip_assets.model.clip_model import model_identity
-from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.model.fine_tuned_weights import fine_tuned_checkpoint
-from clip_assets.instance.execution import QUIET_CONSOLE
-from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
-from clip_assets.defs.ingest.sensors import SPLIT_SENSOR, split_failed_batch_runs
-from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
-from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
-from clip_assets.definitions import build_definitions
-from clip_assets.config.layout import DataLayout
-from clip_assets.classification.prompts import load_categories, prompt_version
-from clip_assets.config.settings import REPO_ROOT
 from clip_assets.search.exact_search import stored_models
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.storage.warehouse import connect, read_centroids
+from clip_assets.tuning.adapter_store import adapter_version
 
 BATCHES = ["batch-001", "batch-002"]
 EMBEDDINGS = dg.AssetKey("image_embeddings")

@@ -3,12 +3,12 @@
 import dagster as dg
 import pytest
 
-from clip_assets.tuning.calibration import calibrate, load_labelled_scores
-from clip_assets.tuning.labels_file import read_labels_file
-from clip_assets.instance.execution import materialize, materialize_everything
+from clip_assets.config.layout import DataLayout
 from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import LABELS_FILE
-from clip_assets.config.layout import DataLayout
+from clip_assets.instance.execution import materialize, materialize_everything
+from clip_assets.tuning.calibration import calibrate, load_labelled_scores
+from clip_assets.tuning.labels_file import read_labels_file
 
 EVALUATION = dg.AssetKey("image_evaluation")
 CALIBRATION = dg.AssetKey("threshold_calibration")

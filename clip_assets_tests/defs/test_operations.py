@@ -11,11 +11,11 @@ import shutil
 import dagster as dg
 import pytest
 
+from clip_assets.classification.prompts import load_categories
+from clip_assets.definitions import build_definitions
 from clip_assets.defs.ingest.schedules import RESCAN_SCHEDULE
 from clip_assets.defs.ingest.sensors import BATCH_DISCOVERY_SENSOR
-from clip_assets.definitions import build_definitions
 from clip_assets.demo.shapes import write_collection
-from clip_assets.classification.prompts import load_categories
 from clip_assets_tests.support.dagster_ticks import classification_counts, run_requests, tick
 
 BATCH_KEYS = [dg.AssetKey(k) for k in ("image_manifest", "image_embeddings", "image_classifications")]

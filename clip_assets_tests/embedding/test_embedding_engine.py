@@ -18,19 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import load_clip_model
+from clip_assets.config.layout import DataLayout
+from clip_assets.config.settings import REPO_ROOT
 from clip_assets.demo.shapes import write_collection
 from clip_assets.embedding.decode import decode_image, draft_size
-from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.manifest import build_manifest, image_id_for
-from clip_assets.config.settings import REPO_ROOT
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.model.clip_model import load_clip_model
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets_tests.support.images import jpeg_bytes, photo_like, write_bad_batch
 from clip_assets_tests.support.models import TINY
-from clip_assets.embedding.options import EncodeOptions
 
 
 def test_every_bad_file_is_recorded_and_the_batch_goes_on(tmp_path, clip):

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets import checks
+from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.engine import EncodeJob, embeddings_schema
 from clip_assets.embedding.store import EmbeddingFileFigures, EncodingPlan, PartFiles, write_final
-from clip_assets.config.layout import DataLayout
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets_tests.support.synthetic_embeddings import write_synthetic_batch
 
 DIM, MODEL, BATCH = 16, "tiny/test", "b"

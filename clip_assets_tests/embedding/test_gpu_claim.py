@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clip_assets.embedding.gpu_claim import claim_for_process, claim_gpu, device_for_embedding_step
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets.embedding.gpu_claim import claim_for_process, claim_gpu, device_for_embedding_step
 
 # Claims a GPU among argv[2:] (fake ids) under the lock folder argv[1], says which, then holds it
 # until its stdin closes or it is killed.

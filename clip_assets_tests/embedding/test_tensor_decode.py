@@ -24,15 +24,13 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision import transforms as T
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.model.clip_model import ClipModel
-from clip_assets.embedding.decode import decode_image, draft_size, failure_reason
-from clip_assets.embedding.image_files import ImageFiles
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding import tensor_decode
+from clip_assets.embedding.decode import decode_image, draft_size, failure_reason
+from clip_assets.embedding.image_files import ImageFiles
+from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
+from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
 from clip_assets.embedding.tensor_decode import (
     DECODE_PIXELS_PER_CALL,
     JpegBytesOrPixels,
@@ -43,11 +41,12 @@ from clip_assets.embedding.tensor_decode import (
     decode_jpegs,
     decoded_batches,
 )
-from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.model.clip_model import ClipModel
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets_tests.support.images import jpeg_bytes, photo_like, with_orientation, write_bad_batch, ycck_jpeg
 from clip_assets_tests.support.vectors import agreement
-from clip_assets.embedding.options import EncodeOptions
 
 CPU = torch.device("cpu")
 

@@ -3,8 +3,8 @@
 import os
 import time
 
-
-from clip_assets.ingest.steps import write_manifest
+from clip_assets.config.layout import DataLayout
+from clip_assets.demo.shapes import write_collection
 from clip_assets.ingest.batch_discovery import (
     DiscoveryCursor,
     changed_batches,
@@ -15,8 +15,7 @@ from clip_assets.ingest.batch_discovery import (
     rescan_slice,
     write_rescan_position,
 )
-from clip_assets.demo.shapes import write_collection
-from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.steps import write_manifest
 
 
 def test_new_folders_are_found_and_an_unchanged_root_is_not_listed(tmp_path):

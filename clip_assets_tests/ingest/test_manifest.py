@@ -5,7 +5,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clip_assets.ingest.manifest import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, build_manifest, image_id_for, list_batches
+from clip_assets.ingest.manifest import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    build_manifest,
+    image_id_for,
+    list_batches,
+)
 
 
 @pytest.fixture

@@ -28,14 +28,14 @@ import urllib.request
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.execution.backfill import BulkActionStatus
 import pyarrow.parquet as pq
 import pytest
+from dagster._core.execution.backfill import BulkActionStatus
 
-from clip_assets.demo.shapes import write_collection
-from clip_assets.config.layout import DataLayout
 from clip_assets.classification.prompts import load_categories, prompt_version
+from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets.demo.shapes import write_collection
 from clip_assets.storage.warehouse import connect
 
 pytestmark = pytest.mark.dagster_dev

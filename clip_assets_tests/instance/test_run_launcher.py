@@ -15,10 +15,10 @@ import time
 
 import dagster as dg
 import pytest
-from clip_assets.instance.dagster_internals import WorkerStatus
 
-from clip_assets.instance.run_launcher import LocalRunLauncher, RunProcess, process_is_alive, run_process
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets.instance.dagster_internals import WorkerStatus
+from clip_assets.instance.run_launcher import LocalRunLauncher, RunProcess, process_is_alive, run_process
 
 INSTANCE_YAML = """
 storage:

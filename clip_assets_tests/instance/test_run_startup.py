@@ -15,10 +15,10 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
-from clip_assets.ingest.steps import write_manifest
-from clip_assets_tests.support.scratch_instance import SCRATCH_INSTANCE_YAML
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets.ingest.steps import write_manifest
+from clip_assets_tests.support.scratch_instance import SCRATCH_INSTANCE_YAML
 
 
 def test_dagster_asset_materialize_encodes_in_the_runs_process(tmp_path, settings, collection, monkeypatch):

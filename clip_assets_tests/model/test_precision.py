@@ -15,24 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.engine import EncodeJob, default_num_workers, encode_images, model_threads, torch_threads
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.steps import write_embeddings
-
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import resolved_precision, tuned_for_inference, with_precision
-from clip_assets.embedding.engine import (
-    EncodeJob,
-    default_num_workers,
-    encode_images,
-    model_threads,
-    torch_threads,
-)
-from clip_assets.config.layout import DataLayout
 from clip_assets.model.quantizable_attention import SelfAttention
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets_tests.support.images import photo_like, with_orientation, write_bad_batch
 from clip_assets_tests.support.models import seeded_vit_s_32
 from clip_assets_tests.support.vectors import agreement
-from clip_assets.embedding.options import EncodeOptions
 
 CPU = torch.device("cpu")
 FAST = ("int8", "bfloat16")  # each made with a fresh seeded_vit_s_32: int8 quantises in place

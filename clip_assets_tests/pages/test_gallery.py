@@ -7,10 +7,11 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from clip_assets.instance.execution import materialize, materialize_everything
-from clip_assets.definitions import build_definitions
-from clip_assets.classification.steps import write_centroids, write_classifications
 from clip_assets.classification.near_misses import NOT_ABOVE_NEUTRAL, UNDER_THRESHOLD
+from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.config.layout import DataLayout
+from clip_assets.definitions import build_definitions
+from clip_assets.instance.execution import materialize, materialize_everything
 from clip_assets.pages.gallery import (
     SHEET_THUMB_PX,
     THUMBNAIL_PX,
@@ -19,7 +20,6 @@ from clip_assets.pages.gallery import (
     gallery_rows,
     write_gallery,
 )
-from clip_assets.config.layout import DataLayout
 from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 from clip_assets_tests.support.synthetic_collection import tied_collection

@@ -10,11 +10,11 @@ import uuid
 from urllib.parse import urlencode
 
 import pytest
-from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 from PIL import Image
 
-from clip_assets.search.query import search
 from clip_assets.pages.search_page import THUMBNAIL_PX, start_server
+from clip_assets.search.query import search
+from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from clip_assets.search import ann_index, shard_set
 from clip_assets.config.layout import DataLayout
+from clip_assets.search import ann_index, shard_set
 from clip_assets_tests.support.vectors import planted, write_vectors
 
 DIM = 64
@@ -113,8 +113,8 @@ def test_codec_lists_grow_with_the_square_root_of_the_collection_and_stay_traina
 def test_through_dagster_the_first_partition_trains_the_codec_and_the_next_fills_it(settings, instance, tmp_path):
     import dagster as dg
 
-    from clip_assets.instance.execution import materialize, register_batches
     from clip_assets.definitions import build_definitions
+    from clip_assets.instance.execution import materialize, register_batches
 
     settings = settings.model_copy(update={"data_dir": tmp_path / "indexed"})
     layout = DataLayout(settings.data_dir)

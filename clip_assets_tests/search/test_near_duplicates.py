@@ -24,23 +24,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
 
-from clip_assets.search import ann_index
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.instance.execution import materialize, register_batches
+from clip_assets.config.layout import DataLayout
 from clip_assets.definitions import build_definitions
+from clip_assets.defs.search.assets import KEEP_DUPLICATES_PAGES
 from clip_assets.demo.shapes import make_sample
 from clip_assets.embedding.decode import load_rgb
 from clip_assets.embedding.engine import embeddings_schema
-from clip_assets.pages.gallery import write_duplicates_page
-from clip_assets.storage.atomic_files import write_parquet_atomically
-from clip_assets.config.layout import DataLayout
-from clip_assets.storage.warehouse import connect
 from clip_assets.ingest.manifest import STATUS_OK
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.instance.execution import materialize, register_batches
+from clip_assets.pages.gallery import write_duplicates_page
+from clip_assets.search import ann_index
 from clip_assets.search.near_duplicates import update_duplicate_groups
+from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.storage.warehouse import connect
 from clip_assets_tests.support.chromium import CHROMIUM, chromium_dump_dom
 from clip_assets_tests.support.vectors import planted, write_vectors
-from clip_assets.defs.search.assets import KEEP_DUPLICATES_PAGES
 
 DESCRIPTOR = "test/rgb-8x8-thumbnail"
 

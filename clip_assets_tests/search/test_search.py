@@ -7,16 +7,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.cli import main
+from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.engine import embeddings_schema
+from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
-from clip_assets.config.layout import DataLayout
-from clip_assets.search.exact_search import NothingToSearchError, SearchModelMismatchError, SearchQueryError, top_k_streaming
+from clip_assets.search.exact_search import (
+    NothingToSearchError,
+    SearchModelMismatchError,
+    SearchQueryError,
+    top_k_streaming,
+)
 from clip_assets.search.query import search
+from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.warehouse import connect
-from clip_assets.embedding.options import EncodeOptions
 
 BATCHES = ["batch-001", "batch-002"]
 

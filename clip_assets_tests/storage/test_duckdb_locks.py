@@ -12,22 +12,21 @@ import threading
 import pytest
 
 from clip_assets import checks
-
+from clip_assets.classification.prompts import load_categories
 from clip_assets.classification.steps import write_centroids, write_classifications
-from clip_assets.tuning.calibration import load_labelled_scores
-from clip_assets.tuning.labels_file import read_labels_file
-from clip_assets.defs.conventions import DUCKDB_READER, DUCKDB_WRITER, DUCKDB_WRITER_POOL
+from clip_assets.config.settings import REPO_ROOT
 from clip_assets.definitions import build_definitions
+from clip_assets.defs.conventions import DUCKDB_READER, DUCKDB_WRITER, DUCKDB_WRITER_POOL
 from clip_assets.demo.run import category_summary, matched_labels
 from clip_assets.demo.shapes import LABELS_FILE
 from clip_assets.pages.gallery import gallery_rows
-from clip_assets.classification.prompts import load_categories
 from clip_assets.search.query import images_matching_category
-from clip_assets.config.settings import REPO_ROOT
 from clip_assets.storage import warehouse
 from clip_assets.storage.warehouse import WarehouseLockedError, read_centroids
-from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
+from clip_assets.tuning.calibration import load_labelled_scores
+from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets_tests.support.models import TINY
+from clip_assets_tests.support.warehouse_oracles import score_histograms, top_images
 
 NOTEBOOK = """
 import sys, duckdb

@@ -14,21 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_assets.classification.steps import write_centroids, write_classifications
-
-from clip_assets.embedding.steps import write_embeddings
-
-from clip_assets.ingest.steps import write_manifest
-from clip_assets.storage.atomic_files import TEMP_MARKER, _host, temp_path_for, write_parquet_atomically
-from clip_assets.demo.shapes import write_collection
-from clip_assets.definitions import build_definitions
-from clip_assets.config.layout import MAX_STEM_BYTES, DataLayout, batch_stem
 from clip_assets.classification.prompts import load_categories
-from clip_assets.search.exact_search import embedding_files, top_k_streaming
-from clip_assets.ingest.manifest import image_paths
+from clip_assets.classification.steps import write_centroids, write_classifications
+from clip_assets.config.layout import MAX_STEM_BYTES, DataLayout, batch_stem
 from clip_assets.config.settings import REPO_ROOT
-from clip_assets_tests.support.dagster_ticks import classification_counts, tick
+from clip_assets.definitions import build_definitions
+from clip_assets.demo.shapes import write_collection
 from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.steps import write_embeddings
+from clip_assets.ingest.manifest import image_paths
+from clip_assets.ingest.steps import write_manifest
+from clip_assets.search.exact_search import embedding_files, top_k_streaming
+from clip_assets.storage.atomic_files import TEMP_MARKER, _host, temp_path_for, write_parquet_atomically
+from clip_assets_tests.support.dagster_ticks import classification_counts, tick
 
 NAME_MAX = os.pathconf("/", "PC_NAME_MAX")
 LONG_BATCH = "b" * 250  # a folder name this long fits the file system; "<name>.parquet" would not

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_assets.storage.atomic_files import atomic_write
-from clip_assets.embedding.engine import embeddings_schema
 from clip_assets.config.layout import DataLayout
+from clip_assets.embedding.engine import embeddings_schema
 from clip_assets.ingest.manifest import MANIFEST_SCHEMA, STATUS_OK, image_id_for
+from clip_assets.storage.atomic_files import atomic_write
 
 
 def clustered_unit_vectors(rng: np.random.Generator, count: int, centres: np.ndarray, spread: float) -> np.ndarray:

@@ -8,20 +8,23 @@ import dataclasses
 import numpy as np
 import pytest
 
+from clip_assets.classification.centroids import CentroidSet
+from clip_assets.classification.rules import score_matrices
 from clip_assets.classification.steps import write_classifications
-
-from clip_assets.tuning.steps import write_adapters
+from clip_assets.storage.warehouse import connect, read_centroids
 from clip_assets.tuning.adapter_evaluation import (
-    LabelledEmbeddings, compare, fit_on_tuning_half, load_labelled_embeddings, tuning_sample,
+    LabelledEmbeddings,
+    compare,
+    fit_on_tuning_half,
+    load_labelled_embeddings,
+    tuning_sample,
 )
 from clip_assets.tuning.adapter_store import AdapterMismatchError, adapters_for, read_adapters, write_adapter_file
 from clip_assets.tuning.adapters import CACHE, CANDIDATES, HEAD, NONE, Candidate, fit_adapters, stratified_sample
 from clip_assets.tuning.calibration import is_heldout
-from clip_assets.tuning.labels_file import read_labels_file
-from clip_assets.classification.centroids import CentroidSet
-from clip_assets.classification.rules import score_matrices
 from clip_assets.tuning.evaluation import macro_f1
-from clip_assets.storage.warehouse import connect, read_centroids
+from clip_assets.tuning.labels_file import read_labels_file
+from clip_assets.tuning.steps import write_adapters
 
 
 def _centroids(positive: np.ndarray, mode: str = "multi_label") -> CentroidSet:

@@ -7,15 +7,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clip_assets.classification.prompts import (
+    OVERRIDES_FILE,
+    PromptFileError,
+    load_categories,
+    prompt_files,
+    prompt_version,
+)
 from clip_assets.classification.steps import write_centroids
-from clip_assets.tuning.calibration import calibrate, choose_threshold, evaluate_current, is_heldout, load_labelled_scores, stable_fraction, write_overrides
-from clip_assets.tuning.labels_file import LabelsFileError, read_labels_file
 from clip_assets.cli import main
 from clip_assets.demo.run import matched_labels
 from clip_assets.demo.shapes import LABELS_FILE, read_labels
-from clip_assets.tuning.evaluation import score_labels
-from clip_assets.classification.prompts import OVERRIDES_FILE, PromptFileError, load_categories, prompt_files, prompt_version
 from clip_assets.storage.warehouse import read_centroids
+from clip_assets.tuning.calibration import (
+    calibrate,
+    choose_threshold,
+    evaluate_current,
+    is_heldout,
+    load_labelled_scores,
+    stable_fraction,
+    write_overrides,
+)
+from clip_assets.tuning.evaluation import score_labels
+from clip_assets.tuning.labels_file import LabelsFileError, read_labels_file
 
 BATCHES = ["batch-001", "batch-002"]
 
@@ -133,9 +147,9 @@ def test_labelled_scores_are_the_labelled_images_rows_of_a_multi_batch_collectio
     import numpy as np
     import pyarrow.parquet as pq
 
+    from clip_assets.storage.warehouse import connect
     from clip_assets.tuning.calibration import evaluate_current
     from clip_assets.tuning.labels_file import LabelRows
-    from clip_assets.storage.warehouse import connect
     from clip_assets_tests.support.synthetic_collection import tied_collection
 
     layout = tied_collection(tmp_path, images=300, batches=3)

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_assets.storage.atomic_files import write_named_by_content
+from clip_assets.classification.prompts import load_categories
 from clip_assets.cli import main
-from clip_assets.model.clip_model import load_clip_model, model_identity
-from clip_assets.model.fine_tuned_weights import NoFineTunedModelError, configured_weights
+from clip_assets.config.settings import REPO_ROOT
 from clip_assets.demo.second_domain import (
     REPLAY_FOLDER,
     heldout_truth,
@@ -24,17 +23,18 @@ from clip_assets.demo.second_domain import (
     zero_shot_scores,
 )
 from clip_assets.demo.shapes import LABELS_FILE, make_sample
+from clip_assets.model.clip_model import load_clip_model, model_identity
+from clip_assets.model.fine_tuned_weights import NoFineTunedModelError, configured_weights
+from clip_assets.storage.atomic_files import write_named_by_content
 from clip_assets.tuning.fine_tuning import (
+    WISE_ALPHAS,
     CaptionsFileError,
     FineTuneOptions,
     fine_tune_to_checkpoint,
     read_captions_file,
-    WISE_ALPHAS,
     split_pairs,
     validation_split,
 )
-from clip_assets.classification.prompts import load_categories
-from clip_assets.config.settings import REPO_ROOT
 
 TINY = "clip-assets-tiny"
 

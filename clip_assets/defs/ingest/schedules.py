@@ -13,10 +13,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.ingest.batch_discovery import read_rescan_position, rescan_slice, write_rescan_position
 from clip_assets.defs.ingest.jobs import batch_run_requests, classify_image_batch_job
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
+from clip_assets.ingest.batch_discovery import read_rescan_position, rescan_slice, write_rescan_position
 
 RESCAN_SCHEDULE = "rescan_image_batches"
 # Dagster gives a schedule tick 60 s by default (DAGSTER_SCHEDULE_GRPC_TIMEOUT_SECONDS): a tick compares

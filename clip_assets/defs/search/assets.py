@@ -7,14 +7,15 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.search import ann_index, near_duplicates as duplicates
-from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.asset_keys import IMAGE_EMBEDDINGS
+from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.conventions import DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.pages.gallery import prune_pages, write_duplicates_page
+from clip_assets.search import ann_index
+from clip_assets.search import near_duplicates as duplicates
 
 KEEP_DUPLICATES_PAGES = 5  # the newest runs' near-duplicate pages; older ones (5-6 MB each at 1,300 images) go
 

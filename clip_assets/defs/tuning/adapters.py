@@ -8,11 +8,11 @@ images' stored embeddings when they run; images embedded later count from the ne
 
 import dagster as dg
 
-from clip_assets.tuning.steps import write_adapters
 from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
+from clip_assets.tuning.steps import write_adapters
 
 
 @dg.asset(

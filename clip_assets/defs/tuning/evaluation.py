@@ -7,12 +7,12 @@ table per category, the macro F1, and a precision-recall plot.
 
 import dagster as dg
 
-from clip_assets.tuning import calibration
-from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.defs.asset_keys import IMAGE_CLASSIFICATIONS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
+from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.tuning import calibration
 from clip_assets.tuning.evaluation import macro_f1
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from clip_assets.tuning.steps import write_fine_tuned_model
 from clip_assets.defs.asset_keys import CAPTIONS_FILE, FINE_TUNED_MODEL, IMAGE_EMBEDDINGS, PROMPT_CENTROIDS
 from clip_assets.defs.conventions import GPU_POOL, OWNER
-from clip_assets.defs.observation import file_observation, observation_sensor, observed_file_source, record_if_changed
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
+from clip_assets.defs.observation import file_observation, observation_sensor, observed_file_source, record_if_changed
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection
 from clip_assets.model.fine_tuned_weights import checkpoint_version
+from clip_assets.tuning.steps import write_fine_tuned_model
 
 CAPTIONS_OBSERVATION_SENSOR = "captions_file_observation"
 NO_CAPTIONS = "no-captions"  # the captions file's data version while CLIP_ASSETS_FINE_TUNE_CAPTIONS is unset
