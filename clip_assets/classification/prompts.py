@@ -24,6 +24,7 @@ are refused. A broken file is refused with `PromptFileError`, which names the fi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import re
 import tomllib
@@ -199,8 +200,18 @@ def _refusal(path: Path, exc: ValidationError) -> PromptFileError:
     if named:
         field = f"{field}.{named[1]}" if field else named[1]
         message = named[2]
+    if first["type"] == "extra_forbidden":
+        message += _did_you_mean(str(first["loc"][-1]))
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     return PromptFileError(path, field, message + more)
+
+
+def _did_you_mean(name: str) -> str:
+    """'; did you mean 'positive'?' for a misspelt field name of a prompt or overrides file, else ''."""
+    known = {f for model in (PromptSetFile, CategoryPrompts, ThresholdOverrides, CategoryOverride)
+             for f in model.model_fields}
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parse_prompt_file(path: Path) -> PromptSetFile:
@@ -225,15 +236,15 @@ def load_categories(prompts_dir: Path) -> list[Category]:
     if not files:
         raise PromptFileError(prompts_dir, None, f"no prompt files ({PROMPT_GLOB}) found")
     categories: list[Category] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, tuple[str, Path]] = {}  # casefolded name -> (name as written, file)
     for path in files:
         parsed = parse_prompt_file(path)
         for name, cat in parsed.categories.items():
-            if name in seen:
-                raise PromptFileError(
-                    path, f"categories.{name}", f"category already defined in {seen[name]}"
-                )
-            seen[name] = path
+            if name.casefold() in seen:
+                first_name, first_path = seen[name.casefold()]
+                written = "" if first_name == name else f" as {first_name!r} (names are compared without case)"
+                raise PromptFileError(path, f"categories.{name}", f"category already defined in {first_path}{written}")
+            seen[name.casefold()] = (name, path)
             categories.append(
                 Category(
                     name=name,
@@ -248,7 +259,7 @@ def load_categories(prompts_dir: Path) -> list[Category]:
                 )
             )
     overrides = read_overrides(prompts_dir)
-    unknown = sorted(set(overrides) - set(seen))
+    unknown = sorted(name for name in overrides if name not in {n for n, _ in seen.values()})
     if unknown:
         raise PromptFileError(
             prompts_dir / OVERRIDES_FILE, f"categories.{unknown[0]}",

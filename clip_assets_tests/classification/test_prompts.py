@@ -79,6 +79,42 @@ def test_category_defined_in_two_files_is_refused(tmp_path):
     assert info.value.path.name == "b.toml" and info.value.field == "categories.cat"
 
 
+def test_category_names_are_compared_without_case(tmp_path):
+    write(tmp_path, "a.toml", '[categories.circle]\npositive = ["a circle"]\n')
+    write(tmp_path, "b.toml", '[categories.Circle]\npositive = ["a round shape"]\n')
+    with pytest.raises(PromptFileError, match=r"already defined in .*a.toml as 'circle' \(names are compared without case\)") as info:
+        load_categories(tmp_path)
+    assert info.value.path.name == "b.toml" and info.value.field == "categories.Circle"
+    (tmp_path / "b.toml").unlink()
+    write(tmp_path, "a.toml", '[categories.circle]\npositive = ["a"]\n[categories.CIRCLE]\npositive = ["b"]\n')
+    with pytest.raises(PromptFileError, match="already defined in .*a.toml as 'circle'"):
+        load_categories(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, field, suggestion",
+    [
+        ('[categories.star]\npositve = ["a star"]\n', "categories.star.positve", "did you mean 'positive'?"),
+        ('treshold = 0.1\n[categories.star]\npositive = ["a star"]\n', "treshold", "did you mean 'threshold'?"),
+        ('[categories.star]\npositive = ["a"]\nnuetral_margin = 0.1\n', "categories.star.nuetral_margin",
+         "did you mean 'neutral_margin'?"),
+    ],
+)
+def test_a_misspelt_field_is_refused_with_the_field_it_may_mean(tmp_path, text, field, suggestion):
+    write(tmp_path, "broken.toml", text)
+    with pytest.raises(PromptFileError) as info:
+        load_categories(tmp_path)
+    assert info.value.field == field and "Extra inputs are not permitted" in str(info.value)
+    assert str(info.value).endswith(suggestion)
+
+
+def test_a_field_like_no_other_gets_no_suggestion(tmp_path):
+    write(tmp_path, "broken.toml", '[categories.cat]\npositive = ["a"]\ncolour = "red"\n')
+    with pytest.raises(PromptFileError) as info:
+        load_categories(tmp_path)
+    assert "did you mean" not in str(info.value)
+
+
 def test_empty_folder_is_refused(tmp_path):
     with pytest.raises(PromptFileError, match="no prompt files"):
         load_categories(tmp_path)
