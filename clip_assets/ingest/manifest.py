@@ -1,8 +1,8 @@
 """Listing the files of an image batch: stable ids, sizes and mtimes, from `stat` alone.
 
 A batch is a folder directly under the image root. Every file in it (recursively, dotfiles aside)
-gets a row; what `stat` shows cannot be an image (an empty file, one that cannot be stat-ed or read)
-gets status `error` and the reason, and what is deliberately not read (symlinked folders, symlinks
+gets a row; what `stat` shows cannot be an image (an empty file, one that cannot be stat-ed or read,
+a symlink loop) gets status `error` and the reason, and what is deliberately not read (symlinked folders, symlinks
 out of the root, FIFOs, names that are not UTF-8) gets status `skipped` and the reason, so nothing is
 left out silently. No file is opened here: at a million files, opening each one's header took twice
 as long as the listing. A file that is not an image after all (unknown format, truncated or broken
@@ -117,6 +117,8 @@ def _stat_entry(path: Path, root: Path) -> tuple[str, str | None, int | None, fl
             if not path.resolve().is_relative_to(root):
                 return STATUS_SKIPPED, "symlink leads outside the image root", None, None
             st = path.stat()
+    except RuntimeError as exc:  # Path.resolve on a link that leads back to itself
+        return STATUS_ERROR, f"symlink loop: {exc}", None, None
     except OSError as exc:
         return STATUS_ERROR, f"{type(exc).__name__}: {exc}", None, None
     if not stat.S_ISREG(st.st_mode):

@@ -122,7 +122,7 @@ class SearchPage:
         try:
             path = (root / relative).resolve()
             return path if path.is_relative_to(root) and path.is_file() else None
-        except (OSError, ValueError):  # a NUL byte, a loop of links
+        except (OSError, ValueError, RuntimeError):  # a NUL byte; a loop of links (RuntimeError from resolve)
             return None
 
     def thumbnail(self, relative: str) -> bytes | None:

@@ -114,6 +114,19 @@ def test_a_manifest_that_cannot_be_read_counts_as_changed_and_the_others_are_sti
     assert len(reports) == 1 and reports[0].startswith("batch-002: its manifest could not be read")
 
 
+def test_a_symlink_loop_is_a_new_entry_for_the_rescan_and_never_stops_it(tmp_path):
+    root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
+    write_collection(root, batches=3, per_batch=2, seed=1)
+    batches = ["batch-001", "batch-002", "batch-003"]
+    for b in batches:
+        write_manifest(root, layout, b)
+    os.symlink(root / "batch-002" / "loop", root / "batch-002" / "loop")
+    found = rescan_slice(root, layout, batches, None, budget_s=60)
+    assert found.changed == ["batch-002"] and found.checked == 3
+    write_manifest(root, layout, "batch-002")  # the loop is a row with its reason, and the batch is listed
+    assert rescan_slice(root, layout, batches, None, budget_s=60).changed == []
+
+
 def test_a_rescan_too_long_for_one_tick_goes_on_where_the_last_slice_stopped(tmp_path):
     root, layout = tmp_path / "images", DataLayout(tmp_path / "data")
     write_collection(root, batches=5, per_batch=2, seed=3)

@@ -103,3 +103,14 @@ def test_symlinked_folders_are_recorded_not_followed(root, tmp_path):
         assert rows[name]["status"] == STATUS_SKIPPED and rows[name]["error"] == "symlinked folder: not followed"
     assert not any(p.startswith(("b1/linked-out/", "b1/linked-in/")) for p in rows)
     assert rows["b1/sub/b.png"]["status"] == STATUS_OK
+
+
+def test_a_symlink_loop_is_recorded_and_the_batch_listed(root):
+    batch = root / "b1"
+    os.symlink(batch / "loop-b", batch / "loop-a")
+    os.symlink(batch / "loop-a", batch / "loop-b")
+    os.symlink(batch / "self", batch / "self")
+    rows = rows_by_path(build_manifest(root, "b1"))
+    for name in ("b1/loop-a", "b1/loop-b", "b1/self"):
+        assert rows[name]["status"] == STATUS_ERROR and rows[name]["error"].startswith("symlink loop"), rows[name]
+    assert rows["b1/a.jpg"]["status"] == STATUS_OK and rows["b1/sub/b.png"]["status"] == STATUS_OK

@@ -99,6 +99,17 @@ def test_a_symlink_out_of_the_image_root_is_not_served(settings, clip, tmp_path)
     assert page.thumbnail("b/link.png") is None
 
 
+def test_a_symlink_loop_is_not_served_and_does_not_break_the_request(settings, clip, tmp_path):
+    root = tmp_path / "root"
+    (root / "b").mkdir(parents=True)
+    (root / "b" / "loop.png").symlink_to(root / "b" / "loop.png")
+    httpd = start_server(settings.model_copy(update={"image_root": root}), "127.0.0.1", 0, clip=clip,
+                         thumbs_dir=tmp_path / "thumbs")
+    page = httpd.search_page
+    httpd.server_close()
+    assert page.file_under_root("b/loop.png") is None and page.thumbnail("b/loop.png") is None
+
+
 def test_an_uploaded_image_finds_itself_first(server, settings):
     some = sorted(settings.image_root.glob("batch-002/*.png"))[2]
     status, page = post_multipart(f"{server}/search", {"k": "3"}, "image", "my photo.png", some.read_bytes())
