@@ -51,9 +51,13 @@ def fresh_search_rows(embeddings_file: Path) -> SearchRowsFile | None:
     note_path = data.with_suffix(".json")
     if note_path.is_file() and data.is_file():
         source = source_note(embeddings_file)
-        note = json.loads(note_path.read_text())
-        if {k: note.get(k) for k in source} == source and data.stat().st_size == note["rows"] * note["dim"] * 4:
-            return SearchRowsFile(data, note["rows"], note["dim"])
+        try:
+            note = json.loads(note_path.read_text())
+            rows, dim = int(note["rows"]), int(note["dim"])
+            if {k: note.get(k) for k in source} == source and data.stat().st_size == rows * dim * 4:
+                return SearchRowsFile(data, rows, dim)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # an emptied or damaged note: the rows are stale, rebuilt from the parquet file
     return None
 
 

@@ -179,6 +179,21 @@ def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
     assert (tmp_path / "search_index" / "batch.f32").stat().st_size == 30 * 8 * 4
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x00garbage{", b"[1, 2]", b'{"rows": "many"}'])
+def test_a_damaged_search_rows_note_is_rebuilt_not_a_traceback(tmp_path, damage):
+    path = tmp_path / "embeddings" / "batch.parquet"
+    path.parent.mkdir()
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((40, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_random_embeddings(path, [f"img-{i}" for i in range(40)], vectors)
+    assert top_k_streaming(vectors[3], [path], 1)[0][1] == "img-3"  # writes the rows and their note
+    note = tmp_path / "search_index" / "batch.json"
+    note.write_bytes(damage)
+    assert top_k_streaming(vectors[9], [path], 1)[0][1] == "img-9"
+    assert json.loads(note.read_text())["rows"] == 40  # rebuilt beside the rows
+
+
 def test_cli_prints_json_lines_and_a_table(settings, classified, cli_env, monkeypatch, capsys):
     cli_env(settings)
     assert main(["search", "a blue square", "-k", "4", "--json", "--batch", "batch-001"]) == 0
