@@ -81,7 +81,7 @@ class ClipModelResource(dg.ConfigurableResource):
 
     @property
     def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(**{name: getattr(self, name) for name in EncodeOptions.__dataclass_fields__})
+        return EncodeOptions.from_settings(self)
 
     def load(self, layout: DataLayout, claim_gpu: bool = False) -> ClipModel:
         """The model that encodes images and prompts: `pretrained`'s, or the fine-tuned one the deployment

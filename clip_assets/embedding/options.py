@@ -20,5 +20,7 @@ class EncodeOptions:
     decode: Literal["auto", "pillow", "tensor"] = default("decode")  # who decodes: CPU workers or the model's device
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "EncodeOptions":
+    def from_settings(cls, settings: Settings | object) -> "EncodeOptions":
+        """The options `settings` holds under their own names: the Settings, or the model resource built
+        from them (clip_assets.defs.resources.ClipModelResource)."""
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})

@@ -164,12 +164,15 @@ def test_streaming_top_k_equals_a_full_load(tmp_path, use_search_rows):
     assert [g[1] for g in got] == expected
 
 
+def unit_vectors(rows: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
 def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
     path = tmp_path / "embeddings" / "batch.parquet"
     path.parent.mkdir()
-    rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((50, 8)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = unit_vectors(50, 8, seed=1)
     write_random_embeddings(path, [f"old-{i}" for i in range(50)], vectors)
     query = vectors[7]
     assert top_k_streaming(query, [path], 1)[0][1] == "old-7"
@@ -183,9 +186,7 @@ def test_search_index_follows_a_rewritten_embeddings_file(tmp_path):
 def test_a_damaged_search_rows_note_is_rebuilt_not_a_traceback(tmp_path, damage):
     path = tmp_path / "embeddings" / "batch.parquet"
     path.parent.mkdir()
-    rng = np.random.default_rng(2)
-    vectors = rng.standard_normal((40, 8)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = unit_vectors(40, 8, seed=2)
     write_random_embeddings(path, [f"img-{i}" for i in range(40)], vectors)
     assert top_k_streaming(vectors[3], [path], 1)[0][1] == "img-3"  # writes the rows and their note
     note = tmp_path / "search_index" / "batch.json"
