@@ -124,3 +124,41 @@ def failure_share_within_limit(usable: int, failed: int, unusable_in_manifest: i
         f"{bad} of {files} files could not be embedded ({share:.1%}; warns above {max_share:.1%})",
         {"failed_files": bad, "files": files, "failure_share": round(share, 4), "max_share": max_share},
     )
+
+
+def recorded_precisions(path: Path) -> set[str]:
+    """The precisions an embeddings file records, from its footer's column statistics where they tell
+    (one value), else from the column; "unrecorded" for a file written before precisions were."""
+    with pq.ParquetFile(path) as f:
+        if "precision" not in f.schema_arrow.names:
+            return {"unrecorded"}
+        column = f.schema_arrow.names.index("precision")
+        values: set[str] = set()
+        for group in range(f.metadata.num_row_groups):
+            stats = f.metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.min != stats.max:
+                return set(f.read(columns=["precision"])["precision"].unique().to_pylist())
+            values.add(stats.min)
+        return values
+
+
+def one_precision_in_collection(layout: DataLayout, batch: str, precisions: set[str]) -> CheckOutcome:
+    """The batch's embeddings were computed at the precision every other batch's were: a collection
+    that mixes them compares vectors made differently (CLIP_ASSETS_PRECISION changed between runs)."""
+    others: dict[str, set[str]] = {}
+    for path in layout.embedding_files():
+        if path != layout.embeddings_path(batch):
+            try:
+                others[path.stem] = recorded_precisions(path)
+            except (OSError, ValueError):  # unreadable: its own batch's checks say so
+                continue
+    differing = {b: sorted(p) for b, p in others.items() if p != precisions}
+    described = ", ".join(f"{b} ({', '.join(p)})" for b, p in sorted(differing.items())[:5])
+    return CheckOutcome(
+        len(precisions) <= 1 and not differing,
+        f"computed at {', '.join(sorted(precisions)) or 'no rows'}"
+        + (f"; other batches differ: {described}{' ...' if len(differing) > 5 else ''}: re-materialize them with "
+           f"the same CLIP_ASSETS_PRECISION (rows of another precision are encoded again)" if differing else
+           f"; as are the other {len(others)} batches"),
+        {"precisions": sorted(precisions), "batches_at_other_precisions": len(differing)},
+    )

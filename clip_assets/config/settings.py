@@ -108,10 +108,11 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         default="auto",
-        description="how the image tower computes: `auto` (on the CPU `int8`, the Linear layers of its MLP blocks "
-        "and attention projections dynamically quantised, where torch has an int8 engine; on CUDA bfloat16 or float16 autocast), `float32`, `bfloat16` (autocast), "
-        "`int8` (CPU only); embeddings agree with `float32` to cosine 0.995 or better (see "
-        "[Encoding speed on the CPU](performance.md#encoding-speed-on-the-cpu))",
+        description="how the image tower computes: `auto` (float32 on the CPU, bfloat16 or float16 autocast on "
+        "CUDA), `float32`, `bfloat16` (autocast), `int8` (CPU only: the Linear layers of its MLP blocks and "
+        "attention projections dynamically quantised; faster, but some decisions change, see "
+        "[Encoding speed on the CPU](performance.md#encoding-speed-on-the-cpu)). Recorded with every "
+        "embedding; a batch's rows of another precision are encoded again",
     )
     channels_last: bool = Field(default=False, description="feed the image tower `channels_last` tensors")
     compile_model: bool = Field(

@@ -71,7 +71,7 @@ def _background(rng: random.Random, kind: str, size: tuple[int, int]) -> Image.I
 
 def background_tint(img: Image.Image) -> str | None:
     """The colour name a person would give the background's mean colour, if it is clearly tinted."""
-    pixels = img.resize((8, 8)).getdata()
+    pixels = list(img.convert("RGB").resize((8, 8)).get_flattened_data())
     r, g, b = (sum(p[i] for p in pixels) / len(pixels) / 255 for i in range(3))
     hue, saturation, _ = colorsys.rgb_to_hsv(r, g, b)
     if saturation < 0.15:

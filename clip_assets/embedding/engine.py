@@ -58,6 +58,9 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field("image_id", pa.string(), nullable=False),
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
             pa.field("model", pa.string(), nullable=False),
+            # How the image tower computed it (clip_assets.model.clip_model.PRECISIONS, resolved): a batch
+            # never mixes precisions, rows of another are encoded again like another model's.
+            pa.field("precision", pa.string(), nullable=False),
             # What the embedding was computed from: stat for the fast path, content for the truth.
             pa.field("size", pa.int64()),
             pa.field("mtime", pa.float64()),
@@ -214,6 +217,7 @@ def encode_images(
                         pa.array(np.concatenate([v for _, v, _ in pending]).reshape(-1), pa.float32()), clip.embed_dim
                     ),
                     "model": [clip.identity] * len(idx),
+                    "precision": [clip.computed_precision] * len(idx),
                     "size": [job.sizes[i] for i in idx],
                     "mtime": [job.mtimes[i] for i in idx],
                     "fingerprint": [d for _, _, digests in pending for d in digests],

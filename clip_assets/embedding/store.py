@@ -27,6 +27,13 @@ from clip_assets.embedding.engine import EncodeJob
 from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.atomic_files import atomic_write, write_parquet_atomically
+from clip_assets.storage.damaged_files import (
+    DAMAGED_MARKER,
+    EMBEDDING_PART,
+    EMBEDDINGS,
+    DamagedFileError,
+    parquet_batches,
+)
 
 PART_GLOB = "part-*.parquet"
 NORM_TOLERANCE = 1e-3
@@ -35,17 +42,33 @@ NORM_TOLERANCE = 1e-3
 class PartFiles:
     """Chunks of an unfinished batch: `<batch>.parts/part-000001.parquet`, each renamed into place."""
 
-    def __init__(self, directory: Path, model: str):
+    def __init__(self, directory: Path, model: str, precision: str):
         self.directory = directory
-        self.model = model
+        self.model = model  # rows of another model or precision are never reused
+        self.precision = precision
 
     def paths(self) -> list[Path]:
         return sorted(self.directory.glob(PART_GLOB)) if self.directory.is_dir() else []
 
+    def reusable(self, table: pa.Table | pa.RecordBatch) -> pa.Array:
+        """Which rows of `table` this model at this precision may reuse."""
+        return pc.and_(pc.equal(table["model"], self.model), pc.equal(table["precision"], self.precision))
+
+    @property
+    def batch(self) -> str:
+        return self.directory.name.removesuffix(".parts")
+
     def discard_other_models(self) -> None:
+        """Part files of another model or precision (an interrupted run under other settings); a damaged
+        one is moved aside (clip_assets.storage.damaged_files) and its images encoded again."""
         for path in self.paths():
-            models = set(pq.read_table(path, columns=["model"])["model"].unique().to_pylist())
-            if models != {self.model}:
+            try:
+                with EMBEDDING_PART.reading(path, self.batch):
+                    table = pq.read_table(path, columns=["model", "precision"])
+            except DamagedFileError as exc:
+                EMBEDDING_PART.set_aside(path, exc.reason, self.batch)
+                continue
+            if not pc.all(self.reusable(table)).as_py():
                 path.unlink()
 
     def write(self, table: pa.Table) -> None:
@@ -66,7 +89,13 @@ class PartFiles:
             yield pq.read_table(path)
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """The folder and its files, except the damaged copies moved aside (kept for a look)."""
+        if not any(DAMAGED_MARKER in p.name for p in (self.directory.iterdir() if self.directory.is_dir() else [])):
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for path in self.directory.iterdir():
+            if DAMAGED_MARKER not in path.name:
+                path.unlink(missing_ok=True)
 
 
 class BackgroundWrites:
@@ -104,7 +133,7 @@ class BackgroundWrites:
             self._pool.shutdown(wait=True)
 
 
-PREVIOUS_COLUMNS = ["image_id", "model", "size", "mtime", "fingerprint"]  # everything but the vectors
+PREVIOUS_COLUMNS = ["image_id", "model", "precision", "size", "mtime", "fingerprint"]  # everything but the vectors
 
 
 @dataclass
@@ -121,9 +150,10 @@ def previous_rows(path: Path) -> pa.Table | None:
     """The previous embeddings file's rows without their vectors; None where there is none to reuse."""
     if not path.exists():
         return None
-    if "fingerprint" not in pq.read_schema(path).names:
-        return None  # written before fingerprints existed: encode afresh
-    return pq.read_table(path, columns=PREVIOUS_COLUMNS)
+    with EMBEDDINGS.reading(path, path.stem):
+        if not {"fingerprint", "precision"} <= set(pq.read_schema(path).names):
+            return None  # written before fingerprints or recorded precisions existed: encode afresh
+        return pq.read_table(path, columns=PREVIOUS_COLUMNS)
 
 
 def vectors_of(path: Path, image_ids: set[str], rows_per_read: int = 65_536) -> dict[str, np.ndarray]:
@@ -132,11 +162,11 @@ def vectors_of(path: Path, image_ids: set[str], rows_per_read: int = 65_536) -> 
         return {}
     wanted = pa.array(sorted(image_ids), pa.string())
     out: dict[str, np.ndarray] = {}
-    with pq.ParquetFile(path) as f:
-        for record_batch in f.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"]):
-            rows = record_batch.filter(pc.is_in(record_batch.column("image_id"), wanted))
-            if rows.num_rows:
-                out.update(zip(rows.column("image_id").to_pylist(), vectors_matrix(rows.column("embedding")).copy()))
+    for record_batch in parquet_batches(path, EMBEDDINGS, path.stem, batch_size=rows_per_read,
+                                        columns=["image_id", "embedding"]):
+        rows = record_batch.filter(pc.is_in(record_batch.column("image_id"), wanted))
+        if rows.num_rows:
+            out.update(zip(rows.column("image_id").to_pylist(), vectors_matrix(rows.column("embedding")).copy()))
     return out
 
 
@@ -151,7 +181,7 @@ def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFil
     prev_stat: dict[str, tuple] = {}
     prev_fp: dict[str, str] = {}
     if previous is not None and previous.num_rows:
-        previous = previous.filter(pc.equal(previous["model"], parts.model))
+        previous = previous.filter(parts.reusable(previous))
         p_ids = previous["image_id"].to_pylist()
         prev_stat = dict(zip(p_ids, zip(previous["size"].to_pylist(), previous["mtime"].to_pylist())))
         prev_fp = dict(zip(p_ids, previous["fingerprint"].to_pylist()))
@@ -185,6 +215,7 @@ class EmbeddingFileFigures:
     nan_rows: int = 0
     off_norm_rows: int = 0  # norm not within NORM_TOLERANCE of 1 (NaN norms included)
     models: set[str] = field(default_factory=set)
+    precisions: set[str] = field(default_factory=set)
 
     def add(self, table: pa.Table | pa.RecordBatch) -> None:
         self.dimension = table.schema.field("embedding").type.list_size
@@ -196,6 +227,7 @@ class EmbeddingFileFigures:
         norms = np.linalg.norm(vectors, axis=1)
         self.off_norm_rows += int((~(np.abs(norms - 1) <= NORM_TOLERANCE)).sum())
         self.models.update(pc.unique(table.column("model")).to_pylist())
+        self.precisions.update(pc.unique(table.column("precision")).to_pylist())
 
     @classmethod
     def of_file(cls, path: Path, rows_per_read: int = 65_536) -> "EmbeddingFileFigures":
@@ -228,14 +260,13 @@ def write_final(path: Path, schema: pa.Schema, plan: EncodingPlan, parts: PartFi
             keep = [k for k, i in enumerate(ids) if i in plan.keep_ids and i not in seen]
             seen.update(ids[k] for k in keep)
             write(writer, table, keep)
-        if plan.previous_file is not None:
-            with pq.ParquetFile(plan.previous_file) as previous:
-                for record_batch in previous.iter_batches(batch_size=rows_per_read, columns=schema.names):
-                    table = pa.Table.from_batches([record_batch])
-                    ids = table["image_id"].to_pylist()
-                    models = table["model"].to_pylist()
-                    keep = [k for k, i in enumerate(ids)
-                            if i in plan.carried_ids and i not in seen and models[k] == parts.model]
-                    seen.update(ids[k] for k in keep)
-                    write(writer, table, keep)
+        if plan.previous_file is not None:  # its reads only: a damaged file raises DamagedFileError
+            for record_batch in parquet_batches(plan.previous_file, EMBEDDINGS, plan.previous_file.stem,
+                                                batch_size=rows_per_read, columns=schema.names):
+                table = pa.Table.from_batches([record_batch])
+                ids = table["image_id"].to_pylist()
+                reusable = parts.reusable(table).to_pylist()
+                keep = [k for k, i in enumerate(ids) if i in plan.carried_ids and i not in seen and reusable[k]]
+                seen.update(ids[k] for k in keep)
+                write(writer, table, keep)
     return figures

@@ -48,6 +48,18 @@ class ClipModel:
     # autocast on CUDA and MPS and float32 on the CPU.
     precision: str = "auto"
 
+    @property
+    def computed_precision(self) -> str:
+        """What the image tower computes in, by name (float32, bfloat16, float16 or int8): recorded with
+        every embedding it makes, so a batch never mixes them unawares."""
+        if self.precision in ("float32", "int8"):
+            return self.precision
+        if self.device.type == "cuda":
+            return "bfloat16" if self.precision == "bfloat16" or torch.cuda.is_bf16_supported() else "float16"
+        if self.device.type == "mps":
+            return "float16"
+        return "bfloat16" if self.precision == "bfloat16" else "float32"
+
     def autocast(self, precision: str | None = None):
         """Mixed precision on GPU (unless `float32` was asked for); on the CPU only for `bfloat16`.
         `precision`: the image tower's (None) or another, e.g. "auto" for the text tower."""
@@ -163,13 +175,14 @@ PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
 
 def resolved_precision(precision: str, device: torch.device) -> str:
-    """What `auto` means on `device`: int8 on a CPU with an int8 matrix engine (with_precision keeps
-    float32 for a tower with nothing to quantise), else as loaded (float32 on the CPU, autocast on
-    CUDA and MPS). int8 exists on the CPU only."""
+    """What `auto` means on `device`: the device's own default, float32 on the CPU and autocast on CUDA
+    and MPS. int8 is asked for by name (CLIP_ASSETS_PRECISION=int8) and exists on the CPU only: it
+    changes decisions, so it is never chosen for a user (benchmarks/precision_agreement.py measures
+    how many, on the demo's collection with a trained model)."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision '{precision}' (CLIP_ASSETS_PRECISION): one of {', '.join(PRECISIONS)}")
     if precision == "auto" and device.type == "cpu":
-        return "int8" if torch.backends.quantized.engine in ("x86", "fbgemm", "onednn") else "float32"
+        return "float32"
     if precision == "int8" and device.type != "cpu":
         raise ValueError(f"CLIP_ASSETS_PRECISION=int8 runs on the CPU only, not on {device}: use auto or bfloat16")
     return precision
@@ -187,10 +200,8 @@ def with_precision(clip: ClipModel, precision: str) -> ClipModel:
         if layers:  # the attention projections too: the other third of a block's matrix work
             layers |= swap_self_attention(clip.model.visual)
         if not layers:
-            if precision == "int8":
-                raise ValueError("CLIP_ASSETS_PRECISION=int8: this image tower has no MLP Linear layers to quantise "
-                                 "(a ResNet tower); use auto or float32")
-            return dataclasses.replace(clip, precision="float32")
+            raise ValueError("CLIP_ASSETS_PRECISION=int8: this image tower has no MLP Linear layers to quantise "
+                             "(a ResNet tower); use auto or float32")
         with warnings.catch_warnings():  # torch.ao's eager quantisation announces its successor, torchao
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)

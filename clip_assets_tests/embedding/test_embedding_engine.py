@@ -322,7 +322,7 @@ def test_finished_rows_are_written_by_elapsed_time_as_well_as_by_count(tmp_path,
     without_the_text_file(root / "batch-001")
     write_manifest(root, layout, "batch-001")
     manifest = pq.read_table(layout.manifest_path("batch-001"))
-    job = plan_encoding(manifest, None, PartFiles(layout.embedding_parts_dir("batch-001"), clip.identity)).job
+    job = plan_encoding(manifest, None, PartFiles(layout.embedding_parts_dir("batch-001"), clip.identity, "float32")).job
     n = len(job.image_ids)
     written = {}
     for interval in (3600.0, 1e-9):

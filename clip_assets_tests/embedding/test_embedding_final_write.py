@@ -36,7 +36,7 @@ def test_final_write_streams_the_carried_rows_and_counts_the_checks_figures(tmp_
     vectors[1] *= 2
     vectors[0, 3] = np.nan
     redone = redone.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM))
-    parts = PartFiles(layout.embedding_parts_dir(BATCH), MODEL)
+    parts = PartFiles(layout.embedding_parts_dir(BATCH), MODEL, "float32")
     parts.write(redone)
     carried = set(ids[:400])  # the last 100 images left the manifest
     plan = plan_for(previous, redone["image_id"].to_pylist(), carried, previous_file)

@@ -60,6 +60,7 @@ def write_descriptor_embeddings(image_root, layout: DataLayout, batch: str) -> N
         "image_id": [m["image_id"] for m in ok],
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
         "model": [DESCRIPTOR] * len(ok),
+        "precision": ["float32"] * len(ok),
         "size": [m["size"] for m in ok],
         "mtime": [m["mtime"] for m in ok],
         "fingerprint": [m["image_id"] for m in ok],

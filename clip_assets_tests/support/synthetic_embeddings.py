@@ -58,6 +58,6 @@ def write_synthetic_batch(
             embeddings.write_table(pa.table({
                 "image_id": ids,
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-                "model": [model] * n, "size": sizes, "mtime": mtimes,
+                "model": [model] * n, "precision": ["float32"] * n, "size": sizes, "mtime": mtimes,
                 "fingerprint": [i + "0000" for i in ids.to_pylist()],
             }, schema=schema))

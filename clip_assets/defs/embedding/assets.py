@@ -9,6 +9,7 @@ from clip_assets.checks import (
     CheckOutcome,
     embeddings_match_centroid_model,
     failure_share_within_limit,
+    one_precision_in_collection,
     unit_norm_outcome,
 )
 from clip_assets.defs.asset_keys import IMAGE_EMBEDDINGS, IMAGE_MANIFEST
@@ -43,6 +44,9 @@ from clip_assets.ingest.steps import unusable_in_manifest
         dg.AssetCheckSpec("same_model_as_centroids", asset=IMAGE_EMBEDDINGS, blocking=True,
                           description="Embeddings and stored centroids share one model identity; "
                           "a mismatch stops the classification of this batch."),
+        dg.AssetCheckSpec("one_precision_in_collection", asset=IMAGE_EMBEDDINGS,
+                          description="The batch's embeddings were computed at one precision (CLIP_ASSETS_PRECISION), "
+                          "the one every other batch's were; warns on a mix."),
     ],
 )
 def image_embeddings(
@@ -54,7 +58,7 @@ def image_embeddings(
     context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")
     layout = collection.layout
 
-    def encode_batch(batch: str) -> tuple[CheckOutcome, CheckOutcome, CheckOutcome]:
+    def encode_batch(batch: str) -> tuple[CheckOutcome, CheckOutcome, CheckOutcome, CheckOutcome]:
         s = write_embeddings(clip, Path(collection.image_root), layout, batch, clip_model.encode_options,
                              report=context.log.info)
         unusable = unusable_in_manifest(layout, batch)
@@ -68,27 +72,30 @@ def image_embeddings(
             "failed_images": s.failed,
             "unusable_in_manifest": unusable,
             "failure_examples": reasons_table(s.failures),
+            "precision": ", ".join(sorted(s.figures.precisions)),
             "path": dg.MetadataValue.path(str(s.path)),
         })
         return (
             unit_norm_outcome(s.figures, clip.embed_dim),  # counted while the file was written
             failure_share_within_limit(s.usable, s.failed, unusable, collection.max_failure_share),
             embeddings_match_centroid_model(layout, batch, s.figures.models),
+            one_precision_in_collection(layout, batch, s.figures.precisions),
         )
 
     outcomes = each_batch(context, encode_batch)
-    norms, shares, models = ({b: o[i] for b, o in outcomes.items()} for i in range(3))
+    norms, shares, models, precisions = ({b: o[i] for b, o in outcomes.items()} for i in range(4))
     return dg.MaterializeResult(
         check_results=[
             check_result("unit_norm_with_model_dimension", combined(norms)),
             check_result("failure_share", combined(shares), warn=True),
             check_result("same_model_as_centroids", combined(models)),
+            check_result("one_precision_in_collection", combined(precisions), warn=True),
         ],
         metadata={
             "batches_in_run": len(outcomes),
             "model": clip.identity,
             "dimension": clip.embed_dim,
             "device": str(clip.device),
-            "precision": clip.precision,  # of the image tower (CLIP_ASSETS_PRECISION, resolved)
+            "precision": clip.computed_precision,  # of the image tower (CLIP_ASSETS_PRECISION), recorded per row
         },
     )
