@@ -60,6 +60,14 @@ def checkpoint_path(cache_dir: Path, recipe: dict) -> Path:
     return cache_dir / f"{recipe['model']}-shapes-{digest}.pt"
 
 
+def time_left(elapsed_s: float, done: int, total: int) -> str:
+    """A progress line's tail, e.g. ", about 1 min 20 s left": the epochs to go at the pace of those done."""
+    left = round(elapsed_s / done * (total - done)) if done else 0
+    if done >= total:
+        return ""
+    return f", about {left // 60} min {left % 60:02d} s left" if left >= 60 else f", about {left} s left"
+
+
 def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] = print) -> Path:
     """Train once and save an open_clip checkpoint; a checkpoint already there is reused."""
     if checkpoint.is_file():
@@ -86,6 +94,7 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
     steps_per_epoch = len(samples) // bs
     schedule = warmup_cosine(optimizer, steps_per_epoch * recipe["epochs"])
     model.train()
+    epochs_started = time.monotonic()
     for epoch in range(recipe["epochs"]):
         order = torch.randperm(len(samples)).tolist()
         running = 0.0
@@ -99,7 +108,8 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
                 batch_pixels = batch_pixels.flip(-1)
             loss = functools.partial(multi_positive_clip_loss, positives=positives)
             running += contrastive_step(model, batch_pixels, tokens, loss, optimizer, schedule)
-        log(f"epoch {epoch + 1}/{recipe['epochs']}: contrastive loss {running / steps_per_epoch:.3f} ({time.monotonic() - started:.0f} s)")
+        log(f"epoch {epoch + 1}/{recipe['epochs']}: contrastive loss {running / steps_per_epoch:.3f} "
+            f"({time.monotonic() - started:.0f} s{time_left(time.monotonic() - epochs_started, epoch + 1, recipe['epochs'])})")
     with atomic_write(checkpoint) as tmp:
         torch.save({"state_dict": model.state_dict(), "recipe": recipe}, tmp)
     log(f"trained {recipe['model']} in {time.monotonic() - started:.0f} s -> {checkpoint}")
