@@ -12,7 +12,7 @@ from PIL import Image
 
 from clip_assets.demo.captions import Caption, training_caption
 from clip_assets.demo.shapes import Sample, ShapeSpec, background_tint, make_sample
-from clip_assets.demo.train import multi_positive_clip_loss
+from clip_assets.demo.train import multi_positive_clip_loss, time_left, train_tiny_clip, training_recipe
 
 BLANK = Image.new("RGB", (8, 8))
 
@@ -97,3 +97,13 @@ def test_the_loss_does_not_push_an_image_away_from_another_images_caption_that_i
     # Plain CLIP loss (only the drawn caption true) pushes image 0 away from "a red square".
     assert change_of_image0_similarity_to_red_square_caption(torch.eye(3, dtype=torch.bool)) < -0.1
     assert abs(change_of_image0_similarity_to_red_square_caption(both_true)) < 1e-3
+
+
+def test_training_says_about_how_long_is_left_after_each_epoch_but_the_last(tmp_path):
+    lines = []
+    recipe = training_recipe(samples=64, epochs=3, batch_size=16)
+    train_tiny_clip(tmp_path / "tiny.pt", recipe, log=lines.append)
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all(" s left)" in line for line in epochs[:2]) and "left" not in epochs[2]
+    assert time_left(30, 1, 12) == ", about 5 min 30 s left" and time_left(10, 2, 12) == ", about 50 s left"
