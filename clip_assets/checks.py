@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -14,8 +15,10 @@ from clip_assets.classification.centroids import KINDS
 from clip_assets.classification.prompts import Category
 from clip_assets.classification.rules import models_in_file
 from clip_assets.config.layout import DataLayout
-from clip_assets.embedding.store import EmbeddingFileFigures
 from clip_assets.storage.warehouse import connect
+
+if TYPE_CHECKING:  # the embedding store imports the engine, and torch: the code location loads without them
+    from clip_assets.embedding.store import EmbeddingFileFigures
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class CheckOutcome:
 
 def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) -> CheckOutcome:
     """Every embedding has the model's dimension, no NaN, and norm 1 (the file read a record batch at a time)."""
+    from clip_assets.embedding.store import EmbeddingFileFigures
+
     return unit_norm_outcome(EmbeddingFileFigures.of_file(layout.embeddings_path(batch)), expected_dim)
 
 

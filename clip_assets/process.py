@@ -12,7 +12,7 @@ process).
 from __future__ import annotations
 
 from clip_assets.config.settings import Settings
-from clip_assets.model.clip_model import configure_model_config_dir
+from clip_assets.model.architectures import configure_model_config_dir  # torch-free: read when a model loads
 from clip_assets.storage.warehouse import configure_lock_wait
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clip_assets.classification.prompts import Category
-from clip_assets.model.clip_model import ClipModel
+
+if TYPE_CHECKING:  # torch loads with the model that encodes the prompts, not with the centroids' readers
+    from clip_assets.model.clip_model import ClipModel
 
 KINDS = ("positive", "negative", "neutral")
 

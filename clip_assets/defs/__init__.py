@@ -3,7 +3,12 @@ each building its own `dg.Definitions` that clip_assets.definitions merges; the 
 what the folders share (asset keys, partitions, resources, conventions, metadata, observation).
 
 Asset bodies stay thin: the work lives in each concern's `steps` module (clip_assets.<concern>.steps),
-plain functions the tests call without Dagster."""
+plain functions the tests call without Dagster.
+
+Loading the code location imports neither torch nor open_clip: the code server, the daemon and every
+sensor tick hold only what Dagster needs (clip_assets_tests/defs/test_code_location_imports.py). A body
+whose step needs the model imports that step when it runs; the modules the definitions import at load
+keep torch behind TYPE_CHECKING or inside the functions that use it."""
 
 from clip_assets.config import accepted_warnings
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -16,11 +17,13 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
 from clip_assets.embedding.gpu_claim import device_for_embedding_step
 from clip_assets.embedding.options import EncodeOptions
-from clip_assets.model.clip_model import ClipModel, load_clip_model, tuned_for_inference
 from clip_assets.model.fine_tuned_weights import weights_in_use
 from clip_assets.tuning import calibration
-from clip_assets.tuning.fine_tuning import FineTuneOptions
 from clip_assets.tuning.labels_file import read_labels_file
+
+if TYPE_CHECKING:  # torch and open_clip load in the steps that use a model, not with the code location
+    from clip_assets.model.clip_model import ClipModel
+    from clip_assets.tuning.fine_tuning import FineTuneOptions
 
 
 def _settings_named_like(resource: type[dg.ConfigurableResource], settings: Settings, **renamed) -> dict:
@@ -54,6 +57,8 @@ class ImageCollection(dg.ConfigurableResource):
 @functools.lru_cache(maxsize=2)
 def _load_once_per_process(model: str, pretrained: str, device: str | None, channels_last: bool,
                            compile_model: bool, precision: str) -> ClipModel:
+    from clip_assets.model.clip_model import load_clip_model, tuned_for_inference
+
     return tuned_for_inference(load_clip_model(model, pretrained, device), channels_last, compile_model, precision)
 
 
@@ -116,6 +121,8 @@ class CaptionedPairs(dg.ConfigurableResource):
 
     @property
     def options(self) -> FineTuneOptions:
+        from clip_assets.tuning.fine_tuning import FineTuneOptions
+
         return FineTuneOptions(lock_image=self.lock_image, epochs=self.epochs, lr=self.lr, wise_alpha=self.wise_alpha)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import warnings
@@ -20,10 +19,11 @@ from typing import Callable
 
 import torch
 
+from clip_assets.model import architectures
+from clip_assets.model.architectures import MODEL_CONFIG_DIR, has_timm_tower
 from clip_assets.model.quantizable_attention import swap_self_attention
 from clip_assets.storage.file_hashes import current_content_digest
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HF_HUB_PREFIX = "hf-hub:"
 
 
@@ -93,35 +93,6 @@ class ClipModel:
         with self.autocast():
             feats = self.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
-
-
-# Extra architecture configs (CLIP_ASSETS_MODEL_CONFIG_DIR), set once by the process's edge
-# (clip_assets.process.configure_process), never read from the environment here.
-extra_config_dir: Path | None = None
-
-
-def configure_model_config_dir(folder: Path | None) -> None:
-    """Where extra open_clip architecture JSON configs are: registered when a model is loaded (no import now)."""
-    global extra_config_dir
-    extra_config_dir = Path(folder) if folder else None
-
-
-def _config_dirs() -> list[Path]:
-    """Where an architecture's JSON config may be: CLIP_ASSETS_MODEL_CONFIG_DIR, ours, open_clip's own."""
-    extra = extra_config_dir
-    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
-    builtin = [Path(spec.origin).parent / "model_configs"] if spec and spec.origin else []
-    return ([Path(extra)] if extra else []) + [MODEL_CONFIG_DIR] + builtin
-
-
-def has_timm_tower(model_name: str) -> bool | None:
-    """Whether the architecture's image tower comes from timm; None when its config is not on disk
-    (an hf-hub: id, an unknown name)."""
-    for folder in _config_dirs():
-        config = folder / f"{model_name}.json"
-        if config.is_file():
-            return "timm_model_name" in json.loads(config.read_text()).get("vision_cfg", {})
-    return None
 
 
 def import_open_clip(model_name: str | None = None, skip_unused_timm: bool = False):
@@ -247,7 +218,7 @@ def register_model_configs(config_dir: Path | None = None, model_name: str | Non
     """Make this project's architectures (and any under CLIP_ASSETS_MODEL_CONFIG_DIR) known to open_clip."""
     open_clip = import_open_clip(model_name)
     open_clip.add_model_config(MODEL_CONFIG_DIR)
-    extra = config_dir or extra_config_dir
+    extra = config_dir or architectures.extra_config_dir
     if extra:
         open_clip.add_model_config(Path(extra))
 

@@ -89,7 +89,8 @@ def test_the_search_commands_skip_timm_for_an_architecture_without_it(tmp_path, 
     script = f"""
 import sys
 import torch
-from clip_assets.model.clip_model import configure_model_config_dir, has_timm_tower, import_open_clip, load_clip_model
+from clip_assets.model.architectures import configure_model_config_dir, has_timm_tower
+from clip_assets.model.clip_model import import_open_clip, load_clip_model
 
 configure_model_config_dir({str(configs)!r})  # what the CLI and the code location do with CLIP_ASSETS_MODEL_CONFIG_DIR
 assert has_timm_tower({TINY!r}) is False and has_timm_tower("tiny-timm") is True

@@ -2,11 +2,11 @@
 (clip_assets.classification). Each body calls one step function and reports what it wrote."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from clip_assets.checks import CheckOutcome, every_category_has_centroids, one_row_per_image_and_category
-from clip_assets.classification.steps import ClassificationSummary, write_centroids, write_classifications
 from clip_assets.defs.asset_keys import (
     CATEGORY_ADAPTERS,
     IMAGE_CLASSIFICATIONS,
@@ -20,6 +20,9 @@ from clip_assets.defs.conventions import DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNE
 from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
+
+if TYPE_CHECKING:
+    from clip_assets.classification.steps import ClassificationSummary
 from clip_assets.pages.gallery import draw_contact_sheet
 from clip_assets.pages.plots import score_histograms_png
 
@@ -44,6 +47,9 @@ CONTACT_SHEET_COLUMNS = 3 + 2 * 2
 )
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
+    # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
+    from clip_assets.classification.steps import write_centroids
+
     summary = write_centroids(clip_model.load(collection.layout), Path(collection.prompts_dir), collection.layout)
     layout = collection.layout
     return dg.MaterializeResult(
@@ -92,9 +98,12 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     Each batch's materialization shows its matches per category, its score distribution, its top
     images and a contact sheet (thumbnails of its best matches and near misses per category).
     """
+    # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
+    from clip_assets.classification.steps import write_classifications
+
     layout, image_root = collection.layout, Path(collection.image_root)
 
-    def classify_batch(batch: str) -> tuple[CheckOutcome, ClassificationSummary]:
+    def classify_batch(batch: str) -> tuple[CheckOutcome, "ClassificationSummary"]:
         summary = write_classifications(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": summary.rows,

@@ -20,7 +20,6 @@ from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import reasons_table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
-from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import unusable_in_manifest
 
 
@@ -53,6 +52,9 @@ def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
 ) -> dg.MaterializeResult:
     """L2-normalised OpenCLIP image embeddings of the batch's usable images, with the model's identity."""
+    # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
+    from clip_assets.embedding.steps import write_embeddings
+
     started = time.monotonic()
     clip = clip_model.load(collection.layout, claim_gpu=True)  # once per run, however many batches a backfill run covers
     context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")

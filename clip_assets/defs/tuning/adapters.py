@@ -12,7 +12,6 @@ from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.metadata import table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
-from clip_assets.tuning.steps import write_adapters
 
 
 @dg.asset(
@@ -29,6 +28,9 @@ def category_adapters(collection: ImageCollection, labelled_sample: LabelledSamp
     fitted on the tuning half of the labelled images (at most `adapter_shots` per category); thresholds
     calibrated on the adapted scores of the whole tuning half.
     Without labels: no adapters, and classification is zero-shot."""
+    # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
+    from clip_assets.tuning.steps import write_adapters
+
     summary = write_adapters(collection.layout, labelled_sample.path, labelled_sample.adapter_shots or None)
     metadata = {"adapter_version": summary.version, "path": dg.MetadataValue.path(str(collection.layout.adapters_path))}
     if summary.adapters is not None:

@@ -21,7 +21,6 @@ from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.observation import file_observation, observation_sensor, observed_file_source, record_if_changed
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection
 from clip_assets.model.fine_tuned_weights import checkpoint_version
-from clip_assets.tuning.steps import write_fine_tuned_model
 
 CAPTIONS_OBSERVATION_SENSOR = "captions_file_observation"
 NO_CAPTIONS = "no-captions"  # the captions file's data version while CLIP_ASSETS_FINE_TUNE_CAPTIONS is unset
@@ -64,6 +63,9 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
                      captioned_pairs: CaptionedPairs) -> dg.MaterializeResult:
     """The configured model (CLIP_ASSETS_MODEL, CLIP_ASSETS_PRETRAINED) tuned with open_clip's contrastive loss
     on the captions file's training pairs; a checkpoint named by its content hash, the data version."""
+    # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
+    from clip_assets.tuning.steps import write_fine_tuned_model
+
     report = write_fine_tuned_model(
         clip_model.model, clip_model.pretrained, captioned_pairs.path, Path(collection.image_root), collection.layout,
         captioned_pairs.options, clip_model.device, log=context.log.info,
