@@ -85,7 +85,7 @@ def synthesise(work: Path, images: int, categories: int, labelled: int, batches:
                    CASE WHEN p.mode = 'single_label' THEN prob END, NULL, p.threshold, p.neutral_margin,
                    CASE WHEN p.mode = 'single_label' THEN prob >= p.threshold
                         ELSE score >= p.threshold AND pos >= neu + p.neutral_margin END,
-                   'bench', 'v1', 'none'
+                   'bench', 'v1', 'none', NULL, NULL, NULL
             FROM (SELECT ids.*, p.category, p.mode, p.threshold, p.neutral_margin,
                          (0.2 + random() * 0.1)::FLOAT AS pos, (0.2 + random() * 0.1)::FLOAT AS neg,
                          (0.2 + random() * 0.1)::FLOAT AS neu, (random() * 0.2 - 0.1)::FLOAT AS score,

@@ -9,6 +9,14 @@ Two modes, chosen per prompt file:
 - single_label (the third seed's zero-shot): softmax over the file's categories of
   logit_scale * cos(image, positive centroid); the `top_k` most probable categories whose
   probability reaches the threshold are matched, with their probability and rank.
+
+Who decides each row (`decided_by`): the `rule` (the prompt files' thresholds on the similarities),
+the `adapter` where a few-shot adapter corrects the category's similarities (clip_assets.tuning.adapters),
+or a `person` where the review pages hold a yes or no for that image and category
+(clip_assets.tuning.review_labels): a person's verdict sets `matched` whatever the scores say.
+`model_matched` keeps what the rule or adapter decided, and `rule_matched` what the zero-shot rule
+alone decides (they differ where the adapter changed the decision), so evaluation measures the model,
+not the person, and the review pages can ask about disagreements.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from clip_assets.storage.arrow_vectors import vectors_matrix
 
 DEFAULT_CHUNK_IMAGES = 8_192
 NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache
+RULE, ADAPTER, PERSON = "rule", "adapter", "person"  # decided_by
+DECIDERS = [RULE, ADAPTER, PERSON]
 
 
 class ModelMismatchError(ValueError):
@@ -53,6 +63,9 @@ CLASSIFICATION_SCHEMA = pa.schema(
         pa.field("model", _LABEL),
         pa.field("prompt_version", _LABEL),
         pa.field("adapter_version", _LABEL),
+        pa.field("model_matched", pa.bool_()),
+        pa.field("rule_matched", pa.bool_()),
+        pa.field("decided_by", _LABEL),
     ]
 )
 
@@ -104,7 +117,8 @@ def score_matrices(
 
     `adapters` (a clip_assets.tuning.adapters.AdapterSet): its correction is added to the positive
     similarities and its thresholds and margins replace the centroids'. `probability` and `rank`
-    are None when no prompt file is single_label.
+    are None when no prompt file is single_label. `rule_matched` is the zero-shot rule's decision
+    (`matched` itself without adapters), `adapted` which categories the adapters correct.
     """
     if embeddings.shape[1:] != (c.dim,):
         raise ModelMismatchError(
@@ -123,10 +137,27 @@ def score_matrices(
         neg[:, ~uses_negative] = 0
     neutral = sims[:, cols["neutral"]]
     thresholds, margins = c.thresholds, c.neutral_margins
-    if adapters is not None:
-        pos = adapters.corrected_positive(embeddings, pos)
-        thresholds, margins = adapters.settings(c)
-    return apply_rules(pos, neg, neutral, c, thresholds, margins)
+    if adapters is None:
+        m = apply_rules(pos, neg, neutral, c, thresholds, margins)
+        return m | {"rule_matched": m["matched"], "adapted": np.zeros(len(c.categories), dtype=bool)}
+    rule = apply_rules(pos, neg, neutral, c, thresholds, margins)["matched"]
+    m = apply_rules(adapters.corrected_positive(embeddings, pos), neg, neutral, c, *adapters.settings(c))
+    return m | {"rule_matched": rule, "adapted": adapters.adapted_columns(len(c.categories))}
+
+
+def person_decides(m: dict[str, np.ndarray | None], image_ids: list[str], verdicts: dict[str, dict[int, bool]]) -> None:
+    """Set `matched` where a person said yes or no (`verdicts`: image_id -> {category column: yes?}),
+    in place; `model_matched` keeps the rule's or adapter's decision and `person` marks the cells."""
+    m["model_matched"] = m["matched"]
+    m["person"] = None
+    hits = [(i, verdicts[image_id]) for i, image_id in enumerate(image_ids) if image_id in verdicts]
+    if not hits:
+        return
+    matched, person = m["matched"].copy(), np.zeros(m["matched"].shape, dtype=bool)
+    for i, said in hits:
+        for j, yes in said.items():
+            matched[i, j], person[i, j] = yes, True
+    m["matched"], m["person"] = matched, person
 
 
 def apply_rules(
@@ -175,13 +206,17 @@ def classify_batch(
     centroids: CentroidSet,
     columns: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
     adapters=None,
+    verdicts: dict[str, dict[int, bool]] | None = None,
 ) -> pa.Table:
     """One row per (image, category), images in input order, categories in centroid order.
 
     `adapters` (clip_assets.tuning.adapters.AdapterSet, or None for zero-shot): pos_sim, score, probability,
     threshold and neutral_margin are then the adapted ones, and adapter_version says which adapters.
+    `verdicts`: a person's yes or no per image_id and category column, which `matched` follows.
     """
     m = score_matrices(embeddings, centroids, columns, adapters)
+    ids = image_ids.to_pylist() if isinstance(image_ids, pa.Array) else list(image_ids)
+    person_decides(m, ids if verdicts else [], verdicts or {})
     return classification_rows(batch, image_ids, m, centroids, adapters_version(adapters))
 
 
@@ -204,6 +239,10 @@ def classification_rows(
         probability = pa.array(m["probability"].reshape(-1), pa.float32(), mask=multi)
         rank = pa.array(m["rank"].reshape(-1), pa.int16(), mask=multi)
     category_codes = _per_category(np.arange(c, dtype=np.int32), n)
+    decided_by = _per_category(np.where(m.get("adapted", np.zeros(c, dtype=bool)), 1, 0).astype(np.int32), n)
+    if m.get("person") is not None:
+        decided_by = np.where(m["person"].reshape(-1), np.int32(2), decided_by)
+    model_matched = m.get("model_matched", m["matched"])
     return pa.table(
         {
             "batch": _repeated(batch, n * c),
@@ -231,6 +270,9 @@ def classification_rows(
             "model": _repeated(centroids.model, n * c),
             "prompt_version": _repeated(centroids.prompt_version, n * c),
             "adapter_version": _repeated(adapter_version, n * c),
+            "model_matched": pa.array(model_matched.reshape(-1)),
+            "rule_matched": pa.array(m.get("rule_matched", model_matched).reshape(-1)),
+            "decided_by": pa.DictionaryArray.from_arrays(decided_by, pa.array(DECIDERS)),
         },
         schema=CLASSIFICATION_SCHEMA,
     )
@@ -242,12 +284,14 @@ def classify_stream(
     centroids: CentroidSet,
     on_scored: Callable[[pa.Array, dict[str, np.ndarray | None]], None] | None = None,
     adapters=None,
+    verdicts: dict[str, dict[int, bool]] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The rows of `classify_batch` for record batches of an embeddings file (`image_id`, `embedding`),
     one record batch at a time: memory holds one batch's matrices, never the file's.
 
     `on_scored(image_ids, matrices)` sees each record batch's numbers before its rows are yielded,
-    so figures about the whole batch are gathered in the same pass.
+    so figures about the whole batch are gathered in the same pass (a person's verdicts applied:
+    `verdicts`, image_id -> {category column: yes?}).
     """
     columns = centroid_columns(centroids)
     for record_batch in embedding_batches:
@@ -255,6 +299,7 @@ def classify_stream(
             continue
         ids = record_batch.column("image_id")
         m = score_matrices(vectors_matrix(record_batch.column("embedding")), centroids, columns, adapters)
+        person_decides(m, ids.to_pylist() if verdicts else [], verdicts or {})
         if on_scored is not None:
             on_scored(ids, m)
         yield from classification_rows(batch, ids, m, centroids, adapters_version(adapters)).to_batches()

@@ -31,6 +31,7 @@ from clip_assets.ingest.manifest import image_paths
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.warehouse import read_centroids, replace_batch_classifications, replace_centroids
 from clip_assets.tuning.adapter_store import adapters_for
+from clip_assets.tuning.review_labels import batch_verdicts
 
 
 @dataclass
@@ -75,13 +76,15 @@ def write_classifications(
     centroids = read_centroids(layout.duckdb_path)
     check_same_model(models_in_file(path), centroids.model)
     adapters = adapters_for(layout.adapters_path, centroids)
+    verdicts = batch_verdicts(layout.review_labels_path, layout, batch, centroids.categories)
     figures = ClassificationFigures(centroids)
     with pq.ParquetFile(path) as embeddings:
         record_batches = embeddings.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"])
         rows = replace_batch_classifications(layout.duckdb_path, batch, pa.RecordBatchReader.from_batches(
             # scoring runs a record batch ahead of DuckDB's insert, on another core
             CLASSIFICATION_SCHEMA,
-            prefetched(classify_stream(batch, record_batches, centroids, figures.add, adapters=adapters))))
+            prefetched(classify_stream(batch, record_batches, centroids, figures.add, adapters=adapters,
+                                            verdicts=verdicts))))
     paths = image_paths(layout, {batch: figures.image_ids()})
     return ClassificationSummary(
         images=figures.images,

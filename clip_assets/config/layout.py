@@ -143,6 +143,11 @@ class DataLayout:
         return self.fine_tuned_models_dir / "fine_tuned_model.json"
 
     @property
+    def review_labels_path(self) -> Path:
+        """The labels people give in the review pages (clip_assets.tuning.review_labels): a SQLite file."""
+        return self.data_dir / "labels" / "review_labels.sqlite"
+
+    @property
     def calibration_proposal_path(self) -> Path:
         return self.data_dir / "calibration" / "calibrated_thresholds.toml"
 

@@ -61,10 +61,17 @@ CREATE TABLE IF NOT EXISTS image_classifications (
     matched BOOLEAN,
     model VARCHAR,
     prompt_version VARCHAR,
-    adapter_version VARCHAR DEFAULT 'none'  -- category_adapters version, or 'none' (zero-shot)
+    adapter_version VARCHAR DEFAULT 'none', -- category_adapters version, or 'none' (zero-shot)
+    model_matched BOOLEAN,            -- what the rule or the adapter decided; matched follows a person's verdict
+    rule_matched BOOLEAN,             -- what the zero-shot rule alone decided (differs where an adapter changed it)
+    decided_by VARCHAR                -- rule, adapter or person: who set matched
 );
 -- Files from before adapters: their rows were zero-shot.
 ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS adapter_version VARCHAR DEFAULT 'none';
+-- Files from before the review pages: NULL until the batch is classified again.
+ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS model_matched BOOLEAN;
+ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS rule_matched BOOLEAN;
+ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS decided_by VARCHAR;
 -- One row per image: what it matched (best first), and its best-scoring category overall.
 CREATE OR REPLACE VIEW image_labels AS
 SELECT batch, image_id,

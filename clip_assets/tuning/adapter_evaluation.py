@@ -41,6 +41,11 @@ class LabelledEmbeddings:
     heldout: np.ndarray  # (n,) bool: calibration's held-out half
     without_embeddings: list[str] = field(default_factory=list)  # label keys with no stored embedding
     unknown_categories: list[str] = field(default_factory=list)
+    judged: np.ndarray | None = None  # (n, C) bool: the cells the labels judge; None: every one
+
+    def __post_init__(self):
+        if self.judged is None:
+            self.judged = np.ones(self.truth.shape, dtype=bool)
 
 
 def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: CentroidSet,
@@ -73,6 +78,8 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
         image_ids=[found[k][0] for k in keys],
         embeddings=np.stack([found[k][1] for k in keys]) if keys else np.empty((0, dim), dtype=np.float32),
         truth=np.array([[c in labels.labels[k] for c in categories] for k in keys], dtype=bool).reshape(len(keys), len(categories)),
+        judged=np.array([[labels.is_judged(k, c) for c in categories] for k in keys],
+                        dtype=bool).reshape(len(keys), len(categories)),
         heldout=np.array([is_heldout(found[k][0], heldout_fraction) for k in keys], dtype=bool),
         without_embeddings=sorted(set(labels.labels) - set(found)),
         unknown_categories=sorted(named - set(categories)),
@@ -93,7 +100,7 @@ def fit_on_tuning_half(data: LabelledEmbeddings, centroids: CentroidSet, shots: 
     whole tuning half, as calibration's are."""
     rows, learn = tuning_sample(data, shots)
     return fit_adapters([data.image_ids[i] for i in rows], data.embeddings[rows], data.truth[rows], centroids, version,
-                        candidates, learn)
+                        candidates, learn, data.judged[rows])
 
 
 def scored(data: LabelledEmbeddings, centroids: CentroidSet, adapters: AdapterSet | None = None) -> LabelledScores:
@@ -108,7 +115,7 @@ def scored(data: LabelledEmbeddings, centroids: CentroidSet, adapters: AdapterSe
     return LabelledScores(
         image_ids=data.image_ids, paths=data.image_ids, categories=centroids.categories, modes=centroids.modes,
         score=score, neutral_gap=gap, matched=m["matched"], truth=data.truth,
-        thresholds=m["thresholds"], neutral_margins=m["neutral_margins"],
+        thresholds=m["thresholds"], neutral_margins=m["neutral_margins"], judged=data.judged,
     )
 
 
@@ -158,7 +165,7 @@ def compare(data: LabelledEmbeddings, centroids: CentroidSet, shots: int | None,
         categories=centroids.categories,
         zero_shot=report.before,
         calibrated=report.after,
-        adapted=category_scores(adapted.matched[held], data.truth[held], centroids.categories),
+        adapted=category_scores(adapted.matched[held], data.truth[held], centroids.categories, data.judged[held]),
         labels_per_category=data.truth[rows[learn]].sum(0),
         tuning_images=int((~held).sum()),
         adapter_images=len(learn),

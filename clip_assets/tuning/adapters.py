@@ -136,11 +136,18 @@ CANDIDATES = (
 
 @dataclass
 class GroupScores:
-    """One prompt file's zero-shot numbers for a set of images, as (n, g) arrays."""
+    """One prompt file's zero-shot numbers for a set of images, as (n, g) arrays, and which of the
+    images' labels are judged (a person who judged an image on some categories only says nothing of
+    the others: those cells teach nothing and are scored on nothing)."""
 
     pos: np.ndarray
     neg: np.ndarray
     neutral: np.ndarray  # NaN columns where a category has no neutral descriptions
+    judged: np.ndarray | None = None  # bool; None: every cell
+
+    def __post_init__(self):
+        if self.judged is None:
+            self.judged = np.ones(self.pos.shape, dtype=bool)
 
 
 @dataclass
@@ -187,11 +194,12 @@ def cache_term(embeddings: np.ndarray, keys: np.ndarray, values: np.ndarray, bet
     return out
 
 
-def cache_values(truth: np.ndarray, mode: str) -> np.ndarray:
-    """+1/-1 per category (multi_label), or the labels one-hot over the file (single_label)."""
+def cache_values(truth: np.ndarray, mode: str, judged: np.ndarray | None = None) -> np.ndarray:
+    """+1/-1 per category (multi_label; 0 where not judged), or the labels one-hot over the file (single_label)."""
     if mode == SINGLE_LABEL:
         return truth.astype(np.float32)
-    return np.where(truth, 1.0, -1.0).astype(np.float32)
+    values = np.where(truth, 1.0, -1.0)
+    return (values if judged is None else values * judged).astype(np.float32)
 
 
 def median_key_distance(keys: np.ndarray, sample: int = 512) -> float:
@@ -208,6 +216,7 @@ def fit_head(embeddings: np.ndarray, scores: GroupScores, truth: np.ndarray, sta
     x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     w0 = torch.from_numpy(np.ascontiguousarray(start, dtype=np.float32))
     y = torch.from_numpy(truth.astype(np.float32))
+    w = torch.from_numpy(scores.judged.astype(np.float32))  # cells not judged weigh nothing
     delta = torch.zeros_like(w0, requires_grad=True)
     params = [delta]
     if mode == SINGLE_LABEL:
@@ -219,9 +228,10 @@ def fit_head(embeddings: np.ndarray, scores: GroupScores, truth: np.ndarray, sta
         pos = torch.from_numpy(np.ascontiguousarray(scores.pos, dtype=np.float32))
         base = pos - neg
         # A free offset per category (thresholds are calibrated afterwards), started at the midpoint.
-        bias = ((base * y).sum(0) / y.sum(0).clamp(min=1) + (base * (1 - y)).sum(0) / (1 - y).sum(0).clamp(min=1)) / 2
+        yes, no = y * w, (1 - y) * w
+        bias = ((base * yes).sum(0) / yes.sum(0).clamp(min=1) + (base * no).sum(0) / no.sum(0).clamp(min=1)) / 2
         bias = bias.detach().clone().requires_grad_(True)
-        pos_weight = ((1 - y).sum(0) / y.sum(0).clamp(min=1)).clamp(max=100)
+        pos_weight = (no.sum(0) / yes.sum(0).clamp(min=1)).clamp(max=100)
         params.append(bias)
     if len(x) == 0 or (mode != SINGLE_LABEL and not y.any()):
         return np.zeros_like(start, dtype=np.float32)
@@ -234,7 +244,9 @@ def fit_head(embeddings: np.ndarray, scores: GroupScores, truth: np.ndarray, sta
             loss = -(y * torch.log_softmax(logits, dim=1)).sum(1).mean()
         else:
             logits = logit_scale * (base + x @ delta.T - bias)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+            # the mean over the judged cells (over every cell when all are judged)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y, weight=w, pos_weight=pos_weight) * (w.numel() / w.sum().clamp(min=1))
         loss = loss + decay * (delta**2).sum()
         loss.backward()
         return loss
@@ -252,7 +264,7 @@ def _fit_candidate(candidate: Candidate, embeddings: np.ndarray, scores: GroupSc
     if candidate.kind == CACHE:
         keep = np.sort(by_hash([str(i) for i in range(len(embeddings))], "keys")[:MAX_CACHE_KEYS])
         a.keys = np.ascontiguousarray(embeddings[keep], dtype=np.float32)
-        a.values = cache_values(truth[keep], mode)
+        a.values = cache_values(truth[keep], mode, scores.judged[keep])
         a.beta = candidate.beta / median_key_distance(a.keys)
         raw = cache_term(embeddings, a.keys, a.values, a.beta)
         zero_shot = scores.pos - (0 if mode == SINGLE_LABEL else scores.neg)
@@ -286,14 +298,17 @@ def tuned_thresholds(mode: str, pos: np.ndarray, scores: GroupScores, truth: np.
     if mode == SINGLE_LABEL:
         return t, m
     for j in range(pos.shape[1]):
-        if truth[:, j].any():
-            choice = choose_threshold(pos[:, j] - scores.neg[:, j], pos[:, j] - scores.neutral[:, j], truth[:, j],
-                                      margins[j])
+        rows = scores.judged[:, j]
+        if truth[rows, j].any():
+            choice = choose_threshold(pos[rows, j] - scores.neg[rows, j], pos[rows, j] - scores.neutral[rows, j],
+                                      truth[rows, j], margins[j])
             t[j], m[j] = choice.threshold, choice.neutral_margin
     return t, m
 
 
-def f1_per_column(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def f1_per_column(predicted: np.ndarray, truth: np.ndarray, judged: np.ndarray | None = None) -> np.ndarray:
+    if judged is not None:
+        predicted, truth = predicted & judged, truth & judged
     tp = (predicted & truth).sum(0)
     fp = (predicted & ~truth).sum(0)
     fn = (~predicted & truth).sum(0)
@@ -322,15 +337,16 @@ def prompt_file_groups(c: CentroidSet) -> list[_Group]:
     ]
 
 
-def group_scores(matrices: dict, columns: np.ndarray, has_neutral: np.ndarray) -> GroupScores:
+def group_scores(matrices: dict, columns: np.ndarray, has_neutral: np.ndarray,
+                 judged: np.ndarray | None = None) -> GroupScores:
     neutral = matrices["neutral"][:, columns].astype(np.float64)
     neutral[:, ~has_neutral[columns]] = np.nan
     return GroupScores(matrices["pos"][:, columns].astype(np.float64), matrices["neg"][:, columns].astype(np.float64),
-                       neutral)
+                       neutral, None if judged is None else judged[:, columns])
 
 
 def _subset(s: GroupScores, rows: np.ndarray) -> GroupScores:
-    return GroupScores(s.pos[rows], s.neg[rows], s.neutral[rows])
+    return GroupScores(s.pos[rows], s.neg[rows], s.neutral[rows], s.judged[rows])
 
 
 def _out_of_fold(candidate: Candidate, g: _Group, x: np.ndarray, s: GroupScores, truth: np.ndarray,
@@ -364,7 +380,7 @@ def _cross_validated_f1(g: _Group, pos: np.ndarray, s: GroupScores, truth: np.nd
         train, test = folds != f, folds == f
         t, m = tuned_thresholds(g.mode, pos[train], _subset(s, train), truth[train], g.thresholds, g.margins)
         predicted[test] = group_predictions(g.mode, pos[test], _subset(s, test), t, m, g.top_k, logit_scale)
-    return f1_per_column(predicted, truth)
+    return f1_per_column(predicted, truth, s.judged)
 
 
 def fit_file_adapter(g: _Group, image_ids: list[str], x: np.ndarray, s: GroupScores, truth: np.ndarray,
@@ -434,6 +450,14 @@ class AdapterSet:
                 out[:, f.columns] += f.positive_correction(embeddings).astype(out.dtype)
         return out
 
+    def adapted_columns(self, categories: int) -> np.ndarray:
+        """(C,) bool: the categories whose similarities a correction changes (the rest follow the rule)."""
+        out = np.zeros(categories, dtype=bool)
+        for f in self.files:
+            if f.kind != NONE:
+                out[f.columns] = True if f.applies is None else np.asarray(f.applies) > 0
+        return out
+
     def settings(self, centroids: CentroidSet) -> tuple[np.ndarray, np.ndarray]:
         """Thresholds and neutral margins per category: each file's adapter's."""
         t, m = centroids.thresholds.copy(), centroids.neutral_margins.copy()
@@ -443,13 +467,15 @@ class AdapterSet:
 
 
 def fit_adapters(image_ids: list[str], embeddings: np.ndarray, truth: np.ndarray, centroids: CentroidSet,
-                 version: str, candidates=CANDIDATES, learn: np.ndarray | None = None) -> AdapterSet:
+                 version: str, candidates=CANDIDATES, learn: np.ndarray | None = None,
+                 judged: np.ndarray | None = None) -> AdapterSet:
     """One adapter per prompt file from these labelled images (pass the tuning half only): the correction
-    learns from the `learn` rows (default: all), thresholds are calibrated on all."""
+    learns from the `learn` rows (default: all), thresholds are calibrated on all. `judged`: the
+    (image, category) cells the labels judge (default: every one)."""
     matrices = score_matrices(np.ascontiguousarray(embeddings, dtype=np.float32), centroids)
     files = []
     for g in prompt_file_groups(centroids):
-        s = group_scores(matrices, g.columns, centroids.has_neutral)
+        s = group_scores(matrices, g.columns, centroids.has_neutral, judged)
         files.append(fit_file_adapter(g, image_ids, embeddings, s, truth[:, g.columns], centroids.logit_scale,
                                       candidates, learn))
     return AdapterSet(files, centroids.model, centroids.prompt_version, version)

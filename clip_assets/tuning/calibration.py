@@ -71,6 +71,11 @@ class LabelledScores:
     neutral_margins: np.ndarray  # (C,) current
     unmatched_labels: list[str] = field(default_factory=list)  # label rows naming no classified image
     unknown_categories: list[str] = field(default_factory=list)  # labels naming no category
+    judged: np.ndarray | None = None  # bool, the cells the labels judge (only those are scored, tuned on)
+
+    def __post_init__(self):
+        if self.judged is None:
+            self.judged = np.ones(self.truth.shape, dtype=bool)
 
 
 def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScores:
@@ -115,7 +120,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             labelled_images + """
             SELECT r.i, a.j,
                    CASE WHEN c.mode = 'single_label' THEN c.probability ELSE c.score END AS value,
-                   c.pos_sim - c.neutral_sim AS neutral_gap, c.matched
+                   c.pos_sim - c.neutral_sim AS neutral_gap, coalesce(c.model_matched, c.matched) AS matched
             FROM image_classifications c JOIN m USING (image_id) JOIN image_rows r ON r.key = m.key
                  JOIN category_columns a USING (category)
             """,
@@ -133,10 +138,13 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
     matched[i, j] = pc.fill_null(rows["matched"], False).to_numpy(zero_copy_only=False)
     col = {name: j for j, name in enumerate(categories)}
     truth = np.zeros((n, c), dtype=bool)
+    known = np.ones((n, c), dtype=bool)
     for r, k in enumerate(keys_found):
         for name in labels.labels[k]:
             if name in col:
                 truth[r, col[name]] = True
+        if k in labels.judged:
+            known[r] = [name in labels.judged[k] for name in categories]
     named = set().union(*labels.labels.values()) if labels.labels else set()
     return LabelledScores(
         image_ids=image_ids,
@@ -151,6 +159,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
         neutral_margins=np.array([c[3] for c in cats], dtype=np.float64),
         unmatched_labels=sorted(set(labels.labels) - set(keys_found)),
         unknown_categories=sorted(named - set(categories)),
+        judged=known,
     )
 
 
@@ -159,7 +168,11 @@ def predict(score: np.ndarray, gap: np.ndarray, threshold: float, margin: float)
     return (score >= threshold) & (np.isnan(gap) | (gap >= margin))
 
 
-def category_scores(predicted: np.ndarray, truth: np.ndarray, categories: list[str]) -> list[CategoryScore]:
+def category_scores(predicted: np.ndarray, truth: np.ndarray, categories: list[str],
+                    known: np.ndarray | None = None) -> list[CategoryScore]:
+    """Per category, the counts over the labelled images (`known`: only the cells the labels judge)."""
+    if known is not None:
+        predicted, truth = predicted & known, truth & known
     return [
         CategoryScore(
             name,
@@ -306,14 +319,17 @@ def toml_key(name: str) -> str:
 def tuned_settings(data: LabelledScores, rows: np.ndarray, target_precision: float | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, ThresholdChoice]]:
     """Thresholds and neutral margins of every multi_label category chosen on `rows` (a mask or
-    indices); a category with no labelled image there keeps its current ones."""
+    indices) where the labels judge it; a category with no labelled image there keeps its current ones."""
     new_t, new_m = data.thresholds.copy(), data.neutral_margins.copy()
     choices = {}
+    chosen = np.zeros(len(data.image_ids), dtype=bool)
+    chosen[rows] = True
     for j, (name, mode) in enumerate(zip(data.categories, data.modes)):
-        if mode != MULTI_LABEL or not data.truth[rows, j].any():
+        here = chosen & data.judged[:, j]
+        if mode != MULTI_LABEL or not data.truth[here, j].any():
             continue  # nothing to learn a threshold from: keep the current one
         choice = choose_threshold(
-            data.score[rows, j], data.neutral_gap[rows, j], data.truth[rows, j], data.neutral_margins[j], target_precision
+            data.score[here, j], data.neutral_gap[here, j], data.truth[here, j], data.neutral_margins[j], target_precision
         )
         choices[name] = choice
         new_t[j], new_m[j] = choice.threshold, choice.neutral_margin
@@ -337,7 +353,7 @@ def calibrate(
         )
     tune = ~heldout
     new_t, new_m, choices = tuned_settings(data, tune, target_precision)
-    truth = data.truth[heldout]
+    truth, known = data.truth[heldout], data.judged[heldout]
     return CalibrationReport(
         categories=data.categories,
         old_thresholds=data.thresholds,
@@ -345,8 +361,9 @@ def calibrate(
         new_thresholds=new_t,
         new_margins=new_m,
         choices=choices,
-        before=category_scores(predictions(data, data.thresholds, data.neutral_margins)[heldout], truth, data.categories),
-        after=category_scores(predictions(data, new_t, new_m)[heldout], truth, data.categories),
+        before=category_scores(predictions(data, data.thresholds, data.neutral_margins)[heldout], truth, data.categories,
+                               known),
+        after=category_scores(predictions(data, new_t, new_m)[heldout], truth, data.categories, known),
         tuning_images=int(tune.sum()),
         heldout_images=int(heldout.sum()),
         target_precision=target_precision,
@@ -354,8 +371,8 @@ def calibrate(
 
 
 def evaluate_current(data: LabelledScores) -> list[CategoryScore]:
-    """The stored matched flags against every labelled image."""
-    return category_scores(data.matched, data.truth, data.categories)
+    """The stored decisions of the rule or adapter (not a person's) against every labelled image."""
+    return category_scores(data.matched, data.truth, data.categories, data.judged)
 
 
 def precision_recall_curves(data: LabelledScores) -> dict[str, tuple[list[float], list[float]]]:
@@ -364,9 +381,10 @@ def precision_recall_curves(data: LabelledScores) -> dict[str, tuple[list[float]
     for j, (name, mode) in enumerate(zip(data.categories, data.modes)):
         if mode != MULTI_LABEL:
             continue
-        eligible = np.isnan(data.neutral_gap[:, j]) | (data.neutral_gap[:, j] >= data.neutral_margins[j])
+        known = data.judged[:, j]
+        eligible = known & (np.isnan(data.neutral_gap[:, j]) | (data.neutral_gap[:, j] >= data.neutral_margins[j]))
         _, precision, recall = sweep(data.score[eligible, j], data.truth[eligible, j])
-        recall = recall * data.truth[eligible, j].sum() / max(data.truth[:, j].sum(), 1)
+        recall = recall * data.truth[eligible, j].sum() / max(data.truth[known, j].sum(), 1)
         curves[name] = (recall.tolist(), precision.tolist())
     return curves
 
@@ -386,6 +404,6 @@ def precision_recall_plot(data: LabelledScores, report: CalibrationReport | None
         settings.append(("calibrated", (30, 150, 60), report.new_thresholds, report.new_margins))
     marks: dict[str, list] = {}
     for label, colour, thresholds, margins in settings:
-        for s in category_scores(predictions(data, thresholds, margins), data.truth, data.categories):
+        for s in category_scores(predictions(data, thresholds, margins), data.truth, data.categories, data.judged):
             marks.setdefault(s.category, []).append((s.recall, s.precision, colour, label))
     return precision_recall_png(precision_recall_curves(data), marks)

@@ -13,13 +13,12 @@ from typing import Callable
 from clip_assets.classification.rules import NO_ADAPTER
 from clip_assets.config.layout import DataLayout
 from clip_assets.model.fine_tuned_weights import record_fine_tuned_checkpoint
-from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.storage.warehouse import read_centroids
 from clip_assets.tuning.adapter_evaluation import fit_on_tuning_half, load_labelled_embeddings
 from clip_assets.tuning.adapter_store import adapter_version, remove_adapters, write_adapter_file
 from clip_assets.tuning.adapters import AdapterSet
 from clip_assets.tuning.fine_tuning import FineTuneOptions, FineTuneReport, fine_tune_to_checkpoint
-from clip_assets.tuning.labels_file import read_labels_file
+from clip_assets.tuning.review_labels import combined_labels, combined_version
 
 
 @dataclass
@@ -33,16 +32,18 @@ class AdapterSummary:
 
 
 def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | None = None) -> AdapterSummary:
-    """Fit each prompt file's adapter on the tuning half of the labelled images and store it; without
-    labels, remove any stored adapters so classification is zero-shot. Bad labels raise before the
-    stored adapters are touched."""
-    if labels_path is None:
+    """Fit each prompt file's adapter on the tuning half of the labelled images (the labels file and
+    the review pages' verdicts together: clip_assets.tuning.review_labels.combined_labels) and store
+    it; without labels, remove any stored adapters so classification is zero-shot. Bad labels raise
+    before the stored adapters are touched."""
+    store = layout.review_labels_path
+    labels = combined_labels(labels_path, store, layout)
+    if labels is None:
         remove_adapters(layout.adapters_path)
         return AdapterSummary(NO_ADAPTER)
-    labels = read_labels_file(labels_path)
     centroids = read_centroids(layout.duckdb_path)
     data = load_labelled_embeddings(layout, labels, centroids)
-    version = adapter_version(content_digest(labels_path, SOURCE_VERSION_CHARS), centroids, shots)
+    version = adapter_version(combined_version(labels_path, store), centroids, shots)
     adapters = fit_on_tuning_half(data, centroids, shots, version)
     write_adapter_file(adapters, layout.adapters_path)
     return AdapterSummary(version, adapters, len(data.image_ids), int(data.heldout.sum()),

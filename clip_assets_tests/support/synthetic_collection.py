@@ -25,7 +25,7 @@ def tied_collection(tmp_path: Path, images: int = 300, batches: int = 3) -> Data
                    CASE WHEN mode = 'single_label' THEN prob END, NULL, threshold, neutral_margin,
                    CASE WHEN mode = 'single_label' THEN prob >= threshold
                         ELSE score >= threshold AND (category = 'cat' OR pos >= neu + neutral_margin) END,
-                   'm', 'v', 'none'
+                   'm', 'v', 'none', NULL, NULL, NULL  -- model_matched, rule_matched, decided_by: as in files from before them
             FROM (SELECT ids.*, p.*, round((hash(i, p.category) % 7) / 100.0, 2)::FLOAT AS score,
                          round(0.2 + (hash(p.category, i) % 5) / 100.0, 2)::FLOAT AS pos, 0.22::FLOAT AS neu,
                          round((hash(i) % 10) / 10.0, 1)::FLOAT AS prob
