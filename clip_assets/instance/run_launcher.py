@@ -10,7 +10,10 @@ first: "Started process for run (pid: N)" for a launched run, or the executor's 
 executed inside a script. It is alive while that pid exists, is not a zombie, and (where /proc tells)
 started before the run logged it, so a recycled pid is not taken for the worker. This holds where
 the daemon sees the run workers' processes: runs launched from this machine, as with `dagster dev`.
-A run on another host's code server, or one that has not logged its pid yet, is reported running.
+A run on another host's code server, one whose executor logged another host name with its pid
+(clip_assets.instance.executor logs it), or one that has not logged its pid yet, is reported running.
+The same check (`check_worker`) lets a run waiting for a pool slot free the slots of a dead run without
+the daemon (clip_assets.instance.pool_slots).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +33,32 @@ from clip_assets.instance.dagster_internals import GRPC_INFO_TAG, CheckRunHealth
 FIRST_ENGINE_EVENTS = 10
 # /proc gives boot time in whole seconds: a worker may seem to start this much after it logged its pid.
 START_TIME_SLACK_S = 2.0
+THIS_HOST = socket.gethostname()
 
 
 @dataclass(frozen=True)
 class RunProcess:
     pid: int
     logged_at: float  # when the run logged the pid (the process had started by then)
+    host: str | None = None  # the host name the run logged with a pid; None where it logged none
 
 
 def run_process(instance: DagsterInstance, run_id: str) -> RunProcess | None:
-    """The process that runs `run_id`: the pid of its first engine event that carries one."""
+    """The process that runs `run_id`: the pid of its first engine event that carries one, and the host
+    name of the first that carries one."""
     records = instance.get_records_for_run(
         run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=FIRST_ENGINE_EVENTS
     ).records
+    found, host = None, None
     for record in records:
         event = record.event_log_entry.dagster_event
-        pid = (getattr(event.event_specific_data, "metadata", None) or {}).get("pid") if event else None
-        if pid is not None and str(pid.value).isdigit():
-            return RunProcess(int(pid.value), record.event_log_entry.timestamp)
-    return None
+        metadata = (getattr(event.event_specific_data, "metadata", None) or {}) if event else {}
+        pid = metadata.get("pid")
+        if found is None and pid is not None and str(pid.value).isdigit():
+            found = (int(pid.value), record.event_log_entry.timestamp)
+        if host is None and metadata.get("host") is not None:
+            host = str(metadata["host"].value)
+    return RunProcess(*found, host=host) if found else None
 
 
 def _boot_time() -> float:
@@ -91,6 +102,27 @@ def _launched_on_this_machine(run: DagsterRun) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class WorkerCheck:
+    alive: bool | None  # None: this machine cannot tell (another host, or no pid logged yet)
+    process: RunProcess | None
+    reason: str
+
+
+def check_worker(instance: DagsterInstance, run: DagsterRun) -> WorkerCheck:
+    """Whether the process that runs `run` is alive, as far as this machine can tell."""
+    if not _launched_on_this_machine(run):
+        return WorkerCheck(None, None, "run worker on another host: not checked")
+    process = run_process(instance, run.run_id)
+    if process is None:
+        return WorkerCheck(None, None, "run worker has not logged its pid yet")
+    if process.host not in (None, THIS_HOST):
+        return WorkerCheck(None, process, f"run worker process {process.pid} is on host {process.host}: not checked")
+    if process_is_alive(process):
+        return WorkerCheck(True, process, f"run worker process {process.pid} is alive")
+    return WorkerCheck(False, process, f"run worker process {process.pid} is gone (killed, or its machine restarted)")
+
+
 class LocalRunLauncher(DefaultRunLauncher):
     """DefaultRunLauncher that tells run monitoring whether a run's worker process is still alive."""
 
@@ -99,13 +131,5 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        if not _launched_on_this_machine(run):
-            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker on another host: not checked")
-        process = run_process(self._instance, run.run_id)
-        if process is None:
-            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker has not logged its pid yet")
-        if process_is_alive(process):
-            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker process {process.pid} is alive")
-        return CheckRunHealthResult(
-            WorkerStatus.FAILED, f"run worker process {process.pid} is gone (killed, or its machine restarted)"
-        )
+        check = check_worker(self._instance, run)
+        return CheckRunHealthResult(WorkerStatus.FAILED if check.alive is False else WorkerStatus.RUNNING, check.reason)
