@@ -14,14 +14,16 @@ from clip_assets.defs import classification, embedding, ingest, pages, search, t
 from clip_assets.defs.automation import automation_sensor
 from clip_assets.defs.resources import pipeline_resources
 from clip_assets.defs.tuning.fine_tuning import encoded_with_fine_tuned_model
+from clip_assets.instance.executor import in_process_executor
 from clip_assets.process import configure_process
 
 # Steps run in the run's own process, which has imported torch and this code already. The steps of
 # every job here form a chain (manifest -> embeddings -> classifications), so subprocesses per step
 # would run nothing in parallel, while each costs a fresh import of torch and the code location
 # (about 10 s on 2 cores, whether spawned or forked from a per-run forkserver). Pools (the GPU, the
-# DuckDB writer) are claimed the same way in process.
-IN_PROCESS_EXECUTOR = dg.in_process_executor
+# DuckDB writer) are claimed the same way in process; the wait for a slot frees the slots of runs whose
+# process died, names the holder, sleeps and stops on Ctrl-C (clip_assets.instance.executor).
+IN_PROCESS_EXECUTOR = in_process_executor
 
 
 def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:

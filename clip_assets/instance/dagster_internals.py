@@ -16,6 +16,17 @@ from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED
 # copy, so the library layer does not import Dagster; a test keeps the two equal).
 from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
 
+# The code location's executor (clip_assets.instance.executor): Dagster's in-process executor with our
+# own wait for pool slots. Dagster builds that executor's run from these pieces and offers no hook for
+# the wait (InstanceConcurrencyContext), so the executor rebuilds its execute() from them; an engine
+# event's data (EngineEventData) is the type the executor's events and the wait's messages carry.
+from dagster._core.events import EngineEventData
+from dagster._core.execution.api import ExecuteRunWithPlanIterable
+from dagster._core.execution.context_creation_job import PlanExecutionContextManager
+from dagster._core.execution.plan.execute_plan import inner_plan_execution_iterator
+from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._core.executor.in_process import InProcessExecutor
+
 # The run launcher's health check for run monitoring (clip_assets.instance.run_launcher): the
 # result type Dagster expects, and the tag that says a run went to a code server on another host.
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
@@ -23,6 +34,10 @@ from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 # A run over a range of partitions (what a backfill run covers): RunRequest and execute_in_process
 # take a single partition_key, the range only as these two tags.
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, GRPC_INFO_TAG
+
+# Ctrl-C and SIGTERM during a run only set a flag (Dagster's signal handler while a run executes),
+# which Dagster reads when a step starts: the pool wait reads and clears it too.
+from dagster._utils.interrupts import pop_captured_interrupt
 
 
 def partition_range_tags(first: str, last: str) -> dict[str, str]:
@@ -42,6 +57,20 @@ def data_version_tags(version: str) -> dict[str, str]:
 
 
 __all__ = [
-    "ASSET_PARTITION_RANGE_END_TAG", "ASSET_PARTITION_RANGE_START_TAG", "CheckRunHealthResult", "GRPC_INFO_TAG",
-    "INVALID_PARTITION_SUBSTRINGS", "WorkerStatus", "data_version_tags", "partition_range", "partition_range_tags",
+    "ASSET_PARTITION_RANGE_END_TAG",
+    "ASSET_PARTITION_RANGE_START_TAG",
+    "GRPC_INFO_TAG",
+    "INVALID_PARTITION_SUBSTRINGS",
+    "CheckRunHealthResult",
+    "EngineEventData",
+    "ExecuteRunWithPlanIterable",
+    "InProcessExecutor",
+    "InstanceConcurrencyContext",
+    "PlanExecutionContextManager",
+    "WorkerStatus",
+    "data_version_tags",
+    "inner_plan_execution_iterator",
+    "partition_range",
+    "partition_range_tags",
+    "pop_captured_interrupt",
 ]
