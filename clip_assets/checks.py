@@ -26,6 +26,7 @@ class CheckOutcome:
     passed: bool
     description: str
     metadata: dict = field(default_factory=dict)
+    headline: str = ""  # a few words for a failed warning's run tag (clip_assets.defs.check_results)
 
 
 def embeddings_are_unit_norm(layout: DataLayout, batch: str, expected_dim: int) -> CheckOutcome:
@@ -128,6 +129,7 @@ def failure_share_within_limit(usable: int, failed: int, unusable_in_manifest: i
         share <= max_share,
         f"{bad} of {files} files could not be embedded ({share:.1%}; warns above {max_share:.1%})",
         {"failed_files": bad, "files": files, "failure_share": round(share, 4), "max_share": max_share},
+        headline=f"{share:.0%} of files unusable",
     )
 
 

@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 
 import dagster as dg
 
+from clip_assets.defs.failures import reason
 from clip_assets.defs.metadata import table
 
 T = TypeVar("T")
@@ -35,7 +36,7 @@ def each_batch(context: dg.AssetExecutionContext, work: Callable[[str], T]) -> d
         try:
             done[batch] = work(batch)
         except Exception as exc:  # a run's termination is a BaseException and still stops everything
-            failed[batch] = _reason(exc)
+            failed[batch] = reason(exc)
             context.log.exception(f"{batch} failed ({failed[batch]}); the other batches of this run go on")
     if failed:
         raise dg.Failure(
@@ -55,9 +56,3 @@ def one_batch_data_version(versions: dict[str, str]) -> dg.DataVersion | None:
     """The step's data version: the batch's own where the run had one batch. Dagster takes one data
     version per step, so a multi-batch run's partitions get Dagster's computed one."""
     return dg.DataVersion(next(iter(versions.values()))) if len(versions) == 1 else None
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, dg.Failure) and exc.description:
-        return exc.description
-    return f"{type(exc).__name__}: {exc}"

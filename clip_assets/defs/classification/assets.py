@@ -17,6 +17,7 @@ from clip_assets.defs.asset_keys import (
 from clip_assets.defs.batch_isolation import each_batch
 from clip_assets.defs.check_results import check_result, combined
 from clip_assets.defs.conventions import DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ClipModelResource, ImageCollection
@@ -45,6 +46,7 @@ CONTACT_SHEET_COLUMNS = 3 + 2 * 2
                           description="Each category has a centroid for each kind it has descriptions of."),
     ],
 )
+@user_errors_as_failures
 def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource) -> dg.MaterializeResult:
     """Per category: normalised mean text embedding of its positive, negative and neutral descriptions."""
     # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
@@ -92,6 +94,7 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
                           description="Exactly usable images x categories rows for the batch, none duplicated."),
     ],
 )
+@user_errors_as_failures
 def image_classifications(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag.
 

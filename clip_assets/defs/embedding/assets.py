@@ -14,8 +14,9 @@ from clip_assets.checks import (
 )
 from clip_assets.defs.asset_keys import IMAGE_EMBEDDINGS, IMAGE_MANIFEST
 from clip_assets.defs.batch_isolation import each_batch
-from clip_assets.defs.check_results import check_result, combined
+from clip_assets.defs.check_results import check_result, combined, warning_result
 from clip_assets.defs.conventions import DUCKDB_READER, GPU_POOL, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.metadata import reasons_table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
@@ -48,6 +49,7 @@ from clip_assets.ingest.steps import unusable_in_manifest
                           "the one every other batch's were; warns on a mix."),
     ],
 )
+@user_errors_as_failures
 def image_embeddings(
     context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource
 ) -> dg.MaterializeResult:
@@ -89,9 +91,9 @@ def image_embeddings(
     return dg.MaterializeResult(
         check_results=[
             check_result("unit_norm_with_model_dimension", combined(norms)),
-            check_result("failure_share", combined(shares), warn=True),
+            warning_result(context, "failure_share", shares),
             check_result("same_model_as_centroids", combined(models)),
-            check_result("one_precision_in_collection", combined(precisions), warn=True),
+            warning_result(context, "one_precision_in_collection", precisions),
         ],
         metadata={
             "batches_in_run": len(outcomes),

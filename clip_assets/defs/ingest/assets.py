@@ -6,6 +6,7 @@ import dagster as dg
 
 from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.conventions import OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import reasons_table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ImageCollection
@@ -28,6 +29,7 @@ def check_batch_folder(image_root: Path, batch: str) -> None:
     code_version="1",
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
 )
+@user_errors_as_failures
 def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Every file of an image batch, from stat alone: stable image_id, path, size, mtime, status, error.
 

@@ -7,6 +7,7 @@ import dagster as dg
 
 from clip_assets.defs.asset_keys import IMAGE_CLASSIFICATIONS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.pages.gallery import write_gallery
 
@@ -27,6 +28,7 @@ def serve_command(folder: Path) -> str:
     owners=[OWNER],
     code_version="1",
 )
+@user_errors_as_failures
 def classification_gallery(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """A static HTML page per run: per category, thumbnails of the best matched images and of the near
     misses, grouped by the condition they failed, with their scores. The materialization says how

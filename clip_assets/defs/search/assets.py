@@ -10,6 +10,7 @@ import dagster as dg
 from clip_assets.defs.asset_keys import IMAGE_EMBEDDINGS
 from clip_assets.defs.batch_isolation import each_batch, one_batch_data_version
 from clip_assets.defs.conventions import DUCKDB_WRITER, DUCKDB_WRITER_POOL, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ImageCollection
@@ -30,6 +31,7 @@ KEEP_DUPLICATES_PAGES = 5  # the newest runs' near-duplicate pages; older ones (
     automation_condition=dg.AutomationCondition.eager(),
     backfill_policy=dg.BackfillPolicy.multi_run(BATCHES_PER_RUN),
 )
+@user_errors_as_failures
 def image_search_index(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """The batch's shard of the approximate-nearest-neighbour index: the collection's faiss IVF-PQ
     codec filled with this batch's embeddings (the first shard trains the codec; a collection too
@@ -80,6 +82,7 @@ def shard_metadata(s: ann_index.ShardSummary, path: Path) -> dict:
     tags=DUCKDB_WRITER,
     pool=DUCKDB_WRITER_POOL,
 )
+@user_errors_as_failures
 def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
     """Groups of near-duplicate images across the whole collection (cosine similarity at or above
     CLIP_ASSETS_DUPLICATE_THRESHOLD) in DuckDB's duplicate_groups, and a gallery page of them. Only

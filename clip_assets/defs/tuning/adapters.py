@@ -10,6 +10,7 @@ import dagster as dg
 
 from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
 
@@ -23,6 +24,7 @@ from clip_assets.defs.resources import ImageCollection, LabelledSample
     automation_condition=dg.AutomationCondition.eager(),
     tags=DUCKDB_READER,  # reads the centroids
 )
+@user_errors_as_failures
 def category_adapters(collection: ImageCollection, labelled_sample: LabelledSample) -> dg.MaterializeResult:
     """Per prompt file, none, a cache model or a linear head on top of the prompt centroids, chosen and
     fitted on the tuning half of the labelled images (at most `adapter_shots` per category); thresholds

@@ -9,6 +9,7 @@ import dagster as dg
 
 from clip_assets.defs.asset_keys import IMAGE_CLASSIFICATIONS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import picture, table
 from clip_assets.defs.resources import ImageCollection, LabelledSample
 from clip_assets.storage.atomic_files import write_text_atomically
@@ -34,6 +35,7 @@ def _scores_table(scores) -> dg.TableMetadataValue:
     owners=[OWNER],
     code_version="1",
 )
+@user_errors_as_failures
 def image_evaluation(collection: ImageCollection, labelled_sample: LabelledSample) -> dg.MaterializeResult:
     """Precision, recall and F1 per category and macro of the current thresholds, on every labelled image."""
     data = labelled_sample.load(collection)
@@ -58,6 +60,7 @@ def image_evaluation(collection: ImageCollection, labelled_sample: LabelledSampl
     owners=[OWNER],
     code_version="1",
 )
+@user_errors_as_failures
 def threshold_calibration(collection: ImageCollection, labelled_sample: LabelledSample) -> dg.MaterializeResult:
     """Per-category thresholds and neutral margins tuned on part of the labelled images, scored
     before and after on the rest; the proposal is written as a calibrated_thresholds.toml to review."""

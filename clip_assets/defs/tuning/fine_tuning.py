@@ -17,6 +17,7 @@ import dagster as dg
 
 from clip_assets.defs.asset_keys import CAPTIONS_FILE, FINE_TUNED_MODEL, IMAGE_EMBEDDINGS, PROMPT_CENTROIDS
 from clip_assets.defs.conventions import GPU_POOL, OWNER
+from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.k8s import GPU_STEP_K8S_CONFIG
 from clip_assets.defs.observation import file_observation, observation_sensor, observed_file_source, record_if_changed
 from clip_assets.defs.resources import CaptionedPairs, ClipModelResource, ImageCollection
@@ -59,6 +60,7 @@ captions_file = observed_file_source(
     op_tags={"clip_assets/gpu": "true", "dagster-k8s/config": GPU_STEP_K8S_CONFIG},
     pool=GPU_POOL,
 )
+@user_errors_as_failures
 def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollection, clip_model: ClipModelResource,
                      captioned_pairs: CaptionedPairs) -> dg.MaterializeResult:
     """The configured model (CLIP_ASSETS_MODEL, CLIP_ASSETS_PRETRAINED) tuned with open_clip's contrastive loss
