@@ -114,6 +114,16 @@ class DataLayout:
         return self.data_dir / "gallery" / "near_duplicates" / run_id
 
     @property
+    def content_check_position_path(self) -> Path:
+        """Where the content check's next slice begins (clip_assets.ingest.content_check)."""
+        return self.data_dir / "content_check_position.json"
+
+    def content_changes_path(self, batch: str) -> Path:
+        """Images of a batch whose bytes changed under an unchanged size and mtime, found by the content
+        check: the batch's next embedding run encodes them again, then removes the file."""
+        return self.data_dir / "content_changes" / f"{batch_stem(batch)}.json"
+
+    @property
     def rescan_position_path(self) -> Path:
         """Where the re-scan schedule's next slice begins (clip_assets.ingest.batch_discovery.rescan_slice)."""
         return self.data_dir / "rescan_position.json"

@@ -101,6 +101,15 @@ class Settings(BaseSettings):
     rescan_cron: str = Field(
         default="0 * * * *", description="when the `rescan_image_batches` schedule looks for changed batches"
     )
+    content_check_cron: str = Field(
+        default="*/15 * * * *",
+        description="when the `content_check` schedule (stopped until you start it) re-hashes files whose size and "
+        "mtime did not change, to find content replaced under them",
+    )
+    content_check_budget_s: float = Field(
+        default=20.0, gt=0,
+        description="the most seconds one `content_check` tick reads files for; the next tick goes on from there",
+    )
     decode: Literal["auto", "pillow", "tensor"] = Field(
         default="auto",
         description="`pillow` (CPU workers decode), `tensor` (JPEGs batch-decoded on the model's device), "

@@ -18,6 +18,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.engine import FAILURES_SCHEMA, embeddings_schema, encode_images
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.store import BackgroundWrites, EmbeddingFileFigures, PartFiles, plan_encoding, write_final
+from clip_assets.ingest.content_check import clear_content_changes, read_content_changes
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.atomic_files import write_parquet_atomically
 
@@ -57,7 +58,7 @@ def write_embeddings(
     path = layout.embeddings_path(batch)
     parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity)
     parts.discard_other_models()
-    plan = plan_encoding(manifest, path, parts)
+    plan = plan_encoding(manifest, path, parts, read_content_changes(layout, batch))
     report(
         f"{batch}: {len(plan.job.image_ids):,} images to encode, "
         f"{len(plan.carried_ids):,} unchanged, {len(plan.resumed_ids):,} resumed"
@@ -70,6 +71,7 @@ def write_embeddings(
     write_parquet_atomically(failures, layout.embedding_failures_path(batch))
     figures = write_final(path, embeddings_schema(clip.embed_dim), plan, parts)
     parts.remove()
+    clear_content_changes(layout, batch)  # compared again above: encoded anew where the bytes differ
     return EmbeddingSummary(
         path=path,
         rows=figures.rows,

@@ -170,9 +170,12 @@ def vectors_of(path: Path, image_ids: set[str], rows_per_read: int = 65_536) -> 
     return out
 
 
-def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFiles) -> EncodingPlan:
+def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFiles,
+                  content_changed: set[str] = frozenset()) -> EncodingPlan:
     """What to encode, carry over and resume; the previous file's vectors are read only for the images
-    whose content must be compared (never the whole file)."""
+    whose content must be compared (never the whole file). `content_changed`: images whose bytes the
+    content check found changed under an unchanged stat (clip_assets.ingest.content_check): their
+    bytes are compared again, not carried."""
     previous = previous_rows(previous_file) if previous_file is not None else None
     usable = manifest.filter(pc.equal(manifest["status"], STATUS_OK))
     ids = usable["image_id"].to_pylist()
@@ -185,7 +188,7 @@ def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFil
         p_ids = previous["image_id"].to_pylist()
         prev_stat = dict(zip(p_ids, zip(previous["size"].to_pylist(), previous["mtime"].to_pylist())))
         prev_fp = dict(zip(p_ids, previous["fingerprint"].to_pylist()))
-    carried_ids = {i for i in ids if i not in resumed and prev_stat.get(i) == stat[i]}
+    carried_ids = {i for i in ids if i not in resumed and prev_stat.get(i) == stat[i] and i not in content_changed}
     todo = [k for k, i in enumerate(ids) if i not in resumed and i not in carried_ids]
     touched = {ids[k] for k in todo if ids[k] in prev_fp}
     job = EncodeJob(
