@@ -9,6 +9,7 @@ import dagster as dg
 # Human-edited files, observed without a run
 PROMPT_FILES = dg.AssetKey("prompt_files")
 LABELS_FILE = dg.AssetKey("labels_file")
+REVIEW_LABELS = dg.AssetKey("review_labels")  # the verdicts of the review pages (clip_assets.tuning.review_labels)
 CAPTIONS_FILE = dg.AssetKey("captions_file")
 
 # Per batch (partitioned by image_batches)

@@ -1,9 +1,10 @@
 """The automation sensor: eager assets re-materialize when what they depend on has a new data version.
 
 `prompt_centroids`, `category_adapters`, `image_classifications` (and, where the deployment
-fine-tunes, `fine_tuned_model`) are eager, so a new observation of the prompt files, the labels file
-or the captions file (clip_assets.defs.observation) requests them; `image_embeddings`, which does not
-depend on prompts, never. Dagster's default automation sensor is STOPPED; this one runs by default.
+fine-tunes, `fine_tuned_model`) are eager, so a new observation of the prompt files, the labels file,
+the review pages' labels or the captions file (clip_assets.defs.observation) requests them;
+`image_evaluation` and `threshold_calibration` follow the classifications they read; `image_embeddings`,
+which does not depend on prompts or labels, never. Dagster's default automation sensor is STOPPED; this one runs by default.
 """
 
 import dagster as dg

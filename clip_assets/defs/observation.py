@@ -1,10 +1,10 @@
-"""Human-edited files as observed sources: prompts, labels, captions.
+"""Human-edited files as observed sources: prompts, labels (the file, and the review pages' store), captions.
 
 Observing is not work, so it launches no run: each file's sensor hashes it every CHECK_INTERVAL_S and
 records an observation (the hash as the data version) only when the hash differs from the last one
 recorded. What depends on the file is eager (clip_assets.defs.automation), so a new data version
 re-runs it: prompts re-run the centroids, adapters and classifications; labels the adapters and
-classifications; captions the fine-tuned model. Scripts and tests record the same observation
+classifications, then evaluation and calibration; captions the fine-tuned model. Scripts and tests record the same observation
 without a daemon through clip_assets.instance.execution.observe.
 """
 

@@ -19,7 +19,7 @@ from clip_assets.embedding.gpu_claim import device_for_embedding_step
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.fine_tuned_weights import weights_in_use
 from clip_assets.tuning import calibration
-from clip_assets.tuning.labels_file import read_labels_file
+from clip_assets.tuning.review_labels import combined_labels
 
 if TYPE_CHECKING:  # torch and open_clip load in the steps that use a model, not with the code location
     from clip_assets.model.clip_model import ClipModel
@@ -127,7 +127,9 @@ class CaptionedPairs(dg.ConfigurableResource):
 
 
 class LabelledSample(dg.ConfigurableResource):
-    """Labels a person assigned to a sample of images (CSV or parquet), and how to calibrate on them."""
+    """Labels people assigned to a sample of images, and how to calibrate on them: the labels file
+    (CSV or parquet, CLIP_ASSETS_LABELS) and the review pages' verdicts together, the verdicts winning
+    where both judge an image on a category (clip_assets.tuning.review_labels.combined_labels)."""
 
     labels_path: str | None
     adapter_shots: int  # category_adapters: labelled images per category, 0: all
@@ -143,15 +145,19 @@ class LabelledSample(dg.ConfigurableResource):
     def path(self) -> Path | None:
         return Path(self.labels_path) if self.labels_path else None
 
-    def load(self, collection: ImageCollection) -> calibration.LabelledScores:
-        if not self.labels_path:
-            raise dg.Failure(
-                description="No labels file: set CLIP_ASSETS_LABELS to a CSV or parquet file with a 'path' (or "
-                "'image_id') column and a 'labels' column (categories separated by ';', or 'none')."
-            )
-        return calibration.load_labelled_scores(
-            collection.layout, read_labels_file(Path(self.labels_path))
-        )
+    def load(self, collection: ImageCollection) -> calibration.LabelledScores | None:
+        """The labelled images' stored scores; None while there are no labels at all (NO_LABELS says
+        how to give some)."""
+        layout = collection.layout
+        labels = combined_labels(self.path, layout.review_labels_path, layout)
+        return None if labels is None else calibration.load_labelled_scores(layout, labels)
+
+
+NO_LABELS = (
+    "No labels yet: review images in the review pages (`clip-assets serve`), or set CLIP_ASSETS_LABELS to a CSV "
+    "or parquet file with a 'path' (or 'image_id') column and a 'labels' column (categories separated by ';', "
+    "or 'none')."
+)
 
 
 def pipeline_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:

@@ -15,20 +15,24 @@ import dagster as dg
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings, env_var
 from clip_assets.definitions import build_definitions
+from clip_assets.defs.asset_keys import IMAGE_EVALUATION, THRESHOLD_CALIBRATION
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
 from clip_assets.ingest.manifest import list_batches
-from clip_assets.instance.execution import materialize_everything
+from clip_assets.instance.execution import materialize, materialize_everything
 from clip_assets.search.query import format_table, search
 from clip_assets.storage.warehouse import connect
-from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores
+from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores, stable_fraction
 from clip_assets.tuning.evaluation import macro_f1, score_labels
-from clip_assets.tuning.labels_file import read_labels_file
+from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
 
 DEMO_DIR = REPO_ROOT / ".demo"
+LABELLED_SAMPLE = "labelled_sample.csv"  # the labels file the demo's pipeline reads (CLIP_ASSETS_LABELS)
+LABELLED_SHARE = 1 / 6  # of the demo's images: 60 of 360, as a person would label a sample
 
 
-def demo_settings(demo_dir: Path, checkpoint: Path, device: str | None = None) -> Settings:
+def demo_settings(demo_dir: Path, checkpoint: Path, device: str | None = None,
+                  labels_path: Path | None = None) -> Settings:
     return Settings(
         image_root=demo_dir / "images",
         data_dir=demo_dir / "data",
@@ -36,16 +40,21 @@ def demo_settings(demo_dir: Path, checkpoint: Path, device: str | None = None) -
         model=DEMO_MODEL,
         pretrained=str(checkpoint),
         device=device,
+        labels_path=labels_path,
     )
+
+
+def write_labelled_sample(truth_file: Path, path: Path, share: float = LABELLED_SHARE) -> Path:
+    """A stable share of the demo's images (by a hash of the path) with their ground truth, as the labels
+    file the pipeline reads: what calibration, the adapters and the evaluation learn from and score on."""
+    truth = read_labels(truth_file)
+    chosen = {p: labels for p, labels in truth.items() if stable_fraction(p, "demo-labels") < share}
+    return write_labels_file(LabelRows("path", chosen), path)
 
 
 def write_env_file(path: Path, settings: Settings) -> None:
-    path.write_text(
-        "".join(
-            f"{env_var(name)}={getattr(settings, name)}\n"
-            for name in ("image_root", "data_dir", "model", "pretrained")
-        )
-    )
+    names = ["image_root", "data_dir", "model", "pretrained"] + (["labels_path"] if settings.labels_path else [])
+    path.write_text("".join(f"{env_var(name)}={getattr(settings, name)}\n" for name in names))
 
 
 def matched_labels(layout: DataLayout) -> dict[str, set[str]]:
@@ -89,7 +98,8 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
         write_collection(images)
         log(f"generated the demo collection under {images}")
     checkpoint = train_tiny_clip(checkpoint_path(demo_dir / "checkpoints", training_recipe()), training_recipe(), log=log)
-    settings = demo_settings(demo_dir, checkpoint, device)
+    labels = write_labelled_sample(images / LABELS_FILE, demo_dir / LABELLED_SAMPLE)
+    settings = demo_settings(demo_dir, checkpoint, device, labels)
     write_env_file(demo_dir / "demo.env", settings)
 
     # The repo's dagster.yaml keeps the instance under .dagster_home/, so `dagster dev` shows these runs.
@@ -98,9 +108,12 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
     batches = list_batches(settings.image_root)
     with dg.DagsterInstance.get() as instance:
         t = time.monotonic()
-        materialize_everything(build_definitions(settings), instance, batches)
+        defs = build_definitions(settings)
+        materialize_everything(defs, instance, batches)
+        materialize(defs, instance, [IMAGE_EVALUATION, THRESHOLD_CALIBRATION])  # the evaluation group, on the sample
         log(f"materialized prompt_files, prompt_centroids, {len(batches)} batches x 4 assets (manifest, embeddings, "
-            f"classifications, index shard) and near_duplicates in {time.monotonic() - t:.0f} s")
+            f"classifications, index shard), near_duplicates, image_evaluation and threshold_calibration "
+            f"in {time.monotonic() - t:.0f} s (labels: {len(read_labels_file(labels).labels)} images of {labels})")
 
     layout = DataLayout(settings.data_dir)
     summary = category_summary(layout)

@@ -21,7 +21,7 @@ from clip_assets.defs.asset_keys import (
 from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
-from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
+from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR, REVIEW_LABELS_OBSERVATION_SENSOR
 from clip_assets.instance.dagster_internals import partition_range_tags
 
 # Keep the run log for the instance (the UI shows it) but only warnings on the console.
@@ -37,7 +37,7 @@ def register_batches(instance: dg.DagsterInstance, batches: list[str]) -> list[s
 
 
 def observe(defs: dg.Definitions, instance: dg.DagsterInstance, sensor_name: str) -> dg.AssetObservation | None:
-    """What an observation sensor (the prompt files', the labels file's, the captions file's) does on a
+    """What an observation sensor (the prompt files', the labels file's, the review labels', the captions file's) does on a
     tick, without a daemon: evaluate it and record its observation, without a run. Returns the
     observation, or None when the file is as last observed (or the deployment has no such sensor)."""
     sensor = next((s for s in defs.sensors or [] if s.name == sensor_name), None)
@@ -75,12 +75,13 @@ def materialize(
 
 
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, batches: list[str]) -> None:
-    """Observe prompts and labels (and the captions, and fine-tune, where the deployment fine-tunes), build
+    """Observe prompts and labels, both kinds (and the captions, and fine-tune, where the deployment fine-tunes), build
     centroids and adapters, then manifest, embeddings, classifications and the index shard per batch,
     then the near-duplicate groups."""
     register_batches(instance, batches)
     observe(defs, instance, PROMPT_OBSERVATION_SENSOR)
     observe(defs, instance, LABELS_OBSERVATION_SENSOR)
+    observe(defs, instance, REVIEW_LABELS_OBSERVATION_SENSOR)
     if "captioned_pairs" in defs.resources:
         observe(defs, instance, CAPTIONS_OBSERVATION_SENSOR)
         materialize(defs, instance, [FINE_TUNED_MODEL])

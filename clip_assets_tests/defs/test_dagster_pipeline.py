@@ -32,6 +32,7 @@ from clip_assets.search.exact_search import stored_models
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.storage.warehouse import connect, read_centroids
 from clip_assets.tuning.adapter_store import adapter_version
+from clip_assets_tests.support.dagster_ticks import stale_status
 
 BATCHES = ["batch-001", "batch-002"]
 EMBEDDINGS = dg.AssetKey("image_embeddings")
@@ -213,15 +214,6 @@ def test_labels_edit_rematerializes_adapters_and_classifications_only(settings, 
         assert materialization_count(instance, EMBEDDINGS, b) == before[(EMBEDDINGS, b)]
     new_version = adapter_version(content_digest(labels, SOURCE_VERSION_CHARS), read_centroids(DataLayout(settings.data_dir).duckdb_path), None)
     assert rows(settings, "SELECT DISTINCT adapter_version FROM image_classifications") == [(new_version,)] != old_version
-
-
-def stale_status(defs, instance, key, partition=None):
-    """What the UI shows for the asset: FRESH, STALE (an input's data version changed since) or MISSING."""
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._core.loader import LoadingContextForTest
-
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
-    return resolver.get_status(key, partition).value
 
 
 def latest_data_version(instance, key):

@@ -1,6 +1,7 @@
 """What the daemon does with a sensor tick, done in a test: `tick` evaluates the batch discovery
 sensor on a real instance, adds the requested partitions, and `run_requests` launches each requested
-run (in-process, one after another); `classification_counts` reads what the runs classified."""
+run (in-process, one after another); `classification_counts` reads what the runs classified;
+`stale_status` is what the UI shows of an asset."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def tick(defs, instance, cursor):
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     run_requests(defs, instance, data.run_requests or [])
     return data
+
+
+def stale_status(defs, instance, key, partition=None):
+    """What the UI shows for the asset: FRESH, STALE (an input's data version changed since) or MISSING."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    return resolver.get_status(key, partition).value
 
 
 def classification_counts(settings):

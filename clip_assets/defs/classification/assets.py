@@ -13,6 +13,7 @@ from clip_assets.defs.asset_keys import (
     IMAGE_EMBEDDINGS,
     PROMPT_CENTROIDS,
     PROMPT_FILES,
+    REVIEW_LABELS,
 )
 from clip_assets.defs.batch_isolation import each_batch
 from clip_assets.defs.check_results import check_result, combined
@@ -78,14 +79,15 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
 
 @dg.asset(
     partitions_def=image_batches,
-    deps=[IMAGE_EMBEDDINGS, PROMPT_CENTROIDS, CATEGORY_ADAPTERS],
+    deps=[IMAGE_EMBEDDINGS, PROMPT_CENTROIDS, CATEGORY_ADAPTERS, REVIEW_LABELS],
     group_name="classification",
     kinds={"duckdb"},
     owners=[OWNER],
     code_version="1",
-    # New centroids always bring new adapters (category_adapters depends on them, eager): waiting for
-    # those alone classifies each batch once per prompt edit. Both at once classified every batch twice.
-    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(PROMPT_CENTROIDS)),
+    # New centroids, and new review labels, always bring new adapters (category_adapters depends on
+    # them, eager): waiting for those alone classifies each batch once per prompt edit or label. Both at
+    # once classified every batch twice.
+    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(PROMPT_CENTROIDS, REVIEW_LABELS)),
     tags=DUCKDB_WRITER,
     pool=DUCKDB_WRITER_POOL,
     backfill_policy=dg.BackfillPolicy.single_run(),
@@ -96,7 +98,9 @@ def prompt_centroids(collection: ImageCollection, clip_model: ClipModelResource)
 )
 @user_errors_as_failures
 def image_classifications(context: dg.AssetExecutionContext, collection: ImageCollection) -> dg.MaterializeResult:
-    """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag.
+    """One row per (image, category) with pos/neg/neutral similarities, score and the matched flag, and
+    who decided it (`decided_by`: the rule, the adapter, or a person whose yes or no in the review
+    pages wins whatever the threshold).
 
     Each batch's materialization shows its matches per category, its score distribution, its top
     images and a contact sheet (thumbnails of its best matches and near misses per category).

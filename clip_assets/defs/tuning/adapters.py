@@ -1,14 +1,15 @@
-"""`category_adapters`: the few-shot adapters learnt from the labels file (clip_assets.tuning.adapters).
+"""`category_adapters`: the few-shot adapters learnt from the labels (clip_assets.tuning.adapters).
 
-`category_adapters` depends on `prompt_centroids` and `labels_file`, and `image_classifications` on
-it: editing the labels re-runs the adapters and the classifications; editing a prompt re-runs the
+`category_adapters` depends on `prompt_centroids`, `labels_file` and `review_labels` (the review pages'
+verdicts), and `image_classifications` on it: editing the labels, or a click in the review pages,
+re-runs the adapters and the classifications; editing a prompt re-runs the
 centroids, the adapters and the classifications; the embeddings never. The adapters read the labelled
 images' stored embeddings when they run; images embedded later count from the next run.
 """
 
 import dagster as dg
 
-from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS
+from clip_assets.defs.asset_keys import LABELS_FILE, PROMPT_CENTROIDS, REVIEW_LABELS
 from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.metadata import table
@@ -16,7 +17,7 @@ from clip_assets.defs.resources import ImageCollection, LabelledSample
 
 
 @dg.asset(
-    deps=[PROMPT_CENTROIDS, LABELS_FILE],
+    deps=[PROMPT_CENTROIDS, LABELS_FILE, REVIEW_LABELS],
     group_name="prompts",
     kinds={"numpy"},
     owners=[OWNER],
