@@ -218,14 +218,14 @@ def format_timings(imported_at: float, timings: dict[str, float]) -> str:
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="a search page in the browser: text or image upload, results as thumbnails")
+    p = sub.add_parser("serve", help="the web app: search (text, upload, by example), gallery, near-duplicates, review")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
 
 
 def run_serve(args) -> int:
-    from clip_assets.pages.search_page import serve
+    from clip_assets.app.app import serve
 
     serve(load_settings(), args.host, args.port)
     return 0

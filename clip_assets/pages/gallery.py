@@ -12,7 +12,6 @@ copied or served as is.
 
 from __future__ import annotations
 
-import html
 import io
 import shutil
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from clip_assets.app.templating import render
 from clip_assets.classification.near_misses import (
     FAILED_CONDITION_SQL,
     NEAR_MISS_KINDS,
@@ -134,7 +134,7 @@ def near_miss_heading(kind: str, settings: CategorySettings) -> str:
     if kind == NOT_ABOVE_NEUTRAL:
         return (
             f"near misses: score reaches the threshold, but the image is not above the neutral descriptions "
-            f"by the margin (pos_sim &lt; neutral_sim + {settings.neutral_margin:.3f})"
+            f"by the margin (pos_sim < neutral_sim + {settings.neutral_margin:.3f})"
         )
     return (
         f"near misses: probability reaches the threshold, but {settings.top_k} other "
@@ -142,58 +142,56 @@ def near_miss_heading(kind: str, settings: CategorySettings) -> str:
     )
 
 
-def _card(image: GalleryImage, thumb: str | None) -> str:
-    label = html.escape(image.path)
-    picture = (
-        f'<img src="{html.escape(thumb)}" alt="{label}" loading="eager">' if thumb else '<div class="missing">unreadable</div>'
-    )
-    detail = (
-        f"<br>pos - neutral {image.above_neutral:+.3f}" if image.failed == NOT_ABOVE_NEUTRAL and image.above_neutral is not None
-        else ""
-    )
-    return (
-        f'<figure class="{image.failed or "match"}">{picture}'
-        f"<figcaption>{image.score:.3f}{detail}<br><small>{label}</small></figcaption></figure>"
-    )
+@dataclass(frozen=True)
+class ImageGroup:
+    kind: str | None  # None: matched; else the condition its near misses failed
+    heading: str
+    images: list[GalleryImage]
 
 
-PAGE_STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-section { margin-bottom: 2em; }
-.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
-figure { margin: 0; width: 140px; text-align: center; font-size: 12px; }
-figure img { max-width: 128px; max-height: 128px; border: 3px solid #2a2; }
-figure.under_threshold img, figure.duplicate img { border-color: #d80; }
-figure.not_above_neutral img { border-color: #86c; }
-figure.not_in_top_k img { border-color: #37d; }
-small { color: #666; word-break: break-all; }
-h3 { font-size: 14px; color: #555; margin: 0.6em 0 0.3em; }
-"""
-
-# Counts images that finished loading with pixels, so a headless browser can tell a broken page.
-LOAD_CHECK = """
-window.addEventListener('load', () => {
-  const images = Array.from(document.images);
-  document.body.dataset.imagesTotal = images.length;
-  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-});
-"""
+@dataclass(frozen=True)
+class GallerySection:
+    category: str
+    settings: CategorySettings
+    groups: list[ImageGroup]
 
 
-def _section(category: str, settings: CategorySettings, cards: dict[str | None, list[str]]) -> str:
-    margin = f", neutral margin {settings.neutral_margin:.3f}" if settings.mode == "multi_label" else ""
-    parts = [
-        f'<section id="{html.escape(category)}"><h2>{html.escape(category)}'
-        f" <small>{settings.mode}, threshold {settings.threshold:.3f}{margin}</small></h2>",
-        f"<h3>matched (best first)</h3><div class=\"row\">{''.join(cards.get(None, [])) or 'none'}</div>",
-    ]
-    kinds = [UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL] if settings.mode == "multi_label" else [UNDER_THRESHOLD, NOT_IN_TOP_K]
-    for kind in kinds:
-        parts.append(
-            f'<h3 class="{kind}">{near_miss_heading(kind, settings)}</h3>'
-            f"<div class=\"row\">{''.join(cards.get(kind, [])) or 'none'}</div>"
-        )
-    return "".join(parts) + "</section>"
+def gallery_sections(
+    layout: DataLayout, matched_per_category: int = 12, near_misses: int = 6, batch: str | None = None
+) -> list[GallerySection]:
+    """The gallery's content, per category in prompt order: its matched images, then a group of near
+    misses per condition its mode can fail (`gallery_rows` chose them)."""
+    rows = gallery_rows(layout, matched_per_category, near_misses, batch)
+    settings = category_settings(layout)
+    sections = []
+    for category, images in rows.items():
+        conf = settings[category]
+        kinds = [UNDER_THRESHOLD, NOT_ABOVE_NEUTRAL] if conf.mode == "multi_label" else [UNDER_THRESHOLD, NOT_IN_TOP_K]
+        groups = [ImageGroup(None, "matched (best first)", [i for i in images if i.matched])]
+        groups += [ImageGroup(kind, near_miss_heading(kind, conf), [i for i in images if i.failed == kind])
+                   for kind in kinds]
+        sections.append(GallerySection(category, conf, groups))
+    return sections
+
+
+def duplicate_groups(layout: DataLayout, max_groups: int = 200) -> list[list[GalleryImage]]:
+    """The largest near-duplicate groups, each its first image (matched: green) then the others
+    (DUPLICATE: orange), scored by their similarity to the first."""
+    groups: dict[str, list[GalleryImage]] = {}
+    for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
+        first = position == 0
+        groups.setdefault(group_id, []).append(
+            GalleryImage(image_id, path, batch, float(similarity), first, None if first else DUPLICATE))
+    return list(groups.values())
+
+
+def _local_thumbnails(images, image_root: Path, out_dir: Path) -> dict[str, str | None]:
+    """Each image's thumbnail written under out_dir/thumbs/, by image_id: its relative URL, or None if unreadable."""
+    thumbs = {}
+    for image in images:
+        thumb = f"thumbs/{image.image_id}.jpg"
+        thumbs[image.image_id] = thumb if write_thumbnail(image_root / image.path, out_dir / thumb) else None
+    return thumbs
 
 
 def write_gallery(
@@ -204,33 +202,17 @@ def write_gallery(
     near_misses: int = 6,
     title: str = "clip-assets gallery",
 ) -> Path:
-    """Write out_dir/index.html and out_dir/thumbs/*.jpg; returns the page's path.
+    """Write out_dir/index.html and out_dir/thumbs/*.jpg; returns the page's path. The page is the
+    app's gallery (templates/gallery.html), without its navigation.
 
     `near_misses` is per failed condition: up to that many images under the threshold, and as many
     that reached it but failed the neutral (or top_k) condition.
     """
-    rows = gallery_rows(layout, matched_per_category, near_misses)
-    settings = category_settings(layout)
-    sections = []
-    for category, images in rows.items():
-        cards: dict[str | None, list[str]] = {}
-        for image in images:
-            thumb = f"thumbs/{image.image_id}.jpg"
-            ok = write_thumbnail(image_root / image.path, out_dir / thumb)
-            cards.setdefault(image.failed, []).append(_card(image, thumb if ok else None))
-        sections.append(_section(category, settings[category], cards))
-    page = (
-        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-        f"<style>{PAGE_STYLE}</style><script>{LOAD_CHECK}</script></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        "<p>Green: matched. Orange: near misses under the threshold. Purple: near misses whose score reaches "
-        "the threshold but which are not above the neutral descriptions by the margin. Blue (single_label): "
-        "near misses whose probability reaches the threshold but which are not among the top_k. "
-        "Scores are the ones thresholds apply to (the probability for single_label files).</p>"
-        f"{''.join(sections)}</body></html>"
-    )
+    sections = gallery_sections(layout, matched_per_category, near_misses)
+    images = [i for section in sections for group in section.groups for i in group.images]
+    thumbs = _local_thumbnails(images, image_root, out_dir)
     index = out_dir / "index.html"
-    write_text_atomically(page, index)
+    write_text_atomically(render("gallery.html", title=title, sections=sections, thumbs=thumbs), index)
     return index
 
 
@@ -296,32 +278,10 @@ def prune_pages(parent: Path, keep: int) -> list[Path]:
 def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, max_groups: int = 200,
                           title: str = "clip-assets near-duplicates") -> Path:
     """out_dir/index.html: the largest near-duplicate groups, one row each, images side by side with
-    their similarity to the group's first image; thumbnails in out_dir/thumbs/."""
-    groups: dict[str, list[GalleryImage]] = {}
-    for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
-        first = position == 0
-        groups.setdefault(group_id, []).append(
-            GalleryImage(image_id, path, batch, float(similarity), first, None if first else DUPLICATE))
-    sections = []
-    for n, (group_id, images) in enumerate(groups.items(), 1):
-        cards = []
-        for image in images:
-            thumb = f"thumbs/{image.image_id}.jpg"
-            ok = write_thumbnail(image_root / image.path, out_dir / thumb)
-            cards.append(_card(image, thumb if ok else None))
-        sections.append(
-            f'<section class="group" id="{html.escape(group_id)}"><h3>group {n}: {len(images)} images'
-            f' <small>({html.escape(", ".join(sorted({i.batch for i in images})))})</small></h3>'
-            f'<div class="row">{"".join(cards)}</div></section>'
-        )
-    page = (
-        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-        f"<style>{PAGE_STYLE}</style><script>{LOAD_CHECK}</script></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        "<p>Each row is a group of near-duplicate images. Green: the group's first image (by batch, then path); "
-        "orange: the others, with their cosine similarity to it.</p>"
-        f"{''.join(sections) or '<p>no near-duplicates</p>'}</body></html>"
-    )
+    their similarity to the group's first image; thumbnails in out_dir/thumbs/. The page is the app's
+    (templates/duplicates.html), without its navigation."""
+    groups = duplicate_groups(layout, max_groups)
+    thumbs = _local_thumbnails([i for group in groups for i in group], image_root, out_dir)
     index = out_dir / "index.html"
-    write_text_atomically(page, index)
+    write_text_atomically(render("duplicates.html", title=title, groups=groups, thumbs=thumbs), index)
     return index
