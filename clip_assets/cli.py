@@ -178,8 +178,11 @@ def run_search(args) -> int:
 
     imported = time.perf_counter()
     timings: dict[str, float] = {}
+    damaged: list = []
     hits = search(settings, text=args.text, image=args.image, k=args.k, batches=args.batch,
-                  category=args.category, timings=timings, exact=args.exact)
+                  category=args.category, timings=timings, exact=args.exact, damaged=damaged)
+    for exc in damaged:  # left out of the search, which went on over the others
+        print(f"clip-assets search: left out: {exc}", file=sys.stderr)
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_dict()))

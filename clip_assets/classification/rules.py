@@ -27,11 +27,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.prompts import SINGLE_LABEL
 from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.storage.damaged_files import EMBEDDINGS, parquet_batches
 
 DEFAULT_CHUNK_IMAGES = 8_192
 NO_ADAPTER = "none"  # adapter_version of a zero-shot row  # (n, C) matrices of a chunk stay in cache
@@ -81,11 +81,12 @@ def check_same_model(embedding_models: set[str], centroid_model: str) -> None:
 
 
 def models_in_file(embeddings_file: Path, rows_per_read: int = 65_536) -> set[str]:
-    """The model identities an embeddings file holds, read a column slice at a time."""
+    """The model identities an embeddings file holds, read a column slice at a time (a damaged file:
+    DamagedFileError, naming the command that rebuilds it)."""
     models: set[str] = set()
-    with pq.ParquetFile(embeddings_file) as f:
-        for record_batch in f.iter_batches(batch_size=rows_per_read, columns=["model"]):
-            models.update(pc.unique(record_batch.column("model")).to_pylist())
+    for record_batch in parquet_batches(embeddings_file, EMBEDDINGS, Path(embeddings_file).stem,
+                                        batch_size=rows_per_read, columns=["model"]):
+        models.update(pc.unique(record_batch.column("model")).to_pylist())
     return models
 
 

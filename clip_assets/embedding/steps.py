@@ -21,6 +21,7 @@ from clip_assets.embedding.store import BackgroundWrites, EmbeddingFileFigures, 
 from clip_assets.ingest.content_check import clear_content_changes, read_content_changes
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.storage.damaged_files import EMBEDDINGS, MANIFEST, DamagedFileError
 
 
 @dataclass
@@ -52,11 +53,29 @@ def write_embeddings(
     options: EncodeOptions = EncodeOptions(),
     report: Callable[[str], None] = logging.getLogger(__name__).info,
 ) -> EmbeddingSummary:
-    """Encode what is new or changed since the last run of this model; resume an interrupted run."""
+    """Encode what is new or changed since the last run of this model; resume an interrupted run.
+
+    A previous embeddings file that cannot be read is moved aside (clip_assets.storage.damaged_files)
+    and the batch encoded afresh; a damaged manifest fails, naming the command that rebuilds it.
+    """
     layout.sweep_stale_temp_files(batch)
-    manifest = pq.read_table(layout.manifest_path(batch))
+    with MANIFEST.reading(layout.manifest_path(batch), batch):
+        manifest = pq.read_table(layout.manifest_path(batch))
     path = layout.embeddings_path(batch)
-    parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity)
+    try:
+        return _encode_batch(clip, image_root, layout, batch, manifest, options, report)
+    except DamagedFileError as exc:
+        if exc.path != path or not path.is_file():
+            raise
+        # what this attempt encoded is in its part files: the second one resumes from them
+        report(EMBEDDINGS.set_aside(path, exc.reason, batch))
+        return _encode_batch(clip, image_root, layout, batch, manifest, options, report)
+
+
+def _encode_batch(clip: ClipModel, image_root: Path, layout: DataLayout, batch: str, manifest: pa.Table,
+                  options: EncodeOptions, report: Callable[[str], None]) -> EmbeddingSummary:
+    path = layout.embeddings_path(batch)
+    parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity, clip.computed_precision)
     parts.discard_other_models()
     plan = plan_encoding(manifest, path, parts, read_content_changes(layout, batch))
     report(

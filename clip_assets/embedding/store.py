@@ -236,7 +236,7 @@ class EmbeddingFileFigures:
     def of_file(cls, path: Path, rows_per_read: int = 65_536) -> "EmbeddingFileFigures":
         """The figures of a file already written, read a record batch at a time."""
         figures = cls()
-        with pq.ParquetFile(path) as f:
+        with EMBEDDINGS.reading(path, Path(path).stem), pq.ParquetFile(path) as f:
             figures.dimension = f.schema_arrow.field("embedding").type.list_size
             for record_batch in f.iter_batches(batch_size=rows_per_read):
                 figures.add(record_batch)

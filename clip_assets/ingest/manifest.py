@@ -13,6 +13,7 @@ reason (`embedding_failures/<batch>.parquet`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.storage.damaged_files import MANIFEST, DamagedFileError, readable_parquet_files
+
+log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -162,15 +166,34 @@ def build_manifest(image_root: Path, batch: str) -> pa.Table:
     )
 
 
-def image_paths(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]]) -> dict[str, str]:
+def readable_manifests(layout: DataLayout, damaged: list[DamagedFileError] | None = None) -> list[str]:
+    """Every batch's manifest that can be read, as a list for DuckDB's read_parquet: a reader of the whole
+    collection leaves a damaged one out (logged as a warning, added to `damaged` when it is given) and
+    reads the others. Without any manifest: the layout's pattern, which DuckDB refuses as before."""
+    good, bad = readable_parquet_files(sorted(layout.manifest_dir.glob("*.parquet")), MANIFEST)
+    if damaged is not None:
+        damaged += bad
+    return [str(p) for p in good] or [layout.manifests_glob]
+
+
+def image_paths(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]],
+                damaged: list[DamagedFileError] | None = None) -> dict[str, str]:
     """image_id -> path relative to the image root, from the batches' manifests, for a few images of
-    each batch (only their rows are read); a batch without a manifest adds nothing."""
+    each batch (only their rows are read); a batch without a manifest adds nothing, nor does one whose
+    manifest is damaged (logged as a warning, and added to `damaged` when it is given)."""
     paths: dict[str, str] = {}
     for batch, ids in ids_by_batch.items():
         wanted = sorted(set(ids))
         manifest = layout.manifest_path(batch)
         if not wanted or not manifest.is_file():
             continue
-        found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", wanted)])
+        try:
+            with MANIFEST.reading(manifest, batch):
+                found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", wanted)])
+        except DamagedFileError as exc:
+            log.warning("image paths not named: %s", exc)
+            if damaged is not None:
+                damaged.append(exc)
+            continue
         paths.update(zip(found["image_id"].to_pylist(), found["path"].to_pylist()))
     return paths

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import STATUS_OK, build_manifest
 from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.storage.damaged_files import MANIFEST
 
 
 @dataclass
@@ -43,6 +44,7 @@ def write_manifest(image_root: Path, layout: DataLayout, batch: str) -> Manifest
 
 
 def unusable_in_manifest(layout: DataLayout, batch: str) -> int:
-    status = pq.read_table(layout.manifest_path(batch), columns=["status"])["status"]
+    with MANIFEST.reading(layout.manifest_path(batch), batch):
+        status = pq.read_table(layout.manifest_path(batch), columns=["status"])["status"]
     return int(pc.sum(pc.not_equal(status, STATUS_OK)).as_py() or 0)
 

@@ -16,7 +16,9 @@
   "exact": its float32 search rows are scored in full, which at that size costs less than probing an index.
 - A shard records the embeddings file it was built from (size, mtime) and the codec version; one
   that no longer matches is stale, and search scores that batch exactly until the shard is rebuilt.
-  Results are never wrong, only slower.
+  Results are never wrong, only slower. So is a shard that cannot be read (damaged: named in a
+  warning, with the command that rebuilds it); a damaged codec is moved aside and trained again by
+  the next shard built.
 - The codec is kept as the collection grows (the fraction of lists a query must probe barely depends
   on the number of lists: benchmarks/ann_index.py). To retrain it, delete `ann_index/codec-*` and
   re-materialize image_search_index for every batch.
@@ -42,7 +44,8 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.search.exact_search import stored_models, top_k_streaming
 from clip_assets.search.search_rows import ensure_search_rows, fresh_search_rows, mapped_rows, source_note
 from clip_assets.search.shard_set import SEARCH_CANDIDATES, SEARCH_NPROBE, Shard, ShardSet, read_faiss
-from clip_assets.storage.atomic_files import write_bytes_atomically, write_text_atomically
+from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
+from clip_assets.storage.damaged_files import ANN_CODEC, ANN_SHARD, READ_ERRORS, DamagedFileError, move_aside
 from clip_assets.storage.file_hashes import current_content_digest
 
 log = logging.getLogger(__name__)
@@ -90,8 +93,8 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     target.parent.mkdir(parents=True, exist_ok=True)
     written = target.with_name(target.name + ".new")
-    # serialised in memory: faiss's file writer ignores an error that shows only when the file is closed
-    write_bytes_atomically(faiss.serialize_index(index), written)
+    with atomic_write(written) as tmp:
+        faiss.write_index(index, str(tmp))
     try:
         os.link(written, target)  # fails when a codec is already there
         return True
@@ -109,7 +112,8 @@ def fill_shard(codec, vectors: np.ndarray, target: Path) -> None:
     index = faiss.clone_index(codec)
     for start in range(0, len(vectors), ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32))
-    write_bytes_atomically(faiss.serialize_index(index), target)  # in memory first, as in train_codec
+    with atomic_write(target) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 # --- The pipeline's codec and shards: built from the embeddings, fresh while those are unchanged. ---
@@ -136,11 +140,13 @@ class ShardSummary:
 
 
 def read_note(layout: DataLayout, batch: str) -> dict | None:
+    """The shard's note; None when there is none or it is damaged (the shard then counts as stale)."""
     path = layout.ann_shard_note_path(batch)
     try:
-        return json.loads(path.read_text())
+        note = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return note if isinstance(note, dict) and note.get("kind") in (KIND_IVF, KIND_EXACT) else None
 
 
 def codec_version(layout: DataLayout, model: str) -> str | None:
@@ -161,7 +167,7 @@ def is_fresh(layout: DataLayout, batch: str, note: dict | None = None) -> bool:
         return False
     if note["kind"] == KIND_EXACT:
         return True
-    return layout.ann_shard_path(batch).is_file() and note.get("codec") == codec_version(layout, note["model"])
+    return layout.ann_shard_path(batch).is_file() and note.get("codec") == codec_version(layout, str(note.get("model")))
 
 
 def codec_sample(layout: DataLayout, model: str, batch: str, vectors: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
@@ -194,21 +200,37 @@ def model_codec(layout: DataLayout, model: str, batch: str, vectors: np.ndarray,
     """(the model's codec, its version, whether this call trained it, the rows it was trained for);
     (None, None, False, 0) while the collection is too small for one."""
     path = layout.ann_codec_path(model)
-    trained = False
-    if not path.is_file():
-        sample, rows = codec_sample(layout, model, batch, vectors, seed)
-        if rows < MIN_ROWS_FOR_IVF:
-            return None, None, False, 0
-        trained = train_codec(sample, rows, path)
-        if trained:
-            write_text_atomically(json.dumps({"model": model, "factory": codec_factory(rows, vectors.shape[1]),
-                                              "collection_rows": rows, "sample_rows": len(sample), "trained_by": batch}),
-                                  layout.ann_codec_note_path(model))
+    codec, trained = None, False
+    if path.is_file():
+        try:
+            codec = read_faiss_file(path, ANN_CODEC)
+        except DamagedFileError as exc:  # trained again below, from the collection as it is now
+            ANN_CODEC.set_aside(path, exc.reason)
+            if layout.ann_codec_note_path(model).is_file():
+                move_aside(layout.ann_codec_note_path(model))
+    if codec is None:
+        if not path.is_file():
+            sample, rows = codec_sample(layout, model, batch, vectors, seed)
+            if rows < MIN_ROWS_FOR_IVF:
+                return None, None, False, 0
+            trained = train_codec(sample, rows, path)
+            if trained:
+                write_text_atomically(json.dumps({"model": model, "factory": codec_factory(rows, vectors.shape[1]),
+                                                  "collection_rows": rows, "sample_rows": len(sample),
+                                                  "trained_by": batch}), layout.ann_codec_note_path(model))
+        codec = read_faiss_file(path, ANN_CODEC)
     try:
         note = json.loads(layout.ann_codec_note_path(model).read_text())
     except (OSError, ValueError):
         note = {}
-    return read_faiss(path), codec_version(layout, model), trained, int(note.get("collection_rows", 0))
+    rows = note.get("collection_rows", 0) if isinstance(note, dict) else 0
+    return codec, codec_version(layout, model), trained, int(rows) if isinstance(rows, int) else 0
+
+
+def read_faiss_file(path: Path, artifact, batch: str | None = None):
+    """A faiss index file, or DamagedFileError naming it (faiss raises RuntimeError for a file cut short or overwritten)."""
+    with artifact.reading(path, batch, READ_ERRORS + (RuntimeError,)):
+        return read_faiss(path)
 
 
 def build_batch_shard(layout: DataLayout, batch: str, seed: int = 0) -> ShardSummary:
@@ -257,20 +279,30 @@ def _open_cached(path: Path, version: str):
     if key not in _opened:
         for stale in [k for k in _opened if k[0] == key[0]]:
             del _opened[stale]
-        _opened[key] = read_faiss(path)
+        _opened[key] = read_faiss_file(path, ANN_SHARD, Path(path).stem)
     return _opened[key]
 
 
-def open_batch_shards(layout: DataLayout, batches: list[str]) -> tuple[list[Shard], list[str]]:
-    """The fresh shards of `batches`, and the batches without one (missing or stale)."""
+def open_batch_shards(layout: DataLayout, batches: list[str],
+                      damaged: list[DamagedFileError] | None = None) -> tuple[list[Shard], list[str]]:
+    """The fresh shards of `batches`, and the batches without one (missing, stale or damaged: a damaged
+    shard is logged as a warning and added to `damaged` when it is given)."""
     shards, without = [], []
     for batch in batches:
         note = read_note(layout, batch)
         if note is None or not is_fresh(layout, batch, note):
             without.append(batch)
             continue
-        vectors = mapped_rows(ensure_search_rows(layout.embeddings_path(batch)))
-        index = _open_cached(layout.ann_shard_path(batch), note["version"]) if note["kind"] == KIND_IVF else None
+        try:
+            vectors = mapped_rows(ensure_search_rows(layout.embeddings_path(batch)))
+            index = _open_cached(layout.ann_shard_path(batch), str(note.get("version"))) \
+                if note["kind"] == KIND_IVF else None
+        except DamagedFileError as exc:
+            log.warning("%s", exc)
+            if damaged is not None:
+                damaged.append(exc)
+            without.append(batch)
+            continue
         shards.append(Shard(batch, vectors, index, note.get("codec") if index is not None else None))
     return shards, without
 
@@ -283,11 +315,13 @@ def approximate_top_k(
     allowed_ids: set[str] | None = None,
     nprobe: int = SEARCH_NPROBE,
     candidates: int = SEARCH_CANDIDATES,
+    damaged: list[DamagedFileError] | None = None,
 ) -> list[tuple[float, str, str]]:
     """(score, image_id, batch) of the k best, best first: through the shards of the batches that
-    have a fresh one, exactly (clip_assets.search.exact_search.top_k_streaming) for the others."""
+    have a fresh one, exactly (clip_assets.search.exact_search.top_k_streaming) for the others.
+    Damaged files met on the way are added to `damaged` (a damaged shard's batch is searched exactly)."""
     batches = [f.stem for f in files]
-    shards, without = open_batch_shards(layout, batches)
+    shards, without = open_batch_shards(layout, batches, damaged)
     if without:
         log.warning("no fresh index shard for %d batch(es) (%s): searched exactly; materialize image_search_index",
                     len(without), ", ".join(without[:5]))
@@ -305,7 +339,7 @@ def approximate_top_k(
             ids = image_ids_at(layout.embeddings_path(batch), [row for _, b, row in found if b == batch])
             hits += [(score, ids[row], b) for score, b, row in found if b == batch]
     if without:
-        hits += top_k_streaming(query, [layout.embeddings_path(b) for b in without], k, allowed_ids)
+        hits += top_k_streaming(query, [layout.embeddings_path(b) for b in without], k, allowed_ids, damaged=damaged)
     return sorted(hits, key=lambda h: (-h[0], h[1]))[:k]
 
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from clip_assets.config.layout import DataLayout
 from clip_assets.search.search_rows import DEFAULT_RECORD_BATCH_ROWS, ensure_search_rows, row_scores
 from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.storage.damaged_files import EMBEDDINGS, DamagedFileError, open_parquet, parquet_batches
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,11 @@ def embedding_files(layout: DataLayout, batches: list[str] | None = None) -> lis
 
 def stored_models(path: Path) -> set[str]:
     """The model identities in an embeddings file, from the row-group statistics when they exist."""
-    pf = pq.ParquetFile(path)
+    with EMBEDDINGS.reading(path, Path(path).stem):
+        return _stored_models(pq.ParquetFile(path))
+
+
+def _stored_models(pf: pq.ParquetFile) -> set[str]:
     column = pf.schema_arrow.get_field_index("model")
     found: set[str] = set()
     for rg in range(pf.metadata.num_row_groups):
@@ -84,10 +89,16 @@ def check_query_model(files: list[Path], identity: str) -> None:
 def _parquet_scores(embeddings_file: Path, query: np.ndarray, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, similarities of the chunk) straight from the parquet file, a record batch at a time."""
     start = 0
-    for rb in pq.ParquetFile(embeddings_file).iter_batches(batch_size=chunk_rows, columns=["embedding"]):
+    for rb in parquet_batches(embeddings_file, EMBEDDINGS, embeddings_file.stem, batch_size=chunk_rows,
+                              columns=["embedding"]):
         scores = vectors_matrix(rb.column("embedding")) @ query
         yield start, scores
         start += len(scores)
+
+
+def _image_ids(path: Path) -> pa.Array:
+    with EMBEDDINGS.reading(path, path.stem):
+        return pq.read_table(path, columns=["image_id"])["image_id"].combine_chunks()
 
 
 class RunningTopK:
@@ -158,6 +169,7 @@ def top_k_streaming(
     record_batch_rows: int = DEFAULT_RECORD_BATCH_ROWS,
     use_search_rows: bool = True,
     threads: int | None = None,
+    damaged: list[DamagedFileError] | None = None,
 ) -> list[tuple[float, str, str]]:
     """(score, image_id, batch) of the k stored embeddings most similar to `query`, best first
     (equal scores by image_id).
@@ -165,20 +177,30 @@ def top_k_streaming(
     Each file is read a chunk of `record_batch_rows` at a time: from its search rows (built on
     first use), or straight from the parquet file when `use_search_rows` is False or the rows cannot be
     written. `allowed_ids` restricts the candidates (a category filter). Files are spread over
-    `threads` (default: the core count). The batch is the file's stem, as the layout names it.
+    `threads` (default: the core count). The batch is the file's stem, as the layout names it. A
+    file that turns out damaged is left out with a warning, and added to `damaged` when it is given.
     """
     if k < 1:
         raise SearchQueryError(f"k must be at least 1 (got {k})")
     query = np.asarray(query, dtype=np.float32).reshape(-1)
     allowed = pa.array(sorted(allowed_ids), pa.string()) if allowed_ids is not None else None
-    columns = [functools.cache(lambda path=path: pq.read_table(path, columns=["image_id"])["image_id"].combine_chunks())
+    columns = [functools.cache(lambda path=path: _image_ids(path))
                for path in files]  # each file's image_id column, read once and only where needed
     ids_of = {n: (lambda rows, column=column: column().take(pa.array(rows)).to_numpy(zero_copy_only=False))
               for n, column in enumerate(columns)}
 
     def one_file(file_no: int) -> RunningTopK:
+        try:
+            return scored_file(file_no)
+        except DamagedFileError as exc:  # the other files are still searched
+            log.warning("left out of the search: %s", exc)
+            if damaged is not None:
+                damaged.append(exc)
+            return RunningTopK(k, ids_of)
+
+    def scored_file(file_no: int) -> RunningTopK:
         path = files[file_no]
-        dim = pq.ParquetFile(path).schema_arrow.field("embedding").type.list_size
+        dim = open_parquet(path, EMBEDDINGS, path.stem).schema_arrow.field("embedding").type.list_size
         if dim != query.shape[0]:
             raise SearchModelMismatchError(f"{path} holds embeddings of dimension {dim}, the query has {query.shape[0]}.")
         top = RunningTopK(k, ids_of)

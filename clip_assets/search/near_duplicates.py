@@ -35,6 +35,7 @@ from clip_assets.search import ann_index
 from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
+from clip_assets.storage.damaged_files import DUPLICATE_PAIRS, DamagedFileError
 from clip_assets.storage.warehouse import replace_duplicate_groups
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,13 @@ def find_pairs(shards: ShardSet, shard_no: int, threshold: float, ids: dict[str,
 
 
 def _pair_file_stamp(layout: DataLayout, batch: str) -> dict | None:
+    """What the batch's pair file was computed from; None when there is none (DamagedFileError when it
+    cannot be read)."""
     path = layout.duplicate_pairs_path(batch)
     if not path.is_file():
         return None
-    meta = pq.read_schema(path).metadata or {}
+    with DUPLICATE_PAIRS.reading(path, batch):
+        meta = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items()}
 
 
@@ -105,6 +109,7 @@ class DuplicatesSummary:
     recomputed: list[str]  # queried against the whole index in this run
     reused: list[str]  # pair files kept from an earlier run
     waiting_for_index: list[str]  # no fresh shard: left out until image_search_index is materialized
+    damaged: list[str] = field(default_factory=list)  # damaged files met (left out or rebuilt), one sentence each
     pairs: int = 0
     groups: int = 0
     images_in_groups: int = 0
@@ -122,13 +127,23 @@ def update_pairs(layout: DataLayout, batches: list[str], threshold: float) -> Du
     for stale in pairs_dir.glob("*.parquet") if pairs_dir.is_dir() else []:
         if stale.stem not in indexed:  # a removed batch, or one whose embeddings changed since its shard
             stale.unlink()
-    changed = []
+    changed, damaged = [], []
     for b in indexed:
-        stamp = _pair_file_stamp(layout, b)
+        try:
+            stamp = _pair_file_stamp(layout, b)
+        except DamagedFileError as exc:  # its pairs are computed again
+            damaged.append(DUPLICATE_PAIRS.set_aside(exc.path, exc.reason, b))
+            stamp = None
         if stamp is None or stamp.get("shard_version") != versions[b] or float(stamp.get("threshold", "nan")) != threshold:
             changed.append(b)
     if changed:
-        shards, _ = ann_index.open_batch_shards(layout, indexed)
+        unreadable: list[DamagedFileError] = []
+        shards, left_out = ann_index.open_batch_shards(layout, indexed, unreadable)
+        damaged += [str(exc) for exc in unreadable]
+        if left_out:  # a damaged shard: its batch waits for image_search_index, as one without a shard does
+            indexed = [b for b in indexed if b not in left_out]
+            changed = [b for b in changed if b not in left_out]
+            waiting += left_out
         shard_set = ShardSet(shards)
         ids = {s.name: pq.read_table(layout.embeddings_path(s.name), columns=["image_id"])["image_id"] for s in shards}
         number = {s.name: i for i, s in enumerate(shards)}
@@ -138,7 +153,7 @@ def update_pairs(layout: DataLayout, batches: list[str], threshold: float) -> Du
                     "computed_ns": str(time.time_ns())}
             write_parquet_atomically(table.replace_schema_metadata(meta), layout.duplicate_pairs_path(b))
     return DuplicatesSummary(threshold, indexed, changed, [b for b in indexed if b not in changed], waiting,
-                             seconds=time.perf_counter() - started)
+                             damaged, seconds=time.perf_counter() - started)
 
 
 def current_pairs(layout: DataLayout, batches: list[str]) -> pa.Table:
@@ -146,7 +161,8 @@ def current_pairs(layout: DataLayout, batches: list[str]) -> pa.Table:
     computed = {b: int(_pair_file_stamp(layout, b)["computed_ns"]) for b in batches}
     tables = []
     for b in batches:
-        table = pq.read_table(layout.duplicate_pairs_path(b))
+        with DUPLICATE_PAIRS.reading(layout.duplicate_pairs_path(b), b):
+            table = pq.read_table(layout.duplicate_pairs_path(b))
         other = table["other_batch"].to_pylist()
         keep = [o == b or (o in computed and (computed[b], b) > (computed[o], o)) for o in other]
         table = table.filter(pa.array(keep, pa.bool_()))

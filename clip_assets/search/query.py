@@ -5,6 +5,10 @@ by the text tower an earlier search saved, clip_assets.search.text_query_encoder
 exactly (clip_assets.search.exact_search) below `exact_search_below` stored embeddings, else through
 the approximate index's shards (clip_assets.search.ann_index); the hits are named by the manifests.
 
+A batch whose embeddings file (or index shard, or manifest) is damaged is left out with a warning,
+handed back to the caller (`damaged`) so the command line and the search page show it, and the other
+batches are searched (clip_assets.storage.damaged_files).
+
 Hits are ordered by score, best first, and equal scores by image_id, everywhere a top-k is taken:
 so the first 3 hits of a search for 5 are the hits of the same search for 3, and two copies of the
 same picture always come out in the same order.
@@ -36,6 +40,7 @@ from clip_assets.search.exact_search import (
     embedding_files,
     top_k_streaming,
 )
+from clip_assets.storage.damaged_files import EMBEDDINGS, DamagedFileError, readable_parquet_files
 
 if TYPE_CHECKING:  # torch and open_clip load only when a query is encoded
     from clip_assets.model.clip_model import ClipModel
@@ -165,6 +170,7 @@ def search(
     record_batch_rows: int = DEFAULT_RECORD_BATCH_ROWS,
     timings: dict[str, float] | None = None,
     exact: bool = False,
+    damaged: list[DamagedFileError] | None = None,
 ) -> list[SearchHit]:
     """The k stored images most similar to a text or an image, best first (equal scores by image_id).
 
@@ -174,7 +180,8 @@ def search(
     `timings`, when given, receives the seconds spent loading the model, encoding and scanning.
     Below `settings.exact_search_below` stored embeddings, or with `exact`, every embedding is scored;
     above, the index shards answer (clip_assets.search.ann_index), batches without a fresh shard being
-    scored exactly.
+    scored exactly. `damaged`, when given, receives the damaged files that were left out (each also
+    logged as a warning); when every file to search is damaged, the first one's DamagedFileError is raised.
     """
     check_query(text, image, k)
     if isinstance(image, (str, Path)):
@@ -186,6 +193,11 @@ def search(
             f"No embeddings under {layout.embeddings_dir}: materialize image_embeddings first "
             "(CLIP_ASSETS_DATA_DIR says where to look)."
         )
+    damaged = [] if damaged is None else damaged
+    files, unreadable = readable_parquet_files(files, EMBEDDINGS)
+    damaged += unreadable
+    if not files:
+        raise unreadable[0]
     from clip_assets.model.clip_model import model_identity  # deferred: it loads torch (see query_encoder)
 
     identity = clip.identity if clip is not None else model_identity(settings.model, configured_weights(settings))
@@ -199,13 +211,13 @@ def search(
     query = encode_text_query(clip, text) if text is not None else encode_image_query(clip, image)
     encoded = time.perf_counter()
     if exact or sum(pq.ParquetFile(f).metadata.num_rows for f in files) < settings.exact_search_below:
-        best = top_k_streaming(query, files, k, allowed, record_batch_rows)
+        best = top_k_streaming(query, files, k, allowed, record_batch_rows, damaged=damaged)
     else:
-        best = approximate_top_k(layout, files, query, k, allowed, nprobe=settings.ann_nprobe)
+        best = approximate_top_k(layout, files, query, k, allowed, nprobe=settings.ann_nprobe, damaged=damaged)
     ids_by_batch: dict[str, list[str]] = {}
     for _, image_id, batch in best:
         ids_by_batch.setdefault(batch, []).append(image_id)
-    paths = image_paths(layout, ids_by_batch)
+    paths = image_paths(layout, ids_by_batch, damaged)
     timings.update(model_load_s=loaded - started, encode_s=encoded - loaded, scan_s=time.perf_counter() - encoded)
     return [SearchHit(image_id, paths.get(image_id, ""), batch, score) for score, image_id, batch in best]
 

@@ -7,8 +7,10 @@ search_index/<batch>.f32 (row-major float32, same row order as the parquet file;
 its older name) with a small JSON note of the parquet file it was made from. Later queries map that
 file and multiply it a chunk at a time, handing each chunk's pages back afterwards, so the process's
 memory stays bounded. The parquet file stays the source of truth: rows whose note does not match it
-are rebuilt. Exact search scores these rows; the approximate index (clip_assets.search.ann_index,
-the `image_search_index` asset) re-ranks its candidates from them.
+are rebuilt, and so are rows changed after their note was written (cut short, emptied or overwritten:
+the note holds the rows file's own size and mtime) and rows whose note is damaged. Exact search
+scores these rows; the approximate index (clip_assets.search.ann_index, the `image_search_index`
+asset) re-ranks its candidates from them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
+from clip_assets.storage.damaged_files import EMBEDDINGS, open_parquet, parquet_batches
 
 DEFAULT_RECORD_BATCH_ROWS = 65_536  # 128 MiB of float32 at dimension 512
 
@@ -54,7 +56,9 @@ def fresh_search_rows(embeddings_file: Path) -> SearchRowsFile | None:
         try:
             note = json.loads(note_path.read_text())
             rows, dim = int(note["rows"]), int(note["dim"])
-            if {k: note.get(k) for k in source} == source and data.stat().st_size == rows * dim * 4:
+            st = data.stat()
+            if ({k: note.get(k) for k in source} == source and st.st_size == rows * dim * 4
+                    and note.get("rows_mtime_ns") == st.st_mtime_ns):
                 return SearchRowsFile(data, rows, dim)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # an emptied or damaged note: the rows are stale, rebuilt from the parquet file
@@ -69,15 +73,17 @@ def ensure_search_rows(embeddings_file: Path, record_batch_rows: int = DEFAULT_R
     data = rows_path(embeddings_file)
     note_path = data.with_suffix(".json")
     source = source_note(embeddings_file)
-    pf = pq.ParquetFile(embeddings_file)
-    dim = pf.schema_arrow.field("embedding").type.list_size
+    with open_parquet(embeddings_file, EMBEDDINGS, embeddings_file.stem) as pf:
+        dim = pf.schema_arrow.field("embedding").type.list_size
     rows = 0
     with atomic_write(data) as tmp, open(tmp, "wb") as out:
-        for rb in pf.iter_batches(batch_size=record_batch_rows, columns=["embedding"]):
+        for rb in parquet_batches(embeddings_file, EMBEDDINGS, embeddings_file.stem, batch_size=record_batch_rows,
+                                  columns=["embedding"]):
             matrix = np.ascontiguousarray(vectors_matrix(rb.column("embedding")), dtype=np.float32)
             out.write(matrix.tobytes())
             rows += len(matrix)
-    write_text_atomically(json.dumps({**source, "rows": rows, "dim": dim}), note_path)
+    write_text_atomically(json.dumps({**source, "rows": rows, "dim": dim, "rows_mtime_ns": data.stat().st_mtime_ns}),
+                          note_path)
     return SearchRowsFile(data, rows, dim)
 
 

@@ -90,6 +90,8 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
     layout = collection.layout
     batches = sorted(context.instance.get_dynamic_partitions(image_batches.name))
     summary = duplicates.update_duplicate_groups(layout, batches, collection.duplicate_threshold)
+    for warning in summary.damaged:
+        context.log.warning(warning)
     page = write_duplicates_page(layout, Path(collection.image_root), layout.duplicates_page_dir(context.run.run_id))
     prune_pages(page.parent.parent, KEEP_DUPLICATES_PAGES)  # one page per run: it re-runs after every new batch
     return dg.MaterializeResult(
@@ -102,6 +104,7 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
             "reused_batches": len(summary.reused),
             "recomputed": ", ".join(summary.recomputed) or "none",
             "waiting_for_index": ", ".join(summary.waiting_for_index) or "none",
+            "damaged_files": "\n".join(summary.damaged) or "none",
             "largest_groups": table(summary.largest, {"first_path": "string", "images": "int"}),
             "seconds": round(summary.seconds, 2),
             "page": dg.MetadataValue.path(str(page)),
