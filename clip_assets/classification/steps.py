@@ -31,7 +31,7 @@ from clip_assets.ingest.manifest import image_paths
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.warehouse import read_centroids, replace_batch_classifications, replace_centroids
 from clip_assets.tuning.adapter_store import adapters_for
-from clip_assets.tuning.review_labels import batch_verdicts
+from clip_assets.tuning.label_sources import batch_verdicts
 
 
 @dataclass

@@ -19,7 +19,7 @@ from clip_assets.embedding.gpu_claim import device_for_embedding_step
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.fine_tuned_weights import weights_in_use
 from clip_assets.tuning import calibration
-from clip_assets.tuning.review_labels import combined_labels
+from clip_assets.tuning.label_sources import combined_labels
 
 if TYPE_CHECKING:  # torch and open_clip load in the steps that use a model, not with the code location
     from clip_assets.model.clip_model import ClipModel
@@ -129,7 +129,7 @@ class CaptionedPairs(dg.ConfigurableResource):
 class LabelledSample(dg.ConfigurableResource):
     """Labels people assigned to a sample of images, and how to calibrate on them: the labels file
     (CSV or parquet, CLIP_ASSETS_LABELS) and the review pages' verdicts together, the verdicts winning
-    where both judge an image on a category (clip_assets.tuning.review_labels.combined_labels)."""
+    where both judge an image on a category (clip_assets.tuning.label_sources.combined_labels)."""
 
     labels_path: str | None
     adapter_shots: int  # category_adapters: labelled images per category, 0: all

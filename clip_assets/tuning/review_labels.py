@@ -18,8 +18,8 @@ makes a retried request land once: the second attempt returns the first record.
 
 What a verdict says downstream (`current_verdicts`): per image and category, the latest record that
 is not undone; an undone one falls back to the one before. Only `yes` and `no` are labels: `skip`
-means "not judged". Combined with the labels file (CLIP_ASSETS_LABELS) by `combined_labels`, the
-store wins where both judge the same image and category.
+means "not judged". Exporting, importing and combining with the labels file (CLIP_ASSETS_LABELS):
+clip_assets.tuning.label_sources.
 """
 
 from __future__ import annotations
@@ -30,16 +30,11 @@ import hashlib
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from clip_assets.config.layout import DataLayout
-from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
-from clip_assets.storage.warehouse import scratch
-from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
+from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS
+from clip_assets.tuning.labels_file import LabelRows
 
 YES, NO, SKIP, UNDO = "yes", "no", "skip", "undo"
 VERDICTS = (YES, NO, SKIP)
@@ -47,50 +42,6 @@ ESTIMATE, IMPROVE, IMPORT = "estimate", "improve", "import"
 QUEUES = (ESTIMATE, IMPROVE, IMPORT)
 NO_REVIEW_LABELS = "no-review-labels"  # the store's data version while it holds no yes/no verdict
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another's transaction (each lasts milliseconds)
-
-SCHEMA_SQL = f"""
-CREATE TABLE IF NOT EXISTS verdicts (
-    record_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- in the order the records were stored
-    request_id TEXT NOT NULL UNIQUE,               -- the client's: a retried request stores nothing new
-    path TEXT NOT NULL,                            -- relative to the image root, as in the manifest
-    batch TEXT NOT NULL,
-    category TEXT NOT NULL,
-    verdict TEXT NOT NULL CHECK (verdict IN ('{YES}', '{NO}', '{SKIP}', '{UNDO}')),
-    queue TEXT NOT NULL CHECK (queue IN ('{ESTIMATE}', '{IMPROVE}', '{IMPORT}')),
-    model TEXT,                                    -- the model identity the page showed the image with
-    prompt_version TEXT,
-    reviewer TEXT,                                 -- who (or which tab) gave it, if the page says
-    recorded_at TEXT NOT NULL,                     -- ISO 8601, UTC
-    undoes INTEGER REFERENCES verdicts(record_id), -- an undo: the record it takes back
-    CHECK ((verdict = '{UNDO}') = (undoes IS NOT NULL))
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_undo_per_record ON verdicts(undoes) WHERE undoes IS NOT NULL;
-CREATE INDEX IF NOT EXISTS verdicts_by_image ON verdicts(category, path);
-"""
-_COLUMNS = (
-    "record_id",
-    "request_id",
-    "path",
-    "batch",
-    "category",
-    "verdict",
-    "queue",
-    "model",
-    "prompt_version",
-    "reviewer",
-    "recorded_at",
-    "undoes",
-)
-# Per image and category, the latest record that is neither an undo nor undone.
-_CURRENT_SQL = f"""
-WITH live AS (
-    SELECT * FROM verdicts v
-    WHERE v.verdict != '{UNDO}' AND NOT EXISTS (SELECT 1 FROM verdicts u WHERE u.undoes = v.record_id) {{where}}
-)
-SELECT {", ".join(_COLUMNS)} FROM (
-    SELECT *, row_number() OVER (PARTITION BY path, category ORDER BY record_id DESC) AS latest FROM live
-) WHERE latest = 1 ORDER BY path, category
-"""
 
 
 class ReviewLabelsError(ValueError):
@@ -113,6 +64,39 @@ class VerdictRecord:
     reviewer: str | None
     recorded_at: str
     undoes: int | None
+
+
+_COLUMNS = tuple(f.name for f in fields(VerdictRecord))
+
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS verdicts (
+    record_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- in the order the records were stored
+    request_id TEXT NOT NULL UNIQUE,               -- the client's: a retried request stores nothing new
+    path TEXT NOT NULL,                            -- relative to the image root, as in the manifest
+    batch TEXT NOT NULL,
+    category TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('{YES}', '{NO}', '{SKIP}', '{UNDO}')),
+    queue TEXT NOT NULL CHECK (queue IN ('{ESTIMATE}', '{IMPROVE}', '{IMPORT}')),
+    model TEXT,                                    -- the model identity the page showed the image with
+    prompt_version TEXT,
+    reviewer TEXT,                                 -- who (or which tab) gave it, if the page says
+    recorded_at TEXT NOT NULL,                     -- ISO 8601, UTC
+    undoes INTEGER REFERENCES verdicts(record_id), -- an undo: the record it takes back
+    CHECK ((verdict = '{UNDO}') = (undoes IS NOT NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_undo_per_record ON verdicts(undoes) WHERE undoes IS NOT NULL;
+CREATE INDEX IF NOT EXISTS verdicts_by_image ON verdicts(category, path);
+"""
+# Per image and category, the latest record that is neither an undo nor undone.
+_CURRENT_SQL = f"""
+WITH live AS (
+    SELECT * FROM verdicts v
+    WHERE v.verdict != '{UNDO}' AND NOT EXISTS (SELECT 1 FROM verdicts u WHERE u.undoes = v.record_id) {{where}}
+)
+SELECT {", ".join(_COLUMNS)} FROM (
+    SELECT *, row_number() OVER (PARTITION BY path, category ORDER BY record_id DESC) AS latest FROM live
+) WHERE latest = 1 ORDER BY path, category
+"""
 
 
 @contextlib.contextmanager
@@ -251,6 +235,27 @@ def record_verdict(
     return stored
 
 
+def insert_verdicts(store: Path, verdicts: list[dict]) -> int:
+    """Store many verdicts (each a dict of record_verdict's arguments: request_id, path, category,
+    verdict, queue, and optionally batch, model, prompt_version, reviewer) in one transaction; those
+    whose request id is stored already are left out. Returns how many were stored."""
+    rows = []
+    for v in verdicts:
+        if v["verdict"] not in VERDICTS or v["queue"] not in QUEUES or not str(v.get("category") or "").strip():
+            raise ReviewLabelsError(f"Not a verdict to store: {v}.")
+        path = image_path(v["path"])
+        rows.append(
+            {"batch": path.split("/")[0], **v, "path": path, "category": v["category"].strip(), "recorded_at": _now()}
+        )
+    added = 0
+    with _write_transaction(store) as con:
+        for values in rows:
+            before = con.total_changes
+            _insert(con, values)
+            added += con.total_changes - before
+    return added
+
+
 def undo(store: Path, record_id: int, *, request_id: str | None = None, reviewer: str | None = None) -> VerdictRecord:
     """Take back verdict `record_id` with a new record; returns the undo record. Undoing a record that
     is undone already returns the undo that took it back (two tabs undoing the same click store one
@@ -381,27 +386,6 @@ def review_label_rows(store: Path) -> LabelRows:
     return LabelRows("path", shows, judged)
 
 
-def batch_verdicts(store: Path, layout: DataLayout, batch: str, categories: list[str]) -> dict[str, dict[int, bool]]:
-    """A person's yes (True) or no (False) per image of `batch`, by image_id and category column (in
-    `categories`' order): what classification applies over the scores. A verdict on a path the
-    batch's manifest no longer lists, or on a category no prompt file defines, is kept in the store
-    and applied to nothing."""
-    current = [r for r in current_verdicts(store, batch=batch).values() if r.verdict in (YES, NO)]
-    manifest = layout.manifest_path(batch)
-    if not current or not manifest.is_file():
-        return {}
-    column = {name: j for j, name in enumerate(categories)}
-    found = pq.read_table(
-        manifest, columns=["image_id", "path"], filters=[("path", "in", sorted({r.path for r in current}))]
-    )
-    image_id = dict(zip(found["path"].to_pylist(), found["image_id"].to_pylist()))
-    verdicts: dict[str, dict[int, bool]] = {}
-    for r in current:
-        if r.path in image_id and r.category in column:
-            verdicts.setdefault(image_id[r.path], {})[column[r.category]] = r.verdict == YES
-    return verdicts
-
-
 def labels_version(store: Path) -> str:
     """The store's data version: a hash of its current yes/no verdicts with their queues (a skip, or a
     verdict given and undone, changes nothing downstream), NO_REVIEW_LABELS when it has none."""
@@ -412,130 +396,3 @@ def labels_version(store: Path) -> str:
     for r in current:  # sorted by path, category
         digest.update(f"{r.path}\t{r.category}\t{r.verdict}\t{r.queue}\n".encode())
     return digest.hexdigest()[:SOURCE_VERSION_CHARS]
-
-
-def export_labels(store: Path, path: Path) -> Path:
-    """Write the store's current yes/no verdicts as a labels file (CSV, or parquet by the suffix)
-    that CLIP_ASSETS_LABELS and `read_labels_file` read: `path`, `labels` (the categories the image
-    shows, or 'none') and `judged` (the categories it was judged on). Skips are left out."""
-    rows = review_label_rows(store)
-    if not rows.labels:
-        raise ReviewLabelsError(f"{store} holds no yes/no verdict to export.")
-    return write_labels_file(rows, path)
-
-
-@dataclass(frozen=True)
-class ImportSummary:
-    rows: int  # images in the file
-    added: int  # verdicts stored
-    already_stored: int  # verdicts this same file gave in an earlier import
-
-
-def import_labels(
-    store: Path, path: Path, categories: Iterable[str] | None = None, layout: DataLayout | None = None
-) -> ImportSummary:
-    """Store the labels of a labels file (the format CLIP_ASSETS_LABELS reads) as verdicts of the
-    `import` queue (never used for the precision estimate). Each image gets `yes` for the categories
-    it shows and `no` for the others it is judged on: those of its `judged` column, else every one of
-    `categories` (a file without a `judged` column judges whole images, so it needs them). A file keyed
-    by `image_id` needs `layout`, whose manifests give the paths. Importing the same file again stores
-    nothing new (each verdict's request id is a hash of the file and the verdict)."""
-    labels = read_labels_file(path)
-    all_categories = set(categories) if categories is not None else None
-    if all_categories is None and set(labels.labels) - set(labels.judged):
-        raise ReviewLabelsError(
-            f"{path} labels whole images (no 'judged' column): pass the categories they were judged on."
-        )
-    paths = _paths_of(labels, layout, path)
-    file_digest = content_digest(path)
-    verdicts = []
-    for key, shows in labels.labels.items():
-        judged = labels.judged.get(key, all_categories) | shows
-        for category in sorted(judged):
-            verdict = YES if category in shows else NO
-            request = hashlib.sha256(f"{file_digest}\t{paths[key]}\t{category}\t{verdict}".encode()).hexdigest()[:32]
-            verdicts.append(
-                {
-                    "request_id": f"import-{request}",
-                    "path": image_path(paths[key]),
-                    "batch": image_path(paths[key]).split("/")[0],
-                    "category": category,
-                    "verdict": verdict,
-                    "queue": IMPORT,
-                    "recorded_at": _now(),
-                }
-            )
-    added = 0
-    with _write_transaction(store) as con:
-        for values in verdicts:
-            before = con.total_changes
-            _insert(con, values)
-            added += con.total_changes - before
-    return ImportSummary(rows=len(labels.labels), added=added, already_stored=len(verdicts) - added)
-
-
-def _paths_of(labels: LabelRows, layout: DataLayout | None, source: Path) -> dict[str, str]:
-    if labels.key == "path":
-        return {k: k for k in labels.labels}
-    if layout is None:
-        raise ReviewLabelsError(f"{source} names images by image_id: the manifests are needed to find their paths.")
-    found = manifest_column(layout, "image_id", "path", list(labels.labels))
-    missing = sorted(set(labels.labels) - set(found))
-    if missing:
-        raise ReviewLabelsError(
-            f"{len(missing)} image ids of {source} are in no manifest (e.g. {missing[0]}): nothing was imported."
-        )
-    return found
-
-
-def manifest_column(layout: DataLayout, by: str, want: str, keys: list[str]) -> dict[str, str]:
-    """`by` -> `want` ('path' or 'image_id') for the given keys, from every batch's manifest."""
-    if not keys or not layout.manifest_dir.is_dir() or not any(layout.manifest_dir.glob("*.parquet")):
-        return {}
-    with scratch() as con:
-        con.register("wanted", pa.table({"key": keys}))
-        rows = con.execute(
-            f"SELECT m.{by}, any_value(m.{want}) FROM read_parquet(?) m JOIN wanted w ON w.key = m.{by} GROUP BY m.{by}",
-            [layout.manifests_glob],
-        ).fetchall()
-    return dict(rows)
-
-
-def combined_labels(labels_path: Path | None, store: Path, layout: DataLayout) -> LabelRows | None:
-    """The labels file (CLIP_ASSETS_LABELS) and the store's verdicts as one set of labels; None when
-    neither has any. Where both judge an image on a category, the store wins (it is the later, more
-    deliberate word: a person looking at that image for that category). An image only the store
-    judged is judged on its verdicts' categories alone. Keyed as the file is (by path without one);
-    a stored path in no manifest keeps its path as key, so it matches nothing and is reported as a
-    label without classifications, never applied to another image."""
-    stored = review_label_rows(store) if Path(store).is_file() else LabelRows("path", {})
-    if labels_path is None:
-        return stored if stored.labels else None
-    from_file = read_labels_file(labels_path)
-    if not stored.labels:
-        return from_file
-    key_of = {p: p for p in stored.labels}
-    if from_file.key == "image_id":
-        key_of |= manifest_column(layout, "path", "image_id", list(stored.labels))
-    labels = {k: set(v) for k, v in from_file.labels.items()}
-    judged = {k: set(v) for k, v in from_file.judged.items()}
-    for path, shows in stored.labels.items():
-        key = key_of[path]
-        verdicts = stored.judged[path]
-        if key in labels:
-            labels[key] = (labels[key] - verdicts) | shows
-            if key in judged:
-                judged[key] |= verdicts
-        else:
-            labels[key], judged[key] = set(shows), set(verdicts)
-    return LabelRows(from_file.key, labels, judged)
-
-
-def combined_version(labels_path: Path | None, store: Path) -> str:
-    """What versions the combined labels: the labels file's content hash alone while the store has no
-    verdict (as before there was a store), else a hash of both."""
-    file_version = content_digest(labels_path, SOURCE_VERSION_CHARS) if labels_path is not None else "no-labels"
-    store_version = labels_version(store)
-    if store_version == NO_REVIEW_LABELS:
-        return file_version
-    return hashlib.sha256(f"{file_version}+{store_version}".encode()).hexdigest()[:SOURCE_VERSION_CHARS]

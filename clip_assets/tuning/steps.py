@@ -18,7 +18,7 @@ from clip_assets.tuning.adapter_evaluation import fit_on_tuning_half, load_label
 from clip_assets.tuning.adapter_store import adapter_version, remove_adapters, write_adapter_file
 from clip_assets.tuning.adapters import AdapterSet
 from clip_assets.tuning.fine_tuning import FineTuneOptions, FineTuneReport, fine_tune_to_checkpoint
-from clip_assets.tuning.review_labels import combined_labels, combined_version
+from clip_assets.tuning.label_sources import combined_labels, combined_version
 
 
 @dataclass
@@ -33,7 +33,7 @@ class AdapterSummary:
 
 def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | None = None) -> AdapterSummary:
     """Fit each prompt file's adapter on the tuning half of the labelled images (the labels file and
-    the review pages' verdicts together: clip_assets.tuning.review_labels.combined_labels) and store
+    the review pages' verdicts together: clip_assets.tuning.label_sources.combined_labels) and store
     it; without labels, remove any stored adapters so classification is zero-shot. Bad labels raise
     before the stored adapters are touched."""
     store = layout.review_labels_path

@@ -1,4 +1,5 @@
-"""The review labels store: durable, concurrent, append-only verdicts in a real SQLite file in a temp dir."""
+"""The review labels store: durable, concurrent, append-only verdicts in a real SQLite file in a temp dir;
+its export, import and combination with the labels file (clip_assets.tuning.label_sources)."""
 
 import multiprocessing
 import sqlite3
@@ -8,15 +9,13 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.tuning.label_sources import combined_labels, export_labels, import_labels
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
 from clip_assets.tuning.review_labels import (
     IMPORT,
     NO_REVIEW_LABELS,
     ReviewLabelsError,
-    combined_labels,
     current_verdicts,
-    export_labels,
-    import_labels,
     labels_version,
     record_verdict,
     records,
