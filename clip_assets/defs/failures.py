@@ -62,6 +62,10 @@ FIXES: dict[str, str] = {
         "(CLIP_ASSETS_DUCKDB_WAIT_S: how long a step waits for the DuckDB file)."
     ),
     "clip_assets.storage.warehouse.WarehouseVersionError": "Do what the message says: the DuckDB file is rebuilt from the parquet files.",
+    "clip_assets.storage.atomic_files.DiskFullError": (
+        "Free some space where the message says (or move CLIP_ASSETS_DATA_DIR to a larger disk), then "
+        "materialize again: the previous files are as they were."
+    ),
     # the command that rebuilds the file is the error's own `rebuild`
     "clip_assets.storage.damaged_files.DamagedFileError": "Rebuild the file as the message says.",
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import random
@@ -27,7 +28,7 @@ import torch
 from clip_assets.demo.captions import training_caption
 from clip_assets.demo.shapes import make_sample
 from clip_assets.model.clip_model import register_model_configs
-from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.storage.atomic_files import write_bytes_atomically
 from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 
 DEMO_MODEL = "clip-assets-tiny"
@@ -110,7 +111,8 @@ def train_tiny_clip(checkpoint: Path, recipe: dict, log: Callable[[str], None] =
             running += contrastive_step(model, batch_pixels, tokens, loss, optimizer, schedule)
         log(f"epoch {epoch + 1}/{recipe['epochs']}: contrastive loss {running / steps_per_epoch:.3f} "
             f"({time.monotonic() - started:.0f} s{time_left(time.monotonic() - epochs_started, epoch + 1, recipe['epochs'])})")
-    with atomic_write(checkpoint) as tmp:
-        torch.save({"state_dict": model.state_dict(), "recipe": recipe}, tmp)
+    serialised = io.BytesIO()  # in memory first: torch's file writer fails unclearly on a full disk
+    torch.save({"state_dict": model.state_dict(), "recipe": recipe}, serialised)
+    write_bytes_atomically(serialised.getbuffer(), checkpoint)
     log(f"trained {recipe['model']} in {time.monotonic() - started:.0f} s -> {checkpoint}")
     return checkpoint

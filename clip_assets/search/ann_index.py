@@ -44,7 +44,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.search.exact_search import stored_models, top_k_streaming
 from clip_assets.search.search_rows import ensure_search_rows, fresh_search_rows, mapped_rows, source_note
 from clip_assets.search.shard_set import SEARCH_CANDIDATES, SEARCH_NPROBE, Shard, ShardSet, read_faiss
-from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
+from clip_assets.storage.atomic_files import write_bytes_atomically, write_text_atomically
 from clip_assets.storage.damaged_files import ANN_CODEC, ANN_SHARD, READ_ERRORS, DamagedFileError, move_aside
 from clip_assets.storage.file_hashes import current_content_digest
 
@@ -93,8 +93,8 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     target.parent.mkdir(parents=True, exist_ok=True)
     written = target.with_name(target.name + ".new")
-    with atomic_write(written) as tmp:
-        faiss.write_index(index, str(tmp))
+    # serialised in memory: faiss's file writer ignores an error that shows only when the file is closed
+    write_bytes_atomically(faiss.serialize_index(index), written)
     try:
         os.link(written, target)  # fails when a codec is already there
         return True
@@ -112,8 +112,7 @@ def fill_shard(codec, vectors: np.ndarray, target: Path) -> None:
     index = faiss.clone_index(codec)
     for start in range(0, len(vectors), ADD_CHUNK_ROWS):
         index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK_ROWS], dtype=np.float32))
-    with atomic_write(target) as tmp:
-        faiss.write_index(index, str(tmp))
+    write_bytes_atomically(faiss.serialize_index(index), target)  # in memory first, as in train_codec
 
 
 # --- The pipeline's codec and shards: built from the embeddings, fresh while those are unchanged. ---

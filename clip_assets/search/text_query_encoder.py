@@ -13,12 +13,18 @@ SimpleTokenizer (the CLIP BPE tokenizer most architectures use), and after the t
 standalone tokenizer have been checked against the loaded model on texts of several lengths. Anything
 else (a Hugging Face or SigLIP tokenizer, a GPU device, a torch without TorchScript) just keeps the
 full path. A saved file names the model identity it was traced from; a different identity is a miss.
+
+The traced tower is serialised into memory and written through the project's atomic writer: written
+straight to a file, TorchScript's writer aborts the whole process on a full disk. A file that cannot
+be written (no space, no permission) is a warning, not a failed search: the search goes on with the
+model it loaded, and the next one loads it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import sys
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.storage.atomic_files import write_bytes_atomically
 from clip_assets.storage.damaged_files import TEXT_ENCODER
 
 if TYPE_CHECKING:
@@ -131,10 +137,17 @@ def save_text_query_encoder(clip: "ClipModel", directory: Path) -> Path | None:
         meta = {"format": FORMAT, "identity": clip.identity, "context_length": clip.tokenizer.context_length,
                 "clean": clean, "torch": torch.__version__}
         path = encoder_path(directory, clip.identity)
-        with atomic_write(path) as tmp, warnings.catch_warnings():
+        serialised = io.BytesIO()
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.jit.save(traced, str(tmp), _extra_files={META_NAME: json.dumps(meta)})
+            torch.jit.save(traced, serialised, _extra_files={META_NAME: json.dumps(meta)})
+        write_bytes_atomically(serialised.getbuffer(), path)
         return path
+    except OSError as exc:  # no space, no permission: this search goes on, the next loads the model again
+        log.warning(
+            "text encoder not saved for fast search start-up (%s); this search goes on with the model it loaded", exc
+        )
+        return None
     except Exception as exc:  # an optimisation only: whatever fails, searches keep the full path
         log.info("text tower not saved for fast search start-up: %s", exc)
         return None

@@ -5,6 +5,12 @@ over the target (readers see the old file or the new one, never half of one), on
 full disk, an exception, Ctrl-C) it is removed and the target is left as it was. A process killed
 outright (SIGKILL, OOM) cannot clean up, so steps that write call `sweep_stale_temp_files` first.
 
+A write that runs out of space (a full disk, a quota, the file-size limit) raises `DiskFullError`,
+an OSError that names the file, the space left and what to do. Serialisers written in C++ (torch's,
+TorchScript's, faiss's) write into memory first and their bytes go through `write_bytes_atomically`:
+torch's file writer aborts the whole process when a TorchScript file hits a full disk, and faiss's
+ignores an error that shows only when the file is closed.
+
 A temp file is named `.clip-assets-tmp~<pid>~<host>~<random>~<start of the target's name>.tmp`:
 short whatever the target's name (under 140 bytes, well below the 255-byte file-name limit), unique
 per write, never matching the target's own pattern (`*.parquet`, `*.toml`: glob matches dot files),
@@ -14,9 +20,11 @@ and it says which process on which machine wrote it, so the sweep can tell an ab
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,6 +42,39 @@ _TEMP_NAME = re.compile(r"^\.clip-assets-tmp~(\d+)~([^~]*)~[0-9a-f]{8}~")
 # Temp files of another machine (a shared volume) or of a live process are removed only this old:
 # no write of this project takes that long, and a PID can be reused.
 STALE_AFTER_S = 24 * 3600
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_OUT_OF_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the file it would have replaced is unchanged and no temp file is left."""
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` says a write ran out of space (by its errno, or in words: pyarrow's, faiss's, DuckDB's)."""
+    if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE:
+        return True
+    return isinstance(exc, Exception) and any(words in str(exc) for words in _OUT_OF_SPACE_WORDS)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
+    """The error a write of `path` that ran out of space raises: the file, the space left, what to do."""
+    try:
+        free = f"{_megabytes(shutil.disk_usage(path.parent).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE else errno.ENOSPC
+    reason = "the file-size limit was reached" if code == errno.EFBIG else "no space left on device"
+    return DiskFullError(
+        code,
+        f"{path} could not be written: {reason} ({free}). Nothing was replaced: the previous "
+        f"{path.name} (if any) is as it was and no temp file is left. Free some space under "
+        f"{path.parent} (or move the data directory) and run again.",
+    )
 
 
 def _cut(text: str, max_bytes: int) -> str:
@@ -70,9 +111,25 @@ def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if is_out_of_space(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(path, exc) from exc
+        raise
+
+
+@contextlib.contextmanager
+def folder_removed_on_failure(folder: Path) -> Iterator[Path]:
+    """A folder a step fills file by file (a page and its thumbnails): removed whole when the step fails
+    before it is done, if this call made it (a folder that was there before is left alone)."""
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        yield folder
+    except BaseException:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
@@ -89,9 +146,11 @@ def write_named_by_content(directory: Path, name_for: Callable[[str], str], writ
         write(tmp)
         target = directory / name_for(content_digest(tmp))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if is_out_of_space(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(directory / name_for("<content hash>"), exc) from exc
         raise
     return target
 
@@ -105,6 +164,13 @@ def write_parquet_atomically(table: pa.Table, path: Path) -> None:
 def write_text_atomically(text: str, path: Path) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomically(data: bytes | memoryview, path: Path) -> None:
+    """`data` (bytes, or any buffer: a BytesIO's getbuffer(), a numpy array) written through Python's
+    own file, whose every failure (the last flush included) raises."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _process_alive(pid: int) -> bool:

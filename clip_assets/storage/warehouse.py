@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from clip_assets.classification.centroids import KINDS, CentroidSet
 from clip_assets.config.settings import default
+from clip_assets.storage.atomic_files import disk_full_error, is_out_of_space
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS prompt_centroids (
@@ -225,6 +226,10 @@ def connect(
         if not read_only:
             con.execute(SCHEMA_SQL)
         yield con
+    except duckdb.Error as exc:
+        if is_out_of_space(exc):  # DuckDB rolled the transaction back: the stored rows are as they were
+            raise disk_full_error(path, exc) from exc
+        raise
     finally:
         con.close()
 

@@ -365,9 +365,13 @@ def checkpoint_name(model_name: str, digest: str) -> str:
 def write_checkpoint(model: torch.nn.Module, directory: Path, model_name: str, provenance: dict) -> Path:
     """`{"state_dict", "fine_tuning"}` under a name holding its content hash, written atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # serialised in memory, then written by Python: torch's own file writer fails on a full disk with
+    # "unexpected pos" (TorchScript's aborts the process), see clip_assets.storage.atomic_files
+    serialised = io.BytesIO()
+    torch.save({"state_dict": state, "fine_tuning": provenance}, serialised)
     return write_named_by_content(
         directory, lambda digest: checkpoint_name(model_name, digest),
-        lambda tmp: torch.save({"state_dict": state, "fine_tuning": provenance}, tmp),
+        lambda tmp: tmp.write_bytes(serialised.getbuffer()),
     )
 
 

@@ -10,6 +10,7 @@ from clip_assets.defs.conventions import DUCKDB_READER, OWNER
 from clip_assets.defs.failures import user_errors_as_failures
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.pages.gallery import write_gallery
+from clip_assets.storage.atomic_files import folder_removed_on_failure
 
 SERVE_PORT = 8765
 SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}/"
@@ -34,8 +35,9 @@ def classification_gallery(context: dg.AssetExecutionContext, collection: ImageC
     misses, grouped by the condition they failed, with their scores. The materialization says how
     to open it: the file's URL, or one command that serves the folder on http://127.0.0.1:8765/."""
     out_dir = collection.layout.gallery_dir(context.run.run_id)
-    page = write_gallery(collection.layout, Path(collection.image_root), out_dir,
-                         title=f"clip-assets gallery, run {context.run.run_id[:8]}")
+    with folder_removed_on_failure(out_dir):  # a full disk leaves no half page; earlier runs' pages stay
+        page = write_gallery(collection.layout, Path(collection.image_root), out_dir,
+                             title=f"clip-assets gallery, run {context.run.run_id[:8]}")
     serve = serve_command(out_dir)
     return dg.MaterializeResult(
         metadata={
