@@ -29,6 +29,7 @@ from clip_assets.classification.near_misses import (
     GalleryImage,
 )
 from clip_assets.config.layout import DataLayout
+from clip_assets.pages.plots import MAX_CATEGORIES_DRAWN, NOTE_H, first_categories
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect, read_duplicate_groups
 
@@ -236,12 +237,21 @@ def contact_sheet(
     return draw_contact_sheet(image_root, rows, matched_per_category + 2 * near_misses)
 
 
-def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], columns: int) -> bytes:
-    """The contact sheet of `gallery_rows`' rows (or the same rows gathered while classifying)."""
+def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], columns: int,
+                       max_categories: int | None = MAX_CATEGORIES_DRAWN) -> bytes:
+    """The contact sheet of `gallery_rows`' rows (or the same rows gathered while classifying): at most
+    `max_categories` rows (None: every category; a JPEG is at most 65,500 pixels tall, about 960 rows),
+    with a line under them saying how many categories were left out."""
+    rows, note = first_categories(rows, max_categories)
     cell_w, cell_h = SHEET_THUMB_PX + SHEET_GAP, SHEET_THUMB_PX + SHEET_CAPTION_H + SHEET_GAP
     legend_h = 14
-    sheet = Image.new("RGB", (SHEET_LABEL_W + columns * cell_w, legend_h + max(1, len(rows)) * cell_h), "white")
+    grid_h = legend_h + max(1, len(rows)) * cell_h
+    sheet = Image.new("RGB", (SHEET_LABEL_W + columns * cell_w, grid_h + (2 * NOTE_H if note else 0)), "white")
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    if note:  # two lines: the sheet is narrower than the note
+        first, _, rest = note.partition("; ")
+        draw.text((4, grid_h + 2), first + ";", fill="black", font=font)
+        draw.text((4, grid_h + 2 + NOTE_H), rest, fill="black", font=font)
     x = 4
     for kind, text in LEGEND:
         draw.rectangle([x, 3, x + 8, 11], fill=BORDER[kind])

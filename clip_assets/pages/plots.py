@@ -1,7 +1,10 @@
 """Small pictures for the Dagster UI, drawn with Pillow (no plotting library needed).
 
 Dagster renders markdown metadata, including images given as data URIs, so a materialization can
-show a person a plot rather than a column of numbers.
+show a person a plot rather than a column of numbers. A picture with one panel or row per category
+draws at most MAX_CATEGORIES_DRAWN of them (the first, in prompt order) and says how many it left
+out: thousands of categories would make a picture of megabytes in the event log, and a JPEG cannot be
+taller than 65,500 pixels.
 """
 
 from __future__ import annotations
@@ -12,13 +15,32 @@ import io
 from PIL import Image, ImageDraw, ImageFont
 
 PANEL_W, PANEL_H, COLUMNS = 260, 140, 3
+MAX_CATEGORIES_DRAWN = 30
+NOTE_H = 16  # a line of text under a picture that leaves categories out
 
 
-def _canvas(panels: int) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
-    """A white grid of `panels` panels, COLUMNS wide."""
+def categories_left_out_note(shown: int, total: int) -> str:
+    """What a picture that draws `shown` of `total` categories says about the others ('' when it shows all)."""
+    if shown >= total:
+        return ""
+    return f"first {shown} of {total:,} categories (prompt order); the gallery page shows them all"
+
+
+def first_categories(items: dict, max_categories: int | None) -> tuple[dict, str]:
+    """The first `max_categories` entries of a per-category dict (None: all), and the note that says so."""
+    if max_categories is None or len(items) <= max_categories:
+        return items, ""
+    return dict(list(items.items())[:max_categories]), categories_left_out_note(max_categories, len(items))
+
+
+def _canvas(panels: int, note: str = "") -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
+    """A white grid of `panels` panels, COLUMNS wide; `note` written on a line under them."""
     rows = max(1, -(-panels // COLUMNS))
-    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows), "white")
-    return img, ImageDraw.Draw(img), ImageFont.load_default()
+    img = Image.new("RGB", (PANEL_W * COLUMNS, PANEL_H * rows + (NOTE_H if note else 0)), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    if note:
+        draw.text((10, PANEL_H * rows + 2), note, fill="black", font=font)
+    return img, draw, font
 
 
 def _panel_origin(index: int) -> tuple[int, int]:
@@ -31,10 +53,14 @@ def _png(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def score_histograms_png(histograms: dict[str, tuple[float, float, list[int], float, str]]) -> bytes:
-    """One panel per category: the distribution of its match score, the threshold as a red line."""
+def score_histograms_png(
+    histograms: dict[str, tuple[float, float, list[int], float, str]], max_categories: int | None = MAX_CATEGORIES_DRAWN
+) -> bytes:
+    """One panel per category: the distribution of its match score, the threshold as a red line.
+    At most `max_categories` panels (None: every category), with a line saying how many were left out."""
+    histograms, note = first_categories(histograms, max_categories)
     names = list(histograms)
-    img, draw, font = _canvas(len(names))
+    img, draw, font = _canvas(len(names), note)
     for i, name in enumerate(names):
         lo, hi, counts, threshold, mode = histograms[name]
         x0, y0 = _panel_origin(i)

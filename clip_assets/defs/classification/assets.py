@@ -25,12 +25,6 @@ from clip_assets.defs.resources import ClipModelResource, ImageCollection
 
 if TYPE_CHECKING:
     from clip_assets.classification.steps import ClassificationSummary
-from clip_assets.pages.gallery import draw_contact_sheet
-from clip_assets.pages.plots import score_histograms_png
-
-# A batch's contact sheet: 3 best matches and 2 near misses of each of two failed conditions per category
-# (ClassificationFigures' defaults).
-CONTACT_SHEET_COLUMNS = 3 + 2 * 2
 
 
 @dg.asset(
@@ -103,7 +97,9 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     pages wins whatever the threshold).
 
     Each batch's materialization shows its matches per category, its score distribution, its top
-    images and a contact sheet (thumbnails of its best matches and near misses per category).
+    images and a contact sheet (thumbnails of its best matches and near misses per category; the
+    pictures draw the first categories only, and say so). A picture that cannot be drawn is a
+    warning (`figure_warnings`), never a failed step: the rows are committed by then.
     """
     # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
     from clip_assets.classification.steps import write_classifications
@@ -111,7 +107,9 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     layout, image_root = collection.layout, Path(collection.image_root)
 
     def classify_batch(batch: str) -> tuple[CheckOutcome, "ClassificationSummary"]:
-        summary = write_classifications(layout, batch)
+        summary = write_classifications(layout, batch, image_root=image_root)
+        for warning in summary.figure_warnings:
+            context.log.warning(f"{batch}: {warning}")
         context.add_asset_metadata(partition_key=batch, metadata={
             "dagster/row_count": summary.rows,
             "images": summary.images,
@@ -120,11 +118,9 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
                  for k, v in summary.matches.items()],
                 {"category": "string", "images_matched": "int", "share": "float"},
             ),
-            "score_distribution": picture(
-                score_histograms_png(summary.histograms), f"{batch}: score distribution per category"),
-            "contact_sheet": picture(
-                draw_contact_sheet(image_root, summary.gallery_rows, CONTACT_SHEET_COLUMNS),
-                f"{batch}: best matches and near misses per category"),
+            **{name: picture(p.data, p.caption) for name, p in summary.pictures.items()},
+            **({"figure_warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in summary.figure_warnings))}
+               if summary.figure_warnings else {}),
             "top_images": table(summary.top_images,
                                 {"category": "string", "path": "string", "score": "float", "matched": "bool"}),
         })
