@@ -73,13 +73,15 @@ class Query:
         return self.text is None and self.image_path is None and self.upload is None
 
 
-def run_query(state: AppState, query: Query) -> tuple[list[SearchHit], str | None]:
-    """The hits, and the query image's thumbnail URL (a stored image) or data URI (an upload)."""
+def run_query(state: AppState, query: Query, damaged: list) -> tuple[list[SearchHit], str | None]:
+    """The hits, and the query image's thumbnail URL (a stored image) or data URI (an upload); the
+    damaged files left out of the search (the other batches were searched) go to `damaged`."""
     common = {
         "k": query.k,
         "batches": [query.batch] if query.batch else None,
         "category": query.category,
         "clip": state.clip,
+        "damaged": damaged,
     }
     if query.upload is not None:
         image = decode_query_image(query.upload, query.upload_name)
@@ -103,8 +105,9 @@ def results(request: Request, query: Query) -> Response:
     if query.empty:
         return search_page(request, query)
     started = time.perf_counter()
+    damaged: list = []
     try:
-        hits, picture = run_query(state, query)
+        hits, picture = run_query(state, query, damaged)
     except BadRequest as exc:
         return search_page(request, query, error=str(exc), status=400)
     except Exception as exc:
@@ -112,7 +115,14 @@ def results(request: Request, query: Query) -> Response:
             log.exception("search failed")
             return search_page(request, query, error="The search failed; the server's log says why.", status=500)
         return search_page(request, query, error=str(exc), status=400)
-    return search_page(request, query, hits=hits, query_picture=picture, seconds=time.perf_counter() - started)
+    return search_page(
+        request,
+        query,
+        hits=hits,
+        query_picture=picture,
+        seconds=time.perf_counter() - started,
+        warnings=[str(exc) for exc in damaged],
+    )
 
 
 def search_page(

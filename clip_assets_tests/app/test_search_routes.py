@@ -195,6 +195,19 @@ def test_more_like_this_searches_by_a_stored_image(server, settings, clip):
     assert f'class="query" src="/thumb?path={first}"' in body.decode()  # the query image, shown back
 
 
+def test_a_damaged_batch_is_left_out_with_a_warning_and_the_others_searched(server, settings, classified):
+    """An embeddings file that is not parquet any more: the page names it, with the command that
+    rebuilds it, and shows the other batch's hits."""
+    damaged = classified.embeddings_dir / "batch-001.parquet"
+    damaged.write_bytes(b"not parquet")
+    status, _, body = get(f"{server}/?" + urlencode({"q": "a red circle", "k": 3}))
+    page = body.decode()
+    assert status == 200 and "Traceback" not in page
+    warning = re.search(r'class="warning"[^>]*>(.*?)</p>', page, re.DOTALL)[1]
+    assert str(damaged) in warning and "--partition batch-001" in warning
+    assert [p.split("/")[0] for p, _ in shown(page)] == ["batch-002"] * 3
+
+
 def test_a_search_with_no_embeddings_is_a_message(settings, clip, tmp_path):
     with running_app(settings, clip=clip, thumbs_dir=tmp_path / "t") as app:
         status, _, body = get(f"{app.url}/?q=a+red+circle")
