@@ -15,6 +15,7 @@ from clip_assets.classification.centroids import KINDS
 from clip_assets.classification.prompts import Category
 from clip_assets.classification.rules import models_in_file
 from clip_assets.config.layout import DataLayout
+from clip_assets.storage.damaged_files import EMBEDDINGS, DamagedFileError
 from clip_assets.storage.warehouse import connect
 
 if TYPE_CHECKING:  # the embedding store imports the engine, and torch: the code location loads without them
@@ -57,8 +58,11 @@ def embeddings_match_centroid_model(layout: DataLayout, batch: str, models: set[
         models = models_in_file(layout.embeddings_path(batch))
     if not layout.duckdb_path.exists():
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
-    with connect(layout.duckdb_path, read_only=True) as con:
-        centroid_models = {r[0] for r in con.execute("SELECT DISTINCT model FROM prompt_centroids").fetchall()}
+    try:
+        with connect(layout.duckdb_path, read_only=True) as con:
+            centroid_models = {r[0] for r in con.execute("SELECT DISTINCT model FROM prompt_centroids").fetchall()}
+    except DamagedFileError as exc:  # the embeddings are written all the same: the check says what is wrong
+        return CheckOutcome(False, str(exc), {"embedding_models": sorted(models)})
     if not centroid_models:
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
     passed = models <= centroid_models and len(centroid_models) == 1
@@ -98,7 +102,8 @@ def one_row_per_image_and_category(layout: DataLayout, batch: str) -> CheckOutco
     changes the sum (unless 64-bit hashes collide).
     """
     embeddings = str(layout.embeddings_path(batch))
-    images = pq.read_metadata(embeddings).num_rows
+    with EMBEDDINGS.reading(Path(embeddings), batch):
+        images = pq.read_metadata(embeddings).num_rows
     with connect(layout.duckdb_path, read_only=True) as con:
         categories = con.execute("SELECT count(*) FROM prompt_categories").fetchone()[0]
         rows, stored_sum = con.execute(

@@ -10,6 +10,7 @@ inside a single transaction: readers never see a half-written batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -23,6 +24,7 @@ import pyarrow as pa
 from clip_assets.classification.centroids import KINDS, CentroidSet
 from clip_assets.config.settings import default
 from clip_assets.storage.atomic_files import disk_full_error, is_out_of_space
+from clip_assets.storage.damaged_files import DUCKDB, DamagedFileError, materialize, move_aside
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS prompt_centroids (
@@ -109,6 +111,9 @@ ORDER BY images DESC, group_id;
 """
 
 
+log = logging.getLogger(__name__)
+
+
 class CentroidsMissingError(LookupError):
     """Classification was asked for before any prompt centroids were stored."""
 
@@ -161,6 +166,61 @@ def _locked_message(path: Path, read_only: bool, waited_s: float, duckdb_message
     )
 
 
+def _is_damage(path: Path, exc: duckdb.Error) -> bool:
+    """Whether DuckDB's error says the file itself is damaged (not a lock, a version, a query's mistake)."""
+    message = str(exc)
+    if "Corrupt database file" in message or "not a valid DuckDB database file" in message:
+        return True
+    return "Could not read enough bytes" in message and path.name in message  # cut short
+
+
+@contextlib.contextmanager
+def _named_if_damaged(path: Path) -> Iterator[None]:
+    """DuckDB's errors for a damaged file, at open or in any query, as DamagedFileError: the file and what rebuilds it."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        if _is_damage(path, exc):
+            raise DUCKDB.damaged(path, exc) from exc
+        raise
+
+
+# The file's three header blocks; its data blocks follow, each `block_size` bytes (DuckDB's storage layout).
+_HEADER_BYTES = 3 * 4096
+
+
+def _check_not_cut_short(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A file too short to hold the blocks in use its header counts was cut short: raise now, not at the
+    first query that reaches past its end (a writer would otherwise write into it, and the damage show
+    only later). Free blocks are left out of the count: DuckDB itself cuts those off the end of the file."""
+    rows = con.execute(  # fetched whole: a result left unfinished would hold up the connection's next use
+        "SELECT block_size, used_blocks FROM pragma_database_size() WHERE database_name = current_database()"
+    ).fetchall()
+    if not rows:
+        return
+    row = rows[0]
+    expected = _HEADER_BYTES + int(row[0]) * int(row[1])
+    size = path.stat().st_size
+    if size < expected:
+        raise DUCKDB.damaged(path, f"cut short: {size:,} bytes, where its {row[1]} blocks in use take {expected:,}")
+
+
+def set_aside_damaged(path: Path, damage: DamagedFileError) -> str:
+    """Move a damaged DuckDB file (and its write-ahead log) aside, so a writer starts a new one; the
+    warning, also logged: every batch's classifications are to be materialized again."""
+    moved = DUCKDB.set_aside(path, damage.reason)
+    wal = path.with_name(path.name + ".wal")
+    if wal.exists():
+        move_aside(wal)
+    warning = (
+        f"{moved}. The new file holds none of the old classifications: materialize image_classifications for "
+        f"every batch ({materialize('image_classifications')} --partition-range <first batch>...<last batch>, or "
+        "a backfill in the UI), then near_duplicates; nothing is re-encoded"
+    )
+    log.warning(warning)
+    return warning
+
+
 def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
     started = time.monotonic()
     delay = 0.05
@@ -210,7 +270,8 @@ def connect(
 
     While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
     this waits up to `wait_s` seconds (default: `lock_wait_s`, the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
-    WarehouseLockedError naming the process. A writer creates the file and the tables if needed.
+    WarehouseLockedError naming the process. A writer creates the file and the tables if needed. A
+    damaged file, at open or in a query, raises DamagedFileError (clip_assets.storage.damaged_files).
     `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
     database (its block cache included).
     """
@@ -219,13 +280,16 @@ def connect(
         wait_s = lock_wait_s
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    con = _open(path, read_only, wait_s)
+    with _named_if_damaged(path):
+        con = _open(path, read_only, wait_s)
     try:
-        if memory_limit is not None:
-            con.execute(f"SET memory_limit = '{memory_limit}'")
-        if not read_only:
-            con.execute(SCHEMA_SQL)
-        yield con
+        with _named_if_damaged(path):
+            _check_not_cut_short(con, path)
+            if memory_limit is not None:
+                con.execute(f"SET memory_limit = '{memory_limit}'")
+            if not read_only:
+                con.execute(SCHEMA_SQL)
+            yield con
     except duckdb.Error as exc:
         if is_out_of_space(exc):  # DuckDB rolled the transaction back: the stored rows are as they were
             raise disk_full_error(path, exc) from exc
@@ -256,7 +320,8 @@ def _transaction(con: duckdb.DuckDBPyConnection):
 
 
 def replace_centroids(path: Path, centroids: CentroidSet) -> int:
-    """Replace every stored centroid and category setting at once; returns centroid rows written."""
+    """Replace every stored centroid and category setting at once; returns centroid rows written. A
+    damaged DuckDB file is moved aside first and a new one started (see set_aside_damaged)."""
     rows = {k: [] for k in ("category", "kind", "vector", "prompt_count", "prompt_hash")}
     for i, name in enumerate(centroids.categories):
         for kind in KINDS:
@@ -290,18 +355,26 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
             "prompt_version": [centroids.prompt_version] * c,
         }
     )
-    with connect(path) as con, _transaction(con):
-        con.execute("DELETE FROM prompt_centroids")
-        con.execute("DELETE FROM prompt_categories")
-        con.register("new_centroids", centroid_rows)
-        con.register("new_categories", category_rows)
-        con.execute(
-            "INSERT INTO prompt_centroids SELECT category, kind, vector, prompt_count, prompt_hash, "
-            "model, prompt_version FROM new_centroids"
-        )
-        con.execute(
-            "INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories"
-        )
+
+    def write() -> None:
+        with connect(path) as con, _transaction(con):
+            con.execute("DELETE FROM prompt_centroids")
+            con.execute("DELETE FROM prompt_categories")
+            con.register("new_centroids", centroid_rows)
+            con.register("new_categories", category_rows)
+            con.execute(
+                "INSERT INTO prompt_centroids SELECT category, kind, vector, prompt_count, prompt_hash, "
+                "model, prompt_version FROM new_centroids"
+            )
+            con.execute(
+                "INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories"
+            )
+
+    try:
+        write()
+    except DamagedFileError as damage:  # the step that starts the file: a damaged one is set aside and begun anew
+        set_aside_damaged(Path(path), damage)
+        write()
     return n
 
 
