@@ -21,6 +21,7 @@ import torch
 
 from clip_assets.model import architectures
 from clip_assets.model.architectures import MODEL_CONFIG_DIR, has_timm_tower
+from clip_assets.model.fine_tuned_weights import check_fine_tuned_checkpoint
 from clip_assets.model.quantizable_attention import swap_self_attention
 from clip_assets.storage.file_hashes import current_content_digest
 
@@ -294,6 +295,7 @@ def load_clip_model(model_name: str, pretrained: str, device: str | None = None)
                 )
             pretrained_arg = str(path)
             what = f"the local checkpoint {path}"
+            check_fine_tuned_checkpoint(path)  # a fine-tuned one changed since written: named, with its rebuild
         else:
             what = f"open_clip pretrained tag '{pretrained}' for '{model_name}'"
     if model_name not in open_clip.list_models() and not pretrained.startswith(HF_HUB_PREFIX):

@@ -11,16 +11,36 @@ use one model. The checkpoint is named by its content hash and its model identit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
 from clip_assets.storage.atomic_files import write_text_atomically
-from clip_assets.storage.file_hashes import content_digest
+from clip_assets.storage.damaged_files import FINE_TUNED_CHECKPOINT, FINE_TUNED_RECORD
+from clip_assets.storage.file_hashes import CONTENT_DIGEST_CHARS, content_digest, current_content_digest
+
+_NAMED_DIGEST = re.compile(rf"-fine-tuned-([0-9a-f]{{{CONTENT_DIGEST_CHARS}}})\.pt$")
 
 
 class NoFineTunedModelError(RuntimeError):
     """The deployment opted in to the fine-tuned model, and there is none (yet)."""
+
+
+def checkpoint_name(model_name: str, digest: str) -> str:
+    """A fine-tuned checkpoint's file name: the architecture and the content digest of its bytes."""
+    return f"{model_name.replace('/', '-')}-fine-tuned-{digest}.pt"
+
+
+def check_fine_tuned_checkpoint(checkpoint: Path) -> None:
+    """A checkpoint named by its content (checkpoint_name) whose bytes no longer hash to its name was
+    damaged after it was written: DamagedFileError, before torch meets it. Other files pass."""
+    named = _NAMED_DIGEST.search(Path(checkpoint).name)
+    if named and Path(checkpoint).is_file():
+        actual = current_content_digest(checkpoint)
+        if actual != named[1]:
+            raise FINE_TUNED_CHECKPOINT.damaged(
+                checkpoint, f"its bytes hash to {actual}, its name says {named[1]}: changed since it was written")
 
 
 def checkpoint_version(checkpoint: Path) -> str:
@@ -42,12 +62,14 @@ def fine_tuned_checkpoint(layout: DataLayout) -> Path:
             f"{pointer}): materialize fine_tuned_model first (it tunes on CLIP_ASSETS_FINE_TUNE_CAPTIONS), or "
             "unset CLIP_ASSETS_USE_FINE_TUNED to use CLIP_ASSETS_PRETRAINED."
         )
-    checkpoint = layout.fine_tuned_models_dir / json.loads(pointer.read_text())["checkpoint"]
+    with FINE_TUNED_RECORD.reading(pointer, errors=(OSError, ValueError, KeyError, TypeError)):
+        checkpoint = layout.fine_tuned_models_dir / Path(json.loads(pointer.read_text())["checkpoint"]).name
     if not checkpoint.is_file():
         raise NoFineTunedModelError(
             f"{pointer} names {checkpoint.name}, which is not in {checkpoint.parent} any more: "
             "re-materialize fine_tuned_model."
         )
+    check_fine_tuned_checkpoint(checkpoint)
     return checkpoint
 
 

@@ -17,7 +17,9 @@ from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.prompts import SINGLE_LABEL
 from clip_assets.classification.rules import score_matrices
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.storage.arrow_vectors import vectors_matrix
+from clip_assets.storage.damaged_files import EMBEDDINGS, readable_parquet_files
 from clip_assets.storage.warehouse import scratch
 from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
 from clip_assets.tuning.calibration import (
@@ -51,7 +53,7 @@ class LabelledEmbeddings:
 def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: CentroidSet,
                              heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> LabelledEmbeddings:
     """Join the labels with the manifests (paths) and the embedding files; no DuckDB file is opened."""
-    files = [str(p) for p in layout.embedding_files()]
+    files = [str(p) for p in readable_parquet_files(layout.embedding_files(), EMBEDDINGS)[0]]  # damaged: left out
     dim = centroids.dim
     found: dict[str, tuple[str, np.ndarray]] = {}
     if files and layout.manifest_dir.is_dir():
@@ -64,7 +66,7 @@ def load_labelled_embeddings(layout: DataLayout, labels: LabelRows, centroids: C
                 FROM read_parquet(?) e JOIN read_parquet(?) m USING (image_id) JOIN labelled l ON l.key = {match}
                 WHERE e.model = ? ORDER BY e.image_id
                 """,
-                params=[files, layout.manifests_glob, centroids.model],
+                params=[files, readable_manifests(layout), centroids.model],
             ).to_arrow_table()
         if table.num_rows:
             table = table.set_column(2, "embedding", table["embedding"].cast(pa.list_(pa.float32(), dim)))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.storage.damaged_files import ADAPTERS, READ_ERRORS
 from clip_assets.tuning.adapters import AdapterSet, FileAdapter
 
 FORMAT = 2  # 2: thresholds calibrated on the whole tuning half, not only the images the correction learnt from
@@ -60,22 +60,19 @@ def remove_adapters(path: Path) -> bool:
 
 
 def read_adapters(path: Path) -> AdapterSet | None:
+    """The stored adapters; None without a file. A damaged file raises DamagedFileError, which names it
+    and the command that rebuilds it (clip_assets.storage.damaged_files)."""
     path = Path(path)
     if not path.is_file():
         return None
-    try:
+    with ADAPTERS.reading(path, errors=READ_ERRORS + (KeyError, TypeError, AttributeError)):
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["meta"].tobytes().decode())
             files = []
             for i, fields in enumerate(meta["files"]):
                 arrays = {name: data[f"{i}/{name}"] for name in _ARRAYS if f"{i}/{name}" in data}
                 files.append(FileAdapter(**fields, **arrays))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise AdapterMismatchError(
-            f"{path} is not a readable adapters file ({exc}): re-materialize category_adapters, or delete the file "
-            "to classify zero-shot."
-        ) from exc
-    return AdapterSet(files, meta["model"], meta["prompt_version"], meta["version"])
+        return AdapterSet(files, meta["model"], meta["prompt_version"], meta["version"])
 
 
 def adapters_for(path: Path, centroids: CentroidSet) -> AdapterSet | None:

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from clip_assets.classification.prompts import MULTI_LABEL, OVERRIDES_FILE
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.pages.plots import precision_recall_png
 from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
@@ -86,6 +87,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             "for the labelled images' batches first (CLIP_ASSETS_DATA_DIR says where to look)."
         )
     keys = pa.table({"key": list(labels.labels)})
+    manifests = readable_manifests(layout)  # a damaged one is left out with a warning
     with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         con.register("labelled", keys)
         cats = con.execute("SELECT category, mode, threshold, neutral_margin FROM prompt_categories ORDER BY position").fetchall()
@@ -108,7 +110,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             WHERE image_id IN (SELECT image_id FROM image_classifications JOIN category_columns USING (category))
             GROUP BY key ORDER BY key
             """,
-            params=[layout.manifests_glob],
+            params=[manifests],
         ).to_arrow_table()
         if images.num_rows == 0:
             raise LabelsFileError(
@@ -124,7 +126,7 @@ def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScore
             FROM image_classifications c JOIN m USING (image_id) JOIN image_rows r ON r.key = m.key
                  JOIN category_columns a USING (category)
             """,
-            params=[layout.manifests_glob],
+            params=[manifests],
         ).to_arrow_table()
     keys_found = images["key"].to_pylist()
     image_ids, paths = images["image_id"].to_pylist(), images["path"].to_pylist()

@@ -44,6 +44,7 @@ import torch
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.decode import load_rgb
 from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model, model_identity
+from clip_assets.model.fine_tuned_weights import checkpoint_name
 from clip_assets.storage.atomic_files import write_named_by_content
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.tuning.calibration import is_heldout
@@ -356,10 +357,6 @@ def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path, optio
             interpolate_weights(model, base_state, options.wise_alpha)
     after = heldout_figures(clip, model, heldout, images, loss_fn)
     return model, before, after, training, heldout, wise
-
-
-def checkpoint_name(model_name: str, digest: str) -> str:
-    return f"{model_name.replace('/', '-')}-fine-tuned-{digest}.pt"
 
 
 def write_checkpoint(model: torch.nn.Module, directory: Path, model_name: str, provenance: dict) -> Path:

@@ -11,6 +11,7 @@ import pytest
 from clip_assets.classification.centroids import CentroidSet
 from clip_assets.classification.rules import score_matrices
 from clip_assets.classification.steps import write_classifications
+from clip_assets.storage.damaged_files import DamagedFileError
 from clip_assets.storage.warehouse import connect, read_centroids
 from clip_assets.tuning.adapter_evaluation import (
     LabelledEmbeddings,
@@ -155,7 +156,7 @@ def test_adapters_survive_the_file_and_refuse_other_centroids(tmp_path):
     with pytest.raises(AdapterMismatchError, match="category_adapters"):
         adapters_for(path, dataclasses.replace(centroids, prompt_version="v2"))
     path.write_bytes(b"not an npz")
-    with pytest.raises(AdapterMismatchError, match="not a readable adapters file"):
+    with pytest.raises(DamagedFileError, match="select category_adapters"):
         read_adapters(path)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from clip_assets.classification.prompts import load_categories
 from clip_assets.cli import main
+from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets.demo.second_domain import (
     REPLAY_FOLDER,
@@ -26,6 +27,7 @@ from clip_assets.demo.shapes import LABELS_FILE, make_sample
 from clip_assets.model.clip_model import load_clip_model, model_identity
 from clip_assets.model.fine_tuned_weights import NoFineTunedModelError, configured_weights
 from clip_assets.storage.atomic_files import write_named_by_content
+from clip_assets.storage.damaged_files import DamagedFileError
 from clip_assets.tuning.fine_tuning import (
     WISE_ALPHAS,
     CaptionsFileError,
@@ -35,6 +37,8 @@ from clip_assets.tuning.fine_tuning import (
     split_pairs,
     validation_split,
 )
+from clip_assets.tuning.steps import write_fine_tuned_model
+from clip_assets_tests.support.damage import DAMAGES, damage
 
 TINY = "clip-assets-tiny"
 
@@ -239,3 +243,33 @@ def test_replay_adds_filled_shape_pairs_and_keeps_the_domains_held_out_images_he
     _, heldout = split_pairs(domain, 0.25)
     _, heldout_mixed = split_pairs(mixed, 0.25)
     assert {p.path for p in heldout} == {p.path for p in heldout_mixed if not p.path.startswith(f"{REPLAY_FOLDER}/")}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_fine_tuned_checkpoint_or_record_is_named_and_rebuilt_by_fine_tuned_model(
+    how, settings, captioned, checkpoint
+):
+    root, captions = captioned
+    layout = DataLayout(settings.data_dir)
+    options = FineTuneOptions(epochs=1, batch_size=16, wise_alpha=1)
+    report = write_fine_tuned_model(TINY, str(checkpoint), captions, root, layout, options, "cpu", log=lambda _: None)
+    opted_in = settings.model_copy(update={"fine_tune_captions": captions, "use_fine_tuned": True})
+    assert configured_weights(opted_in) == str(report.checkpoint)
+
+    damage(report.checkpoint, how)  # its bytes no longer hash to its name: found before torch reads it
+    for load in (lambda: configured_weights(opted_in), lambda: load_clip_model(TINY, str(report.checkpoint), "cpu")):
+        with pytest.raises(DamagedFileError) as caught:
+            load()
+        assert str(report.checkpoint) in str(caught.value)
+        assert "dagster asset materialize -m clip_assets.definitions --select fine_tuned_model" in str(caught.value)
+    record = layout.fine_tuned_model_in_use_path
+    damage(record, how)
+    with pytest.raises(DamagedFileError) as caught:
+        configured_weights(opted_in)
+    assert str(record) in str(caught.value) and "--select fine_tuned_model" in str(caught.value)
+
+    again = write_fine_tuned_model(TINY, str(checkpoint), captions, root, layout, options, "cpu", log=lambda _: None)
+    tuned = load_clip_model(TINY, configured_weights(opted_in), "cpu")
+    assert configured_weights(opted_in) == str(again.checkpoint) and tuned.identity == model_identity(
+        TINY, str(again.checkpoint)
+    )
