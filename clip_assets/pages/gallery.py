@@ -29,6 +29,7 @@ from clip_assets.classification.near_misses import (
     GalleryImage,
 )
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.pages.plots import MAX_CATEGORIES_DRAWN, NOTE_H, first_categories
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect, read_duplicate_groups
@@ -67,7 +68,8 @@ def gallery_rows(
     on the collection's size (DuckDB's block cache capped too); only the chosen images' paths are
     looked up in the manifests.
     """
-    manifests = layout.manifest_path(batch) if batch else layout.manifests_glob
+    # the whole collection: a damaged manifest is left out with a warning, and its batch's images with it
+    manifests = [str(layout.manifest_path(batch))] if batch else readable_manifests(layout)
     with connect(layout.duckdb_path, read_only=True, memory_limit=COLLECTION_PASS_MEMORY_LIMIT) as con:
         rows = con.execute(
             f"""
@@ -91,7 +93,7 @@ def gallery_rows(
                  JOIN (SELECT image_id, path FROM read_parquet(?)) m USING (image_id)
             ORDER BY p.position, b.matched DESC, b.failed, b.value DESC, b.image_id
             """,
-            [batch, batch, matched_per_category, near_misses, matched_per_category, near_misses, str(manifests)],
+            [batch, batch, matched_per_category, near_misses, matched_per_category, near_misses, manifests],
         ).fetchall()
         categories = [r[0] for r in con.execute("SELECT category FROM prompt_categories ORDER BY position").fetchall()]
     out: dict[str, list[GalleryImage]] = {name: [] for name in categories}
