@@ -40,6 +40,7 @@ CENTROIDS = dg.AssetKey("prompt_centroids")
 CLASSIFICATIONS = dg.AssetKey("image_classifications")
 PROMPT_FILES = dg.AssetKey("prompt_files")
 LABELS_FILE = dg.AssetKey("labels_file")
+REVIEW_LABELS = dg.AssetKey("review_labels")
 ADAPTERS = dg.AssetKey("category_adapters")
 CAPTIONS_FILE = dg.AssetKey("captions_file")
 FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
@@ -74,11 +75,12 @@ def test_graph_and_automation_are_wired(settings):
     graph = defs.resolve_asset_graph()
     assert graph.get(CENTROIDS).parent_keys == {PROMPT_FILES}  # never the embeddings
     assert graph.get(EMBEDDINGS).parent_keys == {dg.AssetKey("image_manifest")}  # never the prompts
-    assert graph.get(ADAPTERS).parent_keys == {CENTROIDS, LABELS_FILE}  # nor the labels
-    assert graph.get(CLASSIFICATIONS).parent_keys == {EMBEDDINGS, CENTROIDS, ADAPTERS}
+    assert graph.get(ADAPTERS).parent_keys == {CENTROIDS, LABELS_FILE, REVIEW_LABELS}  # nor the labels
+    assert graph.get(CLASSIFICATIONS).parent_keys == {EMBEDDINGS, CENTROIDS, ADAPTERS, REVIEW_LABELS}
     for key in (dg.AssetKey("image_manifest"), EMBEDDINGS, CLASSIFICATIONS):
         assert graph.get(key).partitions_def.name == "image_batches"
-    for name in ("clip_assets_automation", "prompt_files_observation", "labels_file_observation"):
+    for name in ("clip_assets_automation", "prompt_files_observation", "labels_file_observation",
+                 "review_labels_observation"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
     # observed by a sensor without a run, never requested as a run by the automation sensor
     assert graph.get(PROMPT_FILES).automation_condition is None and graph.get(LABELS_FILE).automation_condition is None
