@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -74,9 +75,28 @@ def _stored_models(pf: pq.ParquetFile) -> set[str]:
     return {m.decode() if isinstance(m, bytes) else m for m in found}
 
 
-def check_query_model(files: list[Path], identity: str) -> None:
+@dataclass
+class SearchableFiles:
+    files: list[Path]  # readable, and of the query's model
+    damaged: list[DamagedFileError]  # left out (each logged as a warning)
+    rows: int  # the embeddings in `files`
+
+
+def check_query_model(files: list[Path], identity: str) -> SearchableFiles:
+    """The files a query encoded by `identity` may search, each file's footer read once (its model
+    identities and rows). A damaged file is left out with a warning; a file of another model refuses
+    the search (SearchModelMismatchError)."""
+    searchable = SearchableFiles([], [], 0)
     for path in files:
-        others = stored_models(path) - {identity}
+        try:
+            with EMBEDDINGS.reading(path, Path(path).stem), pq.ParquetFile(path) as pf:
+                others, rows = _stored_models(pf) - {identity}, pf.metadata.num_rows
+        except DamagedFileError as exc:
+            log.warning("left out of the search: %s", exc)
+            searchable.damaged.append(exc)
+            continue
+        searchable.files.append(Path(path))
+        searchable.rows += rows
         if others:
             raise SearchModelMismatchError(
                 f"{path} holds embeddings made by {sorted(others)}, but the query would be encoded by "
@@ -84,6 +104,7 @@ def check_query_model(files: list[Path], identity: str) -> None:
                 "mean nothing, so nothing was searched: set the model that made the embeddings, or "
                 "re-materialize image_embeddings with this one."
             )
+    return searchable
 
 
 def _parquet_scores(embeddings_file: Path, query: np.ndarray, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:

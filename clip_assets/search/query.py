@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from clip_assets.config.layout import DataLayout
@@ -40,7 +39,7 @@ from clip_assets.search.exact_search import (
     embedding_files,
     top_k_streaming,
 )
-from clip_assets.storage.damaged_files import EMBEDDINGS, DamagedFileError, readable_parquet_files
+from clip_assets.storage.damaged_files import DamagedFileError
 
 if TYPE_CHECKING:  # torch and open_clip load only when a query is encoded
     from clip_assets.model.clip_model import ClipModel
@@ -193,15 +192,15 @@ def search(
             f"No embeddings under {layout.embeddings_dir}: materialize image_embeddings first "
             "(CLIP_ASSETS_DATA_DIR says where to look)."
         )
-    damaged = [] if damaged is None else damaged
-    files, unreadable = readable_parquet_files(files, EMBEDDINGS)
-    damaged += unreadable
-    if not files:
-        raise unreadable[0]
     from clip_assets.model.clip_model import model_identity  # deferred: it loads torch (see query_encoder)
 
     identity = clip.identity if clip is not None else model_identity(settings.model, configured_weights(settings))
-    check_query_model(files, identity)
+    searchable = check_query_model(files, identity)  # each file's footer read once: models, rows, or damage
+    damaged = [] if damaged is None else damaged
+    damaged += searchable.damaged
+    if not searchable.files:
+        raise searchable.damaged[0]
+    files = searchable.files
     allowed = images_matching_category(layout, category, batches) if category else None
     timings = {} if timings is None else timings
     started = time.perf_counter()
@@ -210,7 +209,7 @@ def search(
     loaded = time.perf_counter()
     query = encode_text_query(clip, text) if text is not None else encode_image_query(clip, image)
     encoded = time.perf_counter()
-    if exact or sum(pq.ParquetFile(f).metadata.num_rows for f in files) < settings.exact_search_below:
+    if exact or searchable.rows < settings.exact_search_below:
         best = top_k_streaming(query, files, k, allowed, record_batch_rows, damaged=damaged)
     else:
         best = approximate_top_k(layout, files, query, k, allowed, nprobe=settings.ann_nprobe, damaged=damaged)
