@@ -16,6 +16,7 @@ from clip_assets.embedding.steps import write_embeddings
 from clip_assets.model.clip_model import model_identity
 from clip_assets.search import ann_index
 from clip_assets.search import near_duplicates as duplicates
+from clip_assets.search.exact_search import check_query_model
 from clip_assets.search.query import search
 from clip_assets.search.search_rows import ensure_search_rows, fresh_search_rows, mapped_rows
 from clip_assets.search.text_query_encoder import encoder_path, load_text_query_encoder
@@ -200,3 +201,12 @@ def test_a_damaged_saved_text_encoder_is_moved_aside_and_saved_again(how, settin
     (aside,) = damaged_copies(path)
     assert aside.read_bytes() == damaged_bytes
     assert load_text_query_encoder(classified.text_query_encoder_dir, identity) is not None  # saved again
+
+
+def test_the_model_check_leaves_a_damaged_file_out_as_the_app_starts(settings, clip, classified):
+    """check_query_model (which `clip-assets serve` runs before it loads the model) reads each footer
+    once: a damaged file is left out and named, the others are counted."""
+    damage(classified.embeddings_path("batch-002"), "garbage")
+    searchable = check_query_model(classified.embedding_files(), clip.identity)
+    assert searchable.files == [classified.embeddings_path("batch-001")] and searchable.rows == 10
+    assert [exc.path for exc in searchable.damaged] == [classified.embeddings_path("batch-002")]
