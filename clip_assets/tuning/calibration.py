@@ -1,21 +1,16 @@
 """Evaluation against a labelled sample, and thresholds calibrated from it.
 
-A person labels a sample of images (a CSV or parquet file: `path` or `image_id`, and `labels`, the
-categories they see, separated by ';', or "none"). From the stored classification scores this module
-
-- scores the current prompts and thresholds: precision, recall and F1 per category and macro;
-- splits the labelled images in two by a hash of their id (a tuning half and a held-out half), and
-  proposes, per category, the threshold and neutral margin that maximise F1 on the tuning half (or
-  reach a target precision with the most recall);
-- scores before and after on the held-out half only, so no threshold is tuned and judged on the same
-  images;
-- writes the proposal as a TOML overrides file that `clip_assets.classification.prompts` merges over the prompt
-  files (`prompts/calibrated_thresholds.toml`).
-
-Only multi_label categories are calibrated (their rule is score >= threshold and pos_sim >=
-neutral_sim + neutral_margin); single_label ones are scored but keep their settings.
-
-The labels file itself is read by clip_assets.tuning.labels_file.
+People label a sample of images (the labels file, clip_assets.tuning.labels_file, and the review
+pages' verdicts, clip_assets.tuning.label_sources; a verdict judges one category of an image, and
+only judged cells are scored or tuned on). From the stored classification scores this module scores
+the current thresholds (precision, recall and F1 per category and macro); splits the labelled images
+in two by a hash of their id and proposes, per category, the threshold and neutral margin that
+maximise F1 on the tuning half (or reach a target precision with the most recall), scored before and
+after on the held-out half only, so no threshold is tuned and judged on the same images; and writes
+the proposal as a TOML overrides file that `clip_assets.classification.prompts` merges over the
+prompt files (`prompts/calibrated_thresholds.toml`). Only multi_label categories are calibrated (their
+rule is score >= threshold and pos_sim >= neutral_sim + neutral_margin); single_label ones are scored
+but keep their settings.
 """
 
 from __future__ import annotations
@@ -66,17 +61,13 @@ class LabelledScores:
     modes: list[str]
     score: np.ndarray  # the number the threshold applies to
     neutral_gap: np.ndarray  # pos_sim - neutral_sim; NaN where a category has no neutral descriptions
-    matched: np.ndarray  # bool, as stored
+    matched: np.ndarray  # bool: the rule's or adapter's decision (model_matched), never a person's
     truth: np.ndarray  # bool, from the labels
+    judged: np.ndarray  # bool: the cells the labels judge; only those are scored and tuned on
     thresholds: np.ndarray  # (C,) current
     neutral_margins: np.ndarray  # (C,) current
     unmatched_labels: list[str] = field(default_factory=list)  # label rows naming no classified image
     unknown_categories: list[str] = field(default_factory=list)  # labels naming no category
-    judged: np.ndarray | None = None  # bool, the cells the labels judge (only those are scored, tuned on)
-
-    def __post_init__(self):
-        if self.judged is None:
-            self.judged = np.ones(self.truth.shape, dtype=bool)
 
 
 def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScores:
@@ -173,8 +164,7 @@ def predict(score: np.ndarray, gap: np.ndarray, threshold: float, margin: float)
 def category_scores(predicted: np.ndarray, truth: np.ndarray, categories: list[str],
                     known: np.ndarray | None = None) -> list[CategoryScore]:
     """Per category, the counts over the labelled images (`known`: only the cells the labels judge)."""
-    if known is not None:
-        predicted, truth = predicted & known, truth & known
+    predicted, truth = (predicted, truth) if known is None else (predicted & known, truth & known)
     return [
         CategoryScore(
             name,
@@ -355,7 +345,7 @@ def calibrate(
         )
     tune = ~heldout
     new_t, new_m, choices = tuned_settings(data, tune, target_precision)
-    truth, known = data.truth[heldout], data.judged[heldout]
+    truth, known, cats = data.truth[heldout], data.judged[heldout], data.categories
     return CalibrationReport(
         categories=data.categories,
         old_thresholds=data.thresholds,
@@ -363,9 +353,8 @@ def calibrate(
         new_thresholds=new_t,
         new_margins=new_m,
         choices=choices,
-        before=category_scores(predictions(data, data.thresholds, data.neutral_margins)[heldout], truth, data.categories,
-                               known),
-        after=category_scores(predictions(data, new_t, new_m)[heldout], truth, data.categories, known),
+        before=category_scores(predictions(data, data.thresholds, data.neutral_margins)[heldout], truth, cats, known),
+        after=category_scores(predictions(data, new_t, new_m)[heldout], truth, cats, known),
         tuning_images=int(tune.sum()),
         heldout_images=int(heldout.sum()),
         target_precision=target_precision,
