@@ -54,11 +54,12 @@ def observation_sensor(name: str, description: str):
 
 def record_if_changed(context: dg.SensorEvaluationContext, made: dg.AssetObservation | dg.SkipReason,
                       what: str) -> dg.SensorResult | dg.SkipReason:
-    """The sensor's result: `made` recorded when its data version differs from the last one recorded."""
+    """The sensor's result: `made` recorded when its data version differs from the last one recorded.
+    An unchanged file is an idle tick, with nothing to say (clip_assets.instance.daemon_logs)."""
     if isinstance(made, dg.SkipReason):
         return made
     if made.data_version == last_observed_version(context.instance, made.asset_key):
-        return dg.SkipReason(f"The {what} is unchanged since it was last observed.")
+        return dg.SensorResult()
     context.log.info(f"{what} changed: data version {made.data_version}")
     return dg.SensorResult(asset_events=[made])
 

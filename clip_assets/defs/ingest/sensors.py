@@ -42,9 +42,9 @@ def image_batch_discovery(context: dg.SensorEvaluationContext, collection: Image
     for batch, reason in found.refused.items():
         context.log.warning(f"Folder {batch!r} under {image_root} is not a batch: {reason}.")
     pending = found.cursor.pending + found.new
-    if not pending:
-        refused = "".join(f" Not a batch: {b!r} ({r})." for b, r in found.refused.items())
-        return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason="No new batch folders." + refused)
+    if not pending:  # an idle tick says nothing (clip_assets.instance.daemon_logs), unless a folder was refused
+        refused = " ".join(f"Not a batch: {b!r} ({r})." for b, r in found.refused.items())
+        return dg.SensorResult(cursor=found.cursor.serialize(), skip_reason=refused or None)
     add = [image_batches.build_add_request(found.new)] if found.new else []
     if context.instance.get_latest_materialization_event(PROMPT_CENTROIDS) is None:
         # run_key: requested once; if it fails (a broken prompt file), the automation sensor builds
