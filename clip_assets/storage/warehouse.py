@@ -5,6 +5,10 @@ lets a file be open in one read-write process or in any number of read-only ones
 connections are opened briefly, both kinds wait (with a bound) for another process's conflicting
 lock to go, and every write replaces whole units (all centroids, or one batch's classifications)
 inside a single transaction: readers never see a half-written batch.
+
+The file is written in DuckDB 1.4's storage format (`STORAGE_VERSION`), which the DuckDB 1.x that
+other tools ship can open, not in DuckDB 2's own; a writer that finds a file in a newer format rewrites
+it once in this one (`_rewrite_in_storage_version`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pyarrow as pa
 
 from clip_assets.classification.centroids import KINDS, CentroidSet
 from clip_assets.config.settings import default
-from clip_assets.storage.atomic_files import disk_full_error, is_out_of_space
+from clip_assets.storage.atomic_files import atomic_write, disk_full_error, is_out_of_space
 from clip_assets.storage.damaged_files import DUCKDB, DamagedFileError, materialize, move_aside
 
 SCHEMA_SQL = """
@@ -221,12 +225,27 @@ def set_aside_damaged(path: Path, damage: DamagedFileError) -> str:
     return warning
 
 
-def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+# The storage format of the files DuckDB creates here: DuckDB 1.4's (its storage version 67), which DuckDB
+# 1.4, 1.5 (the `duckdb` CLI and Python package other tools ship) and 2.x all open. DuckDB 2's own format
+# (its default) is refused by every 1.x ("Trying to read a database file with version number ...");
+# 1.5's (68) by DuckDB 1.4, the long-term-support release. DuckDB keeps a file's format when it opens
+# it, so this applies to new files; `connect` rewrites an older one. docs/data.md says it to users.
+STORAGE_VERSION = "v1.4.0"
+_CONFIG = {"storage_compatibility_version": STORAGE_VERSION}
+# The rewrite's own connection differs from every other one in a setting DuckDB compares: should another
+# connection of this process still hold the file (DuckDB shares one database per path and process),
+# opening it fails at once and the file is left as it is, instead of being replaced under that connection.
+_REWRITE_CONFIG = {**_CONFIG, "checkpoint_threshold": "1GB"}
+# Files whose rewrite failed in this process: not tried again by each of its writers (the next process does).
+_rewrite_failed: set[Path] = set()
+
+
+def _open(path: Path, read_only: bool, wait_s: float, config: dict[str, object] = _CONFIG) -> duckdb.DuckDBPyConnection:
     started = time.monotonic()
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
             message = str(exc)
             version = _STORAGE_VERSION.search(message)
@@ -244,6 +263,98 @@ def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnecti
                 raise WarehouseLockedError(_locked_message(path, read_only, waited, message)) from exc
             time.sleep(min(delay, wait_s - waited))
             delay = min(delay * 2, 1.0)
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    """(2, 0, 0) from DuckDB's storage version tag 'v2.0.0+' (or the setting's 'v1.4.0')."""
+    return tuple(int(part) for part in re.findall(r"\d+", tag)[:3])
+
+
+def file_storage_version(con: duckdb.DuckDBPyConnection) -> str:
+    """The storage format of the connection's file as DuckDB tags it: 'v1.4.0+' (DuckDB 1.4 and later read it)."""
+    rows = con.execute(
+        "SELECT tags['storage_version'] FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchall()
+    return str(rows[0][0]) if rows and rows[0][0] else ""
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _rewrite_in_storage_version(path: Path, wait_s: float) -> None:
+    """Rewrite a file in a storage format newer than STORAGE_VERSION in that one, in place.
+
+    Under the file's write lock: its write-ahead log checkpointed, then every table (rows, defaults,
+    constraints) and view copied into a temp file next to it created in STORAGE_VERSION, which is
+    synced and renamed over the file before the lock is let go; so no writer's rows land in the old
+    file after the copy began, and the old file stays whole until the new one is. A failure (a full
+    disk, another connection of this process holding the file) removes the temp file, leaves the old
+    one as it was (DuckDB 2 reads and writes it as before) and is logged, with the SQL to run by hand.
+    """
+    started = time.monotonic()
+    con = _open(path, False, wait_s, _REWRITE_CONFIG)
+    try:
+        before = file_storage_version(con)
+        if not before or _version(before) <= _version(STORAGE_VERSION):
+            return  # another process rewrote it meanwhile
+        con.execute("SET enable_progress_bar = false")
+        con.execute("CHECKPOINT")
+        source = con.execute("SELECT current_database()").fetchone()[0]
+        target = _quoted("clip_assets_rewrite")
+        with atomic_write(path, durable=True) as tmp:
+            try:
+                con.execute(f"ATTACH {_text(str(tmp))} AS {target} (STORAGE_VERSION {_text(STORAGE_VERSION)})")
+                con.execute(f"COPY FROM DATABASE {_quoted(source)} TO {target}")
+                con.execute(f"DETACH {target}")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute(f"DETACH {target}")
+                raise
+            finally:
+                tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+    finally:
+        con.close()  # after the rename: the old file's lock held until then, and nothing written to it since
+    log.warning(
+        "%s was in DuckDB's storage format %s, which DuckDB 1.x cannot open: rewritten in %s's "
+        "(%.1f MB, %.1f s); DuckDB 1.4 and later read it now",
+        path,
+        before,
+        STORAGE_VERSION,
+        path.stat().st_size / 1e6,
+        time.monotonic() - started,
+    )
+
+
+def _in_storage_version(con: duckdb.DuckDBPyConnection, path: Path, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """A writer's connection to `path`, rewritten first in STORAGE_VERSION if it is in a newer format."""
+    version = file_storage_version(con)
+    if not version or _version(version) <= _version(STORAGE_VERSION) or path in _rewrite_failed:
+        return con
+    con.close()
+    try:
+        _rewrite_in_storage_version(path, wait_s)
+    except (duckdb.Error, OSError) as exc:
+        if isinstance(exc, duckdb.Error) and _is_damage(path, exc):
+            raise
+        _rewrite_failed.add(path)
+        log.warning(
+            "%s stays in DuckDB's storage format %s, which DuckDB 1.x cannot open (this DuckDB reads and "
+            "writes it as before): rewriting it in %s's failed: %s. The next process that writes it tries "
+            "again; by hand, with nothing else holding it: duckdb.connect('%s') then ATTACH 'new.duckdb' "
+            "(STORAGE_VERSION '%s'); COPY FROM DATABASE <its name> TO new; and move new.duckdb over it",
+            path,
+            version,
+            STORAGE_VERSION,
+            exc,
+            path,
+            STORAGE_VERSION,
+        )
+    return _open(path, False, wait_s)
 
 
 # DuckDB keeps the blocks a query read cached up to its memory limit (80% of RAM by default): a pass
@@ -270,7 +381,8 @@ def connect(
 
     While another process holds a lock that conflicts (a writer, for anyone; a reader, for a writer),
     this waits up to `wait_s` seconds (default: `lock_wait_s`, the CLIP_ASSETS_DUCKDB_WAIT_S setting), then raises
-    WarehouseLockedError naming the process. A writer creates the file and the tables if needed. A
+    WarehouseLockedError naming the process. A writer creates the file and the tables if needed, in
+    STORAGE_VERSION's format, and rewrites a file in a newer one in that format first. A
     damaged file, at open or in a query, raises DamagedFileError (clip_assets.storage.damaged_files).
     `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
     database (its block cache included).
@@ -285,6 +397,8 @@ def connect(
     try:
         with _named_if_damaged(path):
             _check_not_cut_short(con, path)
+            if not read_only:
+                con = _in_storage_version(con, path, wait_s)
             if memory_limit is not None:
                 con.execute(f"SET memory_limit = '{memory_limit}'")
             if not read_only:
@@ -366,9 +480,7 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
                 "INSERT INTO prompt_centroids SELECT category, kind, vector, prompt_count, prompt_hash, "
                 "model, prompt_version FROM new_centroids"
             )
-            con.execute(
-                "INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories"
-            )
+            con.execute("INSERT INTO prompt_categories BY NAME SELECT * FROM new_categories")
 
     try:
         write()
@@ -389,9 +501,7 @@ def read_centroids(path: Path) -> CentroidSet:
             "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
             "logit_scale FROM prompt_categories ORDER BY position"
         ).fetchall()
-        rows = con.execute(
-            "SELECT category, kind, vector, prompt_count, prompt_hash FROM prompt_centroids"
-        ).fetchall()
+        rows = con.execute("SELECT category, kind, vector, prompt_count, prompt_hash FROM prompt_centroids").fetchall()
     if not cats:
         raise CentroidsMissingError(
             f"No prompt centroids in {path}: materialize prompt_centroids before image_classifications."
