@@ -124,15 +124,12 @@ class RunningApp:
 
     def __init__(self, sock: socket.socket, app: Starlette):
         self.sock, self.app = sock, app
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{url_host(host)}:{port}"  # still said once the app has stopped
         self.server = uvicorn_server(app)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True, name="clip-assets-app"
         )
-
-    @property
-    def url(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return f"http://{url_host(host)}:{port}"
 
     def start(self, timeout_s: float = 30) -> RunningApp:
         self.thread.start()

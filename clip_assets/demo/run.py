@@ -16,6 +16,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings, env_var
 from clip_assets.definitions import build_definitions
 from clip_assets.defs.asset_keys import IMAGE_EVALUATION, THRESHOLD_CALIBRATION
+from clip_assets.demo.review_loop import review_loop, set_aside_previous_store
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
 from clip_assets.ingest.manifest import list_batches
@@ -101,6 +102,8 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
     labels = write_labelled_sample(images / LABELS_FILE, demo_dir / LABELLED_SAMPLE)
     settings = demo_settings(demo_dir, checkpoint, device, labels)
     write_env_file(demo_dir / "demo.env", settings)
+    if (kept := set_aside_previous_store(DataLayout(settings.data_dir))) is not None:
+        log(f"an earlier demo's review labels are kept as {kept}; this run's person starts afresh")
 
     # The repo's dagster.yaml keeps the instance under .dagster_home/, so `dagster dev` shows these runs.
     os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT))
@@ -129,6 +132,8 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
     f1 = macro_f1(scores)
     log(f"\nmacro F1 of matched labels against the ground truth ({len(truth)} images): {f1:.3f}")
     show_calibration(layout, images / LABELS_FILE, log)
+    with dg.DagsterInstance.get() as instance:  # a person reviews through the app, and the pipeline learns
+        review_loop(settings, defs, instance, batches, truth, [row[0] for row in summary], log)
     # The first text search loads the model and saves its text tower, so the reader's next search starts fast.
     log(f'\nclip-assets search "a red circle" -k 3:\n{format_table(search(settings, text="a red circle", k=3))}\n')
     log(f"DuckDB file: {layout.duckdb_path}")
