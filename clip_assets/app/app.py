@@ -29,9 +29,10 @@ from clip_assets.app.files import ImageFiles
 from clip_assets.app.state import AppState, read_categories
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
-from clip_assets.model.clip_model import import_open_clip, load_clip_model, model_identity
+from clip_assets.model.clip_model import model_identity
 from clip_assets.model.fine_tuned_weights import configured_weights
 from clip_assets.search.exact_search import check_query_model, embedding_files
+from clip_assets.search.query import QueryModel
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -93,7 +94,8 @@ def bind(host: str, port: int) -> socket.socket:
 def open_app(
     settings: Settings, host: str, port: int, clip=None, thumbs_dir: Path | None = None
 ) -> tuple[socket.socket, Starlette]:
-    """The bound socket and the app with the model loaded (or `clip` reused).
+    """The bound socket and the app with the model's text tower loaded (or `clip` reused): the image
+    tower loads with the first image upload (clip_assets.search.query.QueryModel).
 
     A model that could never answer (the embeddings are another model's) is refused before anything
     loads, and the address is taken before the model loads. Thumbnails are cached in `thumbs_dir`
@@ -103,7 +105,7 @@ def open_app(
     sock = bind(host, port)
     try:
         if clip is None:
-            clip = load_clip_model(settings.model, configured_weights(settings), settings.device)
+            clip = QueryModel(settings, identity)
         thumbs_dir = thumbs_dir or Path(tempfile.mkdtemp(prefix="clip-assets-thumbs-"))
         state = AppState(settings, clip, ImageFiles(settings.image_root, thumbs_dir), read_categories(settings))
         return sock, build_app(state)
@@ -164,7 +166,6 @@ def running_app(
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the app until interrupted."""
     started = time.perf_counter()
-    import_open_clip(settings.model, skip_unused_timm=True)  # this process loads one model
     sock, app = open_app(settings, host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     print(

@@ -17,6 +17,7 @@ same picture always come out in the same order.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,6 +147,49 @@ def query_encoder(settings: Settings, layout: DataLayout, identity: str, text_on
     if text_only and clip.identity == identity:
         text_query_encoder.save_text_query_encoder(clip, layout.text_query_encoder_dir)
     return clip
+
+
+class QueryModel:
+    """The model a search process that stays up holds (the app): the text tower alone until an image
+    query needs the image tower.
+
+    Text queries go through the text tower a search saved (clip_assets.search.text_query_encoder:
+    torch and the tower, without open_clip, torchvision or the image tower). Where none was saved yet,
+    the model is loaded once, its text tower saved, and the model let go for the saved tower; where
+    none can be saved (a GPU, another tokenizer), the model stays and answers both. The first image
+    query loads the whole model, once. `identity`: the configured weights' model identity.
+    """
+
+    def __init__(self, settings: Settings, identity: str):
+        from clip_assets.search import text_query_encoder  # deferred: it loads torch
+
+        self.settings, self.identity = settings, identity
+        layout = DataLayout(settings.data_dir)
+        text = query_encoder(settings, layout, identity, text_only=True)
+        if not isinstance(text, text_query_encoder.TextQueryEncoder):  # the model: its text tower was just saved
+            text = text_query_encoder.load_text_query_encoder(layout.text_query_encoder_dir, identity) or text
+        self.text = text
+        self._whole = None if isinstance(text, text_query_encoder.TextQueryEncoder) else text
+        self._loading = threading.Lock()
+
+    @property
+    def image_tower_loaded(self) -> bool:
+        return self._whole is not None
+
+    def whole_model(self) -> ClipModel:
+        with self._loading:
+            if self._whole is None:
+                self._whole = query_encoder(self.settings, DataLayout(self.settings.data_dir), self.identity, False)
+            return self._whole
+
+    def encode_texts(self, texts: list[str]):
+        return self.text.encode_texts(texts)
+
+    def preprocess(self, image: Image.Image):
+        return self.whole_model().preprocess(image)
+
+    def encode_image_tensors(self, pixels):
+        return self.whole_model().encode_image_tensors(pixels)
 
 
 def check_query(text: str | None, image: object, k: int) -> None:
