@@ -123,7 +123,7 @@ def write_classifications(
     centroids = read_centroids(layout.duckdb_path)
     check_same_model(models_in_file(path), centroids.model)
     adapters = adapters_for(layout.adapters_path, centroids)
-    verdicts = batch_verdicts(layout.review_labels_path, layout, batch, centroids.categories)
+    verdicts = batch_verdicts(layout.review_labels_path, batch, centroids.categories)
     figures = ClassificationFigures(centroids)
     with pq.ParquetFile(path) as embeddings:
         record_batches = embeddings.iter_batches(batch_size=rows_per_read, columns=["image_id", "embedding"])

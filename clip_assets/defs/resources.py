@@ -149,7 +149,7 @@ class LabelledSample(dg.ConfigurableResource):
         """The labelled images' stored scores; None while there are no labels at all (NO_LABELS says
         how to give some)."""
         layout = collection.layout
-        labels = combined_labels(self.path, layout.review_labels_path, layout)
+        labels = combined_labels(self.path, layout.review_labels_path)
         return None if labels is None else calibration.load_labelled_scores(layout, labels)
 
 

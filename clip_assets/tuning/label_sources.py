@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_id_for
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.storage.warehouse import scratch
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
@@ -36,24 +36,17 @@ from clip_assets.tuning.review_labels import (
 )
 
 
-def batch_verdicts(store: Path, layout: DataLayout, batch: str, categories: list[str]) -> dict[str, dict[int, bool]]:
+def batch_verdicts(store: Path, batch: str, categories: list[str]) -> dict[str, dict[int, bool]]:
     """A person's yes (True) or no (False) per image of `batch`, by image_id and category column (in
-    `categories`' order): what classification applies over the scores. A verdict on a path the
-    batch's manifest no longer lists, or on a category no prompt file defines, is kept in the store
-    and applied to nothing."""
-    current = [r for r in current_verdicts(store, batch=batch).values() if r.verdict in (YES, NO)]
-    manifest = layout.manifest_path(batch)
-    if not current or not manifest.is_file():
-        return {}
+    `categories`' order): what classification applies over the scores. An image id is a hash of the
+    path (clip_assets.ingest.manifest.image_id_for), so a verdict on a file that is gone names no
+    classified image; it stays in the store and is applied to nothing, as is one on a category no
+    prompt file defines."""
     column = {name: j for j, name in enumerate(categories)}
-    found = pq.read_table(
-        manifest, columns=["image_id", "path"], filters=[("path", "in", sorted({r.path for r in current}))]
-    )
-    image_id = dict(zip(found["path"].to_pylist(), found["image_id"].to_pylist()))
     verdicts: dict[str, dict[int, bool]] = {}
-    for r in current:
-        if r.path in image_id and r.category in column:
-            verdicts.setdefault(image_id[r.path], {})[column[r.category]] = r.verdict == YES
+    for r in current_verdicts(store, batch=batch).values():
+        if r.verdict in (YES, NO) and r.category in column:
+            verdicts.setdefault(image_id_for(r.path), {})[column[r.category]] = r.verdict == YES
     return verdicts
 
 
@@ -137,22 +130,20 @@ def manifest_column(layout: DataLayout, by: str, want: str, keys: list[str]) -> 
     return dict(rows)
 
 
-def combined_labels(labels_path: Path | None, store: Path, layout: DataLayout) -> LabelRows | None:
+def combined_labels(labels_path: Path | None, store: Path) -> LabelRows | None:
     """The labels file (CLIP_ASSETS_LABELS) and the store's verdicts as one set of labels; None when
     neither has any. Where both judge an image on a category, the store wins (it is the later, more
     deliberate word: a person looking at that image for that category). An image only the store
-    judged is judged on its verdicts' categories alone. Keyed as the file is (by path without one);
-    a stored path in no manifest keeps its path as key, so it matches nothing and is reported as a
-    label without classifications, never applied to another image."""
+    judged is judged on its verdicts' categories alone. Keyed as the file is (by path without one; a
+    path's image id is a hash of it, so a file that is gone matches nothing and is reported as a
+    label without classifications, never applied to another image)."""
     stored = review_label_rows(store) if Path(store).is_file() else LabelRows("path", {})
     if labels_path is None:
         return stored if stored.labels else None
     from_file = read_labels_file(labels_path)
     if not stored.labels:
         return from_file
-    key_of = {p: p for p in stored.labels}
-    if from_file.key == "image_id":
-        key_of |= manifest_column(layout, "path", "image_id", list(stored.labels))
+    key_of = {p: image_id_for(p) if from_file.key == "image_id" else p for p in stored.labels}
     labels = {k: set(v) for k, v in from_file.labels.items()}
     judged = {k: set(v) for k, v in from_file.judged.items()}
     for path, shows in stored.labels.items():

@@ -29,6 +29,7 @@ from statistics import NormalDist
 import pyarrow as pa
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_id_for
 from clip_assets.storage.warehouse import connect
 from clip_assets.tuning.review_labels import ESTIMATE, NO, YES, current_verdicts
 
@@ -209,13 +210,13 @@ def estimate_from_counts(
 
 
 def estimate_labels(layout: DataLayout) -> pa.Table:
-    """The estimate queue's current yes/no labels: path, category, yes."""
+    """The estimate queue's current yes/no labels: image_id (a hash of the path), category, yes."""
     current = [
         r for r in current_verdicts(layout.review_labels_path, queues=[ESTIMATE]).values() if r.verdict in (YES, NO)
     ]
     return pa.table(
         {
-            "path": pa.array([r.path for r in current], pa.string()),
+            "image_id": pa.array([image_id_for(r.path) for r in current], pa.string()),
             "category": pa.array([r.category for r in current], pa.string()),
             "yes": pa.array([r.verdict == YES for r in current], pa.bool_()),
         }
@@ -230,30 +231,21 @@ def estimate_precision(
     an image or category no longer classified are left out (the store keeps them)."""
     if not layout.duckdb_path.is_file():
         return []
-    labels = estimate_labels(layout)
-    manifests = list(layout.manifest_dir.glob("*.parquet")) if layout.manifest_dir.is_dir() else []
+    decided = "coalesce(c.model_matched, c.matched)"
     with connect(layout.duckdb_path, read_only=True) as con:
-        con.register("labels", labels)
-        decided = "coalesce(c.model_matched, c.matched)"
+        con.register("labels", estimate_labels(layout))
         sides = con.execute(f"""
             SELECT c.category, count(*) FILTER (WHERE {decided}), count(*) FILTER (WHERE NOT {decided})
             FROM image_classifications c JOIN prompt_categories p USING (category)
             GROUP BY c.category, p.position ORDER BY p.position""").fetchall()
-        labelled = {}
-        if labels.num_rows and manifests:
-            labelled = {
-                row[0]: row[1:]
-                for row in con.execute(
-                    f"""
-                WITH m AS (SELECT image_id, path FROM read_parquet(?))
+        labelled = {
+            row[0]: row[1:]
+            for row in con.execute(f"""
                 SELECT l.category, count(*) FILTER (WHERE {decided}), count(*) FILTER (WHERE {decided} AND l.yes),
                        count(*) FILTER (WHERE NOT {decided}), count(*) FILTER (WHERE NOT {decided} AND l.yes)
-                FROM labels l JOIN m USING (path) JOIN image_classifications c
-                     ON c.image_id = m.image_id AND c.category = l.category
-                GROUP BY l.category""",
-                    [layout.manifests_glob],
-                ).fetchall()
-            }
+                FROM labels l JOIN image_classifications c USING (image_id, category)
+                GROUP BY l.category""").fetchall()
+        }
     wanted = None if categories is None else set(categories)
     estimates = []
     for category, matches, non_matches in sides:

@@ -15,7 +15,9 @@
   single_label one probability - threshold. It leaves out every image already judged on the category
   (in any queue, skips included).
 
-Both read the DuckDB file read-only and the manifests (for the paths), and the labels store.
+Both read the DuckDB file read-only, the labels store, and the few manifest rows of the images they
+return (for their paths; an image id is a hash of its path, so the labelled images are left out
+without reading the manifests).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_id_for, image_paths
 from clip_assets.storage.warehouse import connect
 from clip_assets.tuning.review_labels import ESTIMATE, current_verdicts
 
@@ -51,34 +54,30 @@ class QueueItem:
 
 
 _ROWS = """
-WITH c AS (
-    SELECT image_id, batch, matched, coalesce(model_matched, matched) AS model_matched,
-           coalesce(rule_matched, model_matched, matched) AS rule_matched, coalesce(decided_by, 'rule') AS decided_by,
-           CASE WHEN mode = 'single_label' THEN probability ELSE score END::DOUBLE AS value, threshold,
-           CASE WHEN mode = 'single_label' THEN probability - threshold
-                ELSE least(score - threshold, (pos_sim - neutral_sim) - neutral_margin) END::DOUBLE AS margin,
-           model, prompt_version
-    FROM image_classifications WHERE category = $category
-), m AS (
-    SELECT image_id, any_value(path) AS path FROM read_parquet($manifests) GROUP BY image_id
-)
-SELECT c.image_id, c.batch, m.path, $category AS category, c.matched, c.model_matched, c.rule_matched, c.decided_by,
-       c.value, c.threshold, c.margin, c.model, c.prompt_version
-FROM c JOIN m USING (image_id)
-WHERE m.path NOT IN (SELECT path FROM labelled)
+SELECT image_id, batch, matched, coalesce(model_matched, matched) AS model_matched,
+       coalesce(rule_matched, model_matched, matched) AS rule_matched, coalesce(decided_by, 'rule') AS decided_by,
+       CASE WHEN mode = 'single_label' THEN probability ELSE score END::DOUBLE AS value, threshold,
+       CASE WHEN mode = 'single_label' THEN probability - threshold
+            ELSE least(score - threshold, (pos_sim - neutral_sim) - neutral_margin) END::DOUBLE AS margin,
+       model, prompt_version
+FROM image_classifications
+WHERE category = $category AND image_id NOT IN (SELECT image_id FROM labelled)
 """
 
 
-def _queue(layout: DataLayout, category: str, labelled: set[str], order: str, limit: int, **params) -> list[QueueItem]:
-    if not layout.duckdb_path.is_file() or not any(layout.manifest_dir.glob("*.parquet")):
+def _queue(layout: DataLayout, category: str, labelled: set[str], query: str, limit: int, **params) -> list[QueueItem]:
+    """The rows `query` picks from the category's classifications ({rows}), without the `labelled`
+    paths, with their paths from the manifests (only those rows of them are read)."""
+    if not layout.duckdb_path.is_file():
         return []
     with connect(layout.duckdb_path, read_only=True) as con:
-        con.register("labelled", pa.table({"path": pa.array(sorted(labelled), pa.string())}))
-        rows = con.execute(
-            f"SELECT * FROM ({_ROWS}) {order} LIMIT $limit",
-            {"category": category, "manifests": layout.manifests_glob, "limit": limit, **params},
-        ).fetchall()
-    return [QueueItem(*row) for row in rows]
+        con.register("labelled", pa.table({"image_id": pa.array(sorted(map(image_id_for, labelled)), pa.string())}))
+        rows = con.execute(query.format(rows=_ROWS), {"category": category, "limit": limit, **params}).fetchall()
+    by_batch: dict[str, list[str]] = {}
+    for row in rows:
+        by_batch.setdefault(row[1], []).append(row[0])
+    paths = image_paths(layout, by_batch)
+    return [QueueItem(i, batch, paths[i], category, *rest) for i, batch, *rest in rows if i in paths]
 
 
 def estimate_queue(layout: DataLayout, category: str, limit: int = DEFAULT_LIMIT, seed: int = 0) -> list[QueueItem]:
@@ -86,14 +85,24 @@ def estimate_queue(layout: DataLayout, category: str, limit: int = DEFAULT_LIMIT
     each side in the order of a hash of (`seed`, category, image id), without the images labelled
     in the estimate queue already. The same on every call until a label changes it."""
     labelled = {path for path, _ in current_verdicts(layout.review_labels_path, category, queues=[ESTIMATE])}
-    order = """QUALIFY true ORDER BY row_number() OVER (PARTITION BY model_matched ORDER BY md5($salt || image_id)),
-               model_matched DESC"""
-    return _queue(layout, category, labelled, order, limit, salt=f"{seed}:{category}:")
+    # the first `limit` of each side (a top-n over two columns, not a sort of the whole category), then
+    # one of each in turn; the rows' other columns are read for those alone
+    query = """
+        WITH c AS MATERIALIZED (
+            SELECT image_id, coalesce(model_matched, matched) AS side, hash($salt || image_id) AS place
+            FROM image_classifications WHERE category = $category AND image_id NOT IN (SELECT image_id FROM labelled)
+        ), picked AS (
+            SELECT image_id, side, row_number() OVER (PARTITION BY side ORDER BY place) AS turn FROM (
+                (SELECT * FROM c WHERE side ORDER BY place LIMIT $limit)
+                UNION ALL (SELECT * FROM c WHERE NOT side ORDER BY place LIMIT $limit))
+        )
+        SELECT r.* FROM ({rows}) r JOIN picked p USING (image_id) ORDER BY p.turn, p.side DESC LIMIT $limit"""
+    return _queue(layout, category, labelled, query, limit, salt=f"{seed}:{category}:")
 
 
 def improve_queue(layout: DataLayout, category: str, limit: int = DEFAULT_LIMIT) -> list[QueueItem]:
     """The `limit` images of the category whose decision is least certain, not judged on it yet:
     where the rule and the adapter disagree first, then nearest the threshold or the neutral margin."""
     labelled = {path for path, _ in current_verdicts(layout.review_labels_path, category)}
-    order = "ORDER BY rule_matched != model_matched DESC, abs(margin) ASC NULLS LAST, image_id"
-    return _queue(layout, category, labelled, order, limit)
+    query = "{rows} ORDER BY rule_matched != model_matched DESC, abs(margin) ASC NULLS LAST, image_id LIMIT $limit"
+    return _queue(layout, category, labelled, query, limit)

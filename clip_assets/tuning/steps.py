@@ -37,7 +37,7 @@ def write_adapters(layout: DataLayout, labels_path: Path | None, shots: int | No
     it; without labels, remove any stored adapters so classification is zero-shot. Bad labels raise
     before the stored adapters are touched."""
     store = layout.review_labels_path
-    labels = combined_labels(labels_path, store, layout)
+    labels = combined_labels(labels_path, store)
     if labels is None:
         remove_adapters(layout.adapters_path)
         return AdapterSummary(NO_ADAPTER)

@@ -9,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_id_for
 from clip_assets.tuning.label_sources import combined_labels, export_labels, import_labels
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
 from clip_assets.tuning.review_labels import (
@@ -189,13 +190,25 @@ def test_the_store_and_the_labels_file_combine_and_the_store_wins(tmp_path):
     layout = DataLayout(tmp_path / "data")
     labels = write_labels_file(LabelRows("path", {"b/1.jpg": {"cat"}, "b/2.jpg": set()}), tmp_path / "labels.csv")
     store = layout.review_labels_path
-    assert combined_labels(None, store, layout) is None
-    assert combined_labels(labels, store, layout) == read_labels_file(labels)
+    assert combined_labels(None, store) is None
+    assert combined_labels(labels, store) == read_labels_file(labels)
     record_verdict(store, "b/1.jpg", "cat", "no", "improve")  # the file says cat: the person now says not
     record_verdict(store, "b/2.jpg", "dog", "yes", "improve")
     record_verdict(store, "b/3.jpg", "dog", "yes", "estimate")  # only in the store: judged on dog alone
-    both = combined_labels(labels, store, layout)
+    both = combined_labels(labels, store)
     assert both.labels == {"b/1.jpg": set(), "b/2.jpg": {"dog"}, "b/3.jpg": {"dog"}}
     assert both.judged == {"b/3.jpg": {"dog"}}  # the file's images stay judged on every category
     assert both.is_judged("b/1.jpg", "bird") and not both.is_judged("b/3.jpg", "cat")
-    assert combined_labels(None, store, layout).judged == {"b/1.jpg": {"cat"}, "b/2.jpg": {"dog"}, "b/3.jpg": {"dog"}}
+    assert combined_labels(None, store).judged == {"b/1.jpg": {"cat"}, "b/2.jpg": {"dog"}, "b/3.jpg": {"dog"}}
+
+
+def test_a_labels_file_by_image_id_meets_the_stores_verdicts_on_the_same_images(tmp_path):
+    store = tmp_path / "s.sqlite"
+    by_id = LabelRows("image_id", {image_id_for("b/1.jpg"): {"cat"}})
+    labels = write_labels_file(by_id, tmp_path / "labels.parquet")
+    record_verdict(store, "b/1.jpg", "cat", "no", "improve")  # the same image: the store wins
+    record_verdict(store, "b/2.jpg", "dog", "yes", "estimate")
+    both = combined_labels(labels, store)
+    assert both.key == "image_id"
+    assert both.labels == {image_id_for("b/1.jpg"): set(), image_id_for("b/2.jpg"): {"dog"}}
+    assert both.judged == {image_id_for("b/2.jpg"): {"dog"}}

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from clip_assets.config.layout import DataLayout
+from clip_assets.ingest.manifest import image_id_for
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.storage.warehouse import connect
 from clip_assets.tuning.precision_estimate import (
@@ -19,12 +20,17 @@ from clip_assets.tuning.review_queues import estimate_queue, improve_queue
 IMAGES = 200
 
 
+def paths_in_order() -> list[str]:
+    return [f"b/{i:03d}.jpg" for i in range(IMAGES)]
+
+
 def scored_collection(tmp_path, disagree: tuple[int, ...] = ()) -> DataLayout:
     """One multi_label category, 'cat', threshold 0: image i scores (i - 100) / 100, so the 100 images
     from 100 up are matched; no neutral condition. `disagree`: images the zero-shot rule decided the
     other way (as if an adapter had changed their decision)."""
     layout = DataLayout(tmp_path / "data")
-    ids = [f"id{i:03d}" for i in range(IMAGES)]
+    paths = paths_in_order()
+    ids = [image_id_for(p) for p in paths]  # as the manifest names them
     score = (np.arange(IMAGES) - 100) / 100
     matched = score >= 0
     rule = matched.copy()
@@ -57,9 +63,7 @@ def scored_collection(tmp_path, disagree: tuple[int, ...] = ()) -> DataLayout:
             ),
         )
         con.execute("INSERT INTO image_classifications BY NAME SELECT * FROM rows")
-    write_parquet_atomically(
-        pa.table({"image_id": ids, "path": [f"b/{i}.jpg" for i in ids]}), layout.manifest_path("b")
-    )
+    write_parquet_atomically(pa.table({"image_id": ids, "path": paths}), layout.manifest_path("b"))
     return layout
 
 
@@ -68,7 +72,8 @@ def test_the_estimate_queue_alternates_uniform_samples_of_matches_and_non_matche
     queue = estimate_queue(layout, "cat", limit=IMAGES)
     assert queue == estimate_queue(layout, "cat", limit=IMAGES)  # another request, another tab: the same order
     assert [q.model_matched for q in queue] == [True, False] * (IMAGES // 2)
-    assert sorted(q.image_id for q in queue) == [f"id{i:03d}" for i in range(IMAGES)]
+    assert sorted(q.path for q in queue) == paths_in_order()
+    assert all(q.image_id == image_id_for(q.path) for q in queue)
     assert estimate_queue(layout, "cat", limit=10, seed=1) != queue[:10]
     # uniform: over many seeds, the first ten matches are as far from the threshold as matches are on
     # average (0.495), not near it as the improve queue's are
@@ -99,8 +104,9 @@ def test_labelled_images_leave_the_queues_they_were_labelled_for(tmp_path):
 def test_the_improve_queue_asks_first_where_rule_and_adapter_disagree_then_nearest_the_threshold(tmp_path):
     layout = scored_collection(tmp_path, disagree=(10,))
     queue = improve_queue(layout, "cat", limit=5)
-    assert queue[0].image_id == "id010" and queue[0].rule_matched != queue[0].model_matched
-    assert [q.image_id for q in queue[1:]] == ["id100", "id099", "id101", "id098"]  # |score| 0, .01, .01, .02
+    assert queue[0].path == "b/010.jpg" and queue[0].rule_matched != queue[0].model_matched
+    assert queue[1].path == "b/100.jpg"  # |score| 0, then .01 (99 and 101), then .02 (98 and 102)
+    assert {q.path for q in queue[2:4]} == {"b/099.jpg", "b/101.jpg"} and queue[4].path in {"b/098.jpg", "b/102.jpg"}
     assert [round(abs(q.margin), 6) for q in queue[1:]] == [0.0, 0.01, 0.01, 0.02]
 
 
