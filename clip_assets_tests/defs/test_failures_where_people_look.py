@@ -5,6 +5,7 @@ Dagster instance in a temp dir."""
 from __future__ import annotations
 
 import importlib
+import logging
 
 import dagster as dg
 import pytest
@@ -52,6 +53,9 @@ def test_a_misspelt_field_fails_the_run_with_one_line_the_file_the_field_and_the
     assert failure.error.cause is None and failure.error.context is None
     assert failure.error.message.strip().endswith("did you mean 'positive'?")
     assert "\n" not in failure.error.message.strip()
+    # the trace is kept, in the run's debug log
+    traces = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.DEBUG]
+    assert any("Traceback" in t and "PromptFileError" in t for t in traces)
 
 
 def test_missing_weights_say_what_to_set(settings, instance, tmp_path):
