@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from clip_assets.errors import is_project_error
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
@@ -73,11 +75,6 @@ def run() -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def is_project_error(exc: BaseException) -> bool:
-    """Raised on purpose by this project, with a message for the user (not a bug's traceback)."""
-    return type(exc).__module__.split(".")[0] == "clip_assets"
 
 
 def build_parser() -> argparse.ArgumentParser:

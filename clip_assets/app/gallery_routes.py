@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from clip_assets.app.state import app_state, page
 from clip_assets.app.templating import thumb_url
-from clip_assets.cli import is_project_error
+from clip_assets.errors import is_project_error
 from clip_assets.pages.gallery import duplicate_groups, gallery_sections
 
 log = logging.getLogger(__name__)

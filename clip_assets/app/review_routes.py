@@ -29,7 +29,7 @@ from clip_assets.app.files import REVIEW_THUMBNAIL_PX
 from clip_assets.app.state import AppState, app_state, page, read_categories, templates
 from clip_assets.app.templating import thumb_url
 from clip_assets.app.uploads import UploadRefused, declared_length
-from clip_assets.cli import is_project_error
+from clip_assets.errors import is_project_error
 from clip_assets.tuning import review_labels
 from clip_assets.tuning.precision_estimate import CategoryEstimate, estimate_precision
 from clip_assets.tuning.review_labels import ESTIMATE, IMPROVE, ReviewLabelsError

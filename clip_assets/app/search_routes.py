@@ -24,7 +24,7 @@ from clip_assets.app.files import SEARCH_THUMBNAIL_PX, THUMBNAIL_SIZES
 from clip_assets.app.state import AppState, app_state, page
 from clip_assets.app.templating import thumb_url
 from clip_assets.app.uploads import UploadRefused, read_upload
-from clip_assets.cli import is_project_error
+from clip_assets.errors import is_project_error
 from clip_assets.search.query import SearchHit, decode_query_image, search
 
 log = logging.getLogger(__name__)
