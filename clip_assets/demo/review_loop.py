@@ -32,6 +32,7 @@ from clip_assets.defs.asset_keys import (
     THRESHOLD_CALIBRATION,
 )
 from clip_assets.defs.tuning.labels import REVIEW_LABELS_OBSERVATION_SENSOR
+from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.instance.execution import materialize, observe
 from clip_assets.storage.warehouse import connect
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1, score_labels
@@ -93,7 +94,7 @@ def decisions(layout: DataLayout, person_included: bool) -> dict[str, set[str]]:
         rows = con.execute(
             f"SELECT m.path, list(c.category) FILTER (WHERE {column}) "
             "FROM image_classifications c JOIN read_parquet(?) m USING (image_id) GROUP BY m.path",
-            [layout.manifests_glob],
+            [readable_manifests(layout)],  # a damaged manifest leaves its batch out, with a warning
         ).fetchall()
     return {path: set(cats or []) for path, cats in rows}
 

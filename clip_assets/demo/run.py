@@ -16,7 +16,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT, Settings, env_var
 from clip_assets.definitions import build_definitions
 from clip_assets.defs.asset_keys import IMAGE_EVALUATION, THRESHOLD_CALIBRATION
-from clip_assets.demo.review_loop import review_loop, set_aside_previous_store
+from clip_assets.demo.review_loop import decisions, review_loop, set_aside_previous_store
 from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
 from clip_assets.ingest.manifest import list_batches
@@ -60,13 +60,7 @@ def write_env_file(path: Path, settings: Settings) -> None:
 
 def matched_labels(layout: DataLayout) -> dict[str, set[str]]:
     """Matched categories per image path, read back from DuckDB and the manifests."""
-    with connect(layout.duckdb_path, read_only=True) as con:
-        rows = con.execute(
-            "SELECT m.path, list(c.category) FILTER (WHERE c.matched) "
-            "FROM image_classifications c JOIN read_parquet(?) m USING (image_id) GROUP BY m.path",
-            [layout.manifests_glob],
-        ).fetchall()
-    return {path: set(cats or []) for path, cats in rows}
+    return decisions(layout, person_included=True)
 
 
 def category_summary(layout: DataLayout) -> list[tuple]:

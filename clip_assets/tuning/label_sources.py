@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from clip_assets.config.layout import DataLayout
-from clip_assets.ingest.manifest import image_id_for
+from clip_assets.ingest.manifest import image_id_for, readable_manifests
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
 from clip_assets.storage.warehouse import scratch
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
@@ -125,7 +125,7 @@ def manifest_column(layout: DataLayout, by: str, want: str, keys: list[str]) -> 
         con.register("wanted", pa.table({"key": keys}))
         rows = con.execute(
             f"SELECT m.{by}, any_value(m.{want}) FROM read_parquet(?) m JOIN wanted w ON w.key = m.{by} GROUP BY m.{by}",
-            [layout.manifests_glob],
+            [readable_manifests(layout)],  # a damaged manifest leaves its batch out, with a warning
         ).fetchall()
     return dict(rows)
 
