@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"search": run_search, "serve": run_serve, "calibrate": run_calibrate, "adapt": run_adapt,
-                "fine-tune": run_fine_tune, "demo": run_demo}
+                "fine-tune": run_fine_tune, "demo": run_demo, "duplicates": run_duplicates}
     try:
         return commands[args.command](args)
     except UsageError as exc:
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_adapt_parser(sub)
     add_fine_tune_parser(sub)
+    add_duplicates_parser(sub)
     return parser
 
 
@@ -212,6 +213,47 @@ def format_timings(imported_at: float, timings: dict[str, float]) -> str:
     if age is not None:
         parts.append(f"total {age:.2f} s")
     return "timings: " + ", ".join(parts)
+
+
+# --- duplicates -----------------------------------------------------------------------------------
+
+
+def add_duplicates_parser(sub) -> None:
+    p = sub.add_parser(
+        "duplicates",
+        help="the files a person's choices on the near-duplicate page leave to delete or move (nothing is deleted)",
+    )
+    p.add_argument("action", choices=["export"], help="export: write the list of files to remove, as CSV")
+    p.add_argument("--out", type=Path, help="the CSV file to write (default: standard output)")
+    p.add_argument("--tiers", default="exact,copy",
+                   help="tiers whose choices count, comma-separated: exact, copy, look-alike (default exact,copy)")
+
+
+def run_duplicates(args) -> int:
+    from clip_assets.config.layout import DataLayout
+    from clip_assets.search.duplicate_choices import files_to_remove, removal_tiers, removals_csv
+    from clip_assets.storage.atomic_files import write_text_atomically
+    from clip_assets.storage.warehouse import read_duplicate_groups
+
+    try:
+        tiers = removal_tiers(args.tiers)
+    except ValueError as exc:
+        raise UsageError(f"clip-assets duplicates: --tiers: {exc}") from None
+    layout = DataLayout(load_settings().data_dir)
+    if not layout.duckdb_path.is_file():
+        raise UsageError("clip-assets duplicates: no near-duplicate groups yet: materialize near_duplicates first")
+    found = files_to_remove(layout.duplicate_choices_path, read_duplicate_groups(layout.duckdb_path, 10**9, tiers),
+                            tiers)
+    text = removals_csv(found)
+    if args.out:
+        write_text_atomically(text, args.out)
+    else:
+        sys.stdout.write(text)
+    print(f"{len(found.rows)} files to delete or move, from the choices on {found.groups_chosen} groups "
+          f"({', '.join(tiers)})" + (f"; {found.stale_choices} choices name a group that is gone or changed"
+                                      if found.stale_choices else "") + (f": {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0
 
 
 # --- serve ----------------------------------------------------------------------------------------

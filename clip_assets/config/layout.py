@@ -110,6 +110,16 @@ class DataLayout:
         """Near-duplicate pairs found by querying this batch's images against the whole index."""
         return self.duplicate_pairs_dir / f"{batch_stem(batch)}.parquet"
 
+    @property
+    def copy_threshold_path(self) -> Path:
+        """The copy threshold learnt for the collection's model (clip_assets.search.copy_threshold)."""
+        return self.data_dir / "near_duplicates" / "copy_threshold.json"
+
+    @property
+    def duplicate_choices_path(self) -> Path:
+        """Which file of each duplicate group a person keeps (clip_assets.search.duplicate_choices): a SQLite file."""
+        return self.data_dir / "labels" / "duplicate_choices.sqlite"
+
     def duplicates_page_dir(self, run_id: str) -> Path:
         return self.data_dir / "gallery" / "near_duplicates" / run_id
 

@@ -137,7 +137,21 @@ class Settings(BaseSettings):
     )
     ann_nprobe: int = Field(default=128, ge=1, description="inverted lists of the index codec a search probes")
     duplicate_threshold: float = Field(
-        default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are near-duplicates"
+        default=0.95, gt=0, le=1, description="cosine similarity at or above which two images are look-alikes "
+        "(similar pictures, the near-duplicate groups' last tier, not shown unless asked for)",
+    )
+    copy_threshold: float | None = Field(
+        default=None, gt=0, le=1, description="cosine similarity at or above which two images whose perceptual "
+        "hashes agree are copies of one picture (re-encoded, resized, slightly cropped or recoloured); unset: learnt "
+        "for the model from the collection's own images by the `copy_threshold` asset",
+    )
+    copy_precision: float = Field(
+        default=0.99, gt=0, lt=1, description="the precision the learnt copy threshold keeps on copies made of a "
+        "sample of the collection's images, against each image's nearest other images",
+    )
+    copy_hash_distance: int = Field(
+        default=16, ge=0, le=64, description="the most bits (of 64) in which the perceptual hashes of two copies "
+        "may differ; two different pictures differ in about 32",
     )
 
     @field_validator("fine_tune_wise_alpha", mode="before")

@@ -25,6 +25,7 @@ FINE_TUNED_MODEL = dg.AssetKey("fine_tuned_model")
 IMAGE_EVALUATION = dg.AssetKey("image_evaluation")
 THRESHOLD_CALIBRATION = dg.AssetKey("threshold_calibration")
 CLASSIFICATION_GALLERY = dg.AssetKey("classification_gallery")
+COPY_THRESHOLD = dg.AssetKey("copy_threshold")
 NEAR_DUPLICATES = dg.AssetKey("near_duplicates")
 
 # A batch's three steps in order: listed, encoded, classified.

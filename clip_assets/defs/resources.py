@@ -43,7 +43,10 @@ class ImageCollection(dg.ConfigurableResource):
     prompts_dir: str
     data_dir: str
     max_failure_share: float  # the failure-rate check warns above this share of a batch
-    duplicate_threshold: float  # cosine similarity for near_duplicates
+    duplicate_threshold: float  # cosine similarity of look-alikes, for near_duplicates
+    copy_threshold: float | None  # cosine similarity of copies set by hand; None: learnt (copy_threshold)
+    copy_precision: float  # what the learnt copy threshold keeps
+    copy_hash_distance: int  # bits in which two copies' perceptual hashes may differ
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ImageCollection":

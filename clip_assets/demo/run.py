@@ -21,8 +21,9 @@ from clip_assets.demo.shapes import LABELS_FILE, read_labels, write_collection
 from clip_assets.demo.train import DEMO_MODEL, checkpoint_path, train_tiny_clip, training_recipe
 from clip_assets.ingest.manifest import list_batches
 from clip_assets.instance.execution import materialize, materialize_everything
+from clip_assets.search.copy_threshold import CopyThreshold
 from clip_assets.search.query import format_table, search
-from clip_assets.storage.warehouse import connect
+from clip_assets.storage.warehouse import connect, read_duplicate_groups
 from clip_assets.tuning.calibration import CalibrationReport, calibrate, load_labelled_scores, stable_fraction
 from clip_assets.tuning.evaluation import macro_f1, score_labels
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
@@ -30,6 +31,7 @@ from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_la
 DEMO_DIR = REPO_ROOT / ".demo"
 LABELLED_SAMPLE = "labelled_sample.csv"  # the labels file the demo's pipeline reads (CLIP_ASSETS_LABELS)
 LABELLED_SHARE = 1 / 6  # of the demo's images: 60 of 360, as a person would label a sample
+DEMO_COPIES = 6  # real copies of its own images (clip_assets.demo.shapes.write_copies), one of each kind
 
 
 def demo_settings(demo_dir: Path, checkpoint: Path, device: str | None = None,
@@ -75,6 +77,23 @@ def category_summary(layout: DataLayout) -> list[tuple]:
         ).fetchall()
 
 
+def show_duplicates(layout: DataLayout, log=print) -> dict[str, list[list[str]]]:
+    """The near-duplicate groups per tier as DuckDB holds them (paths, first image first), printed."""
+    tiers: dict[str, dict[str, list[str]]] = {}
+    for row in read_duplicate_groups(layout.duckdb_path, 10_000):
+        tiers.setdefault(row["tier"], {}).setdefault(row["group_id"], []).append(row["path"])
+    learnt = CopyThreshold.load(layout.copy_threshold_path)
+    if learnt is not None and learnt.threshold is not None:
+        log(f"\nnear-duplicates: copy threshold {learnt.threshold:.4f} learnt for {learnt.model} (held-out precision "
+            f"{learnt.heldout_precision:.3f}, recall {learnt.heldout_recall:.3f})")
+    for tier in ("exact", "copy", "look-alike"):
+        groups = list(tiers.get(tier, {}).values())
+        log(f"{tier}: {len(groups)} groups, {sum(len(g) for g in groups)} images")
+        for g in groups[: 10 if tier == "look-alike" else len(groups)]:
+            log("  " + " = ".join(g))
+    return {tier: list(groups.values()) for tier, groups in tiers.items()}
+
+
 def show_calibration(layout: DataLayout, labels: Path, log=print) -> CalibrationReport:
     """Calibrate on half the labelled images, score before/after on the other half (not written)."""
     report = calibrate(load_labelled_scores(layout, read_labels_file(labels)))
@@ -90,7 +109,7 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
     started = time.monotonic()
     images = demo_dir / "images"
     if not (images / LABELS_FILE).is_file():
-        write_collection(images)
+        write_collection(images, copies=DEMO_COPIES)
         log(f"generated the demo collection under {images}")
     checkpoint = train_tiny_clip(checkpoint_path(demo_dir / "checkpoints", training_recipe()), training_recipe(), log=log)
     labels = write_labelled_sample(images / LABELS_FILE, demo_dir / LABELLED_SAMPLE)
@@ -126,6 +145,7 @@ def run_demo(demo_dir: Path = DEMO_DIR, log=print, device: str | None = None) ->
     f1 = macro_f1(scores)
     log(f"\nmacro F1 of matched labels against the ground truth ({len(truth)} images): {f1:.3f}")
     show_calibration(layout, images / LABELS_FILE, log)
+    show_duplicates(layout, log)
     with dg.DagsterInstance.get() as instance:  # a person reviews through the app, and the pipeline learns
         review_loop(settings, defs, instance, batches, truth, [row[0] for row in summary], log)
     # The first text search loads the model and saves its text tower, so the reader's next search starts fast.

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -130,11 +130,12 @@ def make_sample(rng: random.Random, size: tuple[int, int] = (96, 96)) -> Sample:
 LABELS_FILE = "labels.csv"
 
 
-def write_collection(root: Path, batches: int = 3, per_batch: int = 120, seed: int = 0) -> Path:
+def write_collection(root: Path, batches: int = 3, per_batch: int = 120, seed: int = 0, copies: int = 0) -> Path:
     """Write `batches` folders of images under root, plus labels.csv (path, caption, labels).
 
     Sizes and formats vary (square and 4:3, JPEG and PNG), and the last batch carries two files that
-    are not images, so the run shows how unusable files are recorded.
+    are not images, so the run shows how unusable files are recorded, and `copies` real copies of the
+    first batch's images (write_copies), so the near-duplicate page has copies to show.
     """
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,7 @@ def write_collection(root: Path, batches: int = 3, per_batch: int = 120, seed: i
                 sample.image.save(batch_dir / name, quality=90)
             rows.append((f"{batch_dir.name}/{name}", sample.caption(), ";".join(sample.labels)))
     last = root / f"batch-{batches:03d}"
+    rows += write_copies(root, rows, last, copies)
     (last / "broken-empty.jpg").write_bytes(b"")
     (last / "notes-not-an-image.png").write_text("this file has an image extension but holds text\n")
     with open(root / LABELS_FILE, "w", newline="") as f:
@@ -160,6 +162,40 @@ def write_collection(root: Path, batches: int = 3, per_batch: int = 120, seed: i
         writer.writerow(["path", "caption", "labels"])
         writer.writerows(rows)
     return root / LABELS_FILE
+
+
+COPY_KINDS = ("reencoded", "resized", "cropped", "recoloured", "png", "same-bytes")
+
+
+def write_copies(root: Path, rows: list[tuple[str, str, str]], folder: Path, copies: int) -> list[tuple[str, str, str]]:
+    """`copies` copies of the first images of the collection, one of each kind in turn (COPY_KINDS:
+    re-encoded as JPEG, resized, cropped by about 2% a side, recoloured, saved as PNG, the same bytes),
+    written into `folder` as `copy-<kind>-of-<name>`; their label rows (those of their originals)."""
+    out = []
+    for k, (path, caption, labels) in enumerate(rows[:copies]):
+        kind = COPY_KINDS[k % len(COPY_KINDS)]
+        source = root / path
+        stem = Path(path).stem
+        with Image.open(source) as opened:
+            img = opened.convert("RGB")
+        w, h = img.size
+        if kind == "same-bytes":
+            name = f"copy-{kind}-of-{Path(path).name}"
+            (folder / name).write_bytes(source.read_bytes())
+        elif kind == "png":
+            name = f"copy-{kind}-of-{stem}.png"
+            img.save(folder / name)
+        else:
+            name = f"copy-{kind}-of-{stem}.jpg"
+            if kind == "resized":
+                img = img.resize((w * 3 // 2, h * 3 // 2), Image.BICUBIC)
+            elif kind == "cropped":
+                img = img.crop((w // 50, h // 50, w - w // 50, h - h // 50))
+            elif kind == "recoloured":
+                img = ImageEnhance.Brightness(img).enhance(1.05)
+            img.save(folder / name, quality=60 if kind == "reencoded" else 90)
+        out.append((f"{folder.name}/{name}", caption, labels))
+    return out
 
 
 def read_labels(path: Path) -> dict[str, set[str]]:

@@ -5,8 +5,10 @@
   never below the input size, so the model's own resize does the rest.
 - With the model on the CPU, torch's threads take the cores the decode workers leave, at least half
   of them, rather than all of them (see model_threads).
-- Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory. A file whose
-  fingerprint matches the one stored with its previous embedding is not decoded again.
+- Every file is read once: its bytes are fingerprinted (sha1) and decoded from memory, and the decoded
+  pixels are hashed (a perceptual hash: clip_assets.embedding.perceptual_hash), both stored with the
+  embedding. A file whose fingerprint matches the one stored with its previous embedding is not
+  decoded again.
 - One bad file never stops a batch: each failure is returned with its reason (the manifest only
   stats files, so this is where a file that is not an image, has a broken or truncated header or
   data, or has more pixels than Pillow's decompression-bomb limit is found), and each file has a
@@ -26,7 +28,7 @@ import math
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,7 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from clip_assets.embedding.decode import draft_size
 from clip_assets.embedding.decode_faults import InFlightFiles, crash_in_isolation, is_worker_death
-from clip_assets.embedding.image_files import ImageFiles, collate, merged
+from clip_assets.embedding.image_files import FileDigest, ImageFiles, collate, merged
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.clip_model import ClipModel, batch_size_for
 from clip_assets.model.pillow_preprocess import fused_preprocess
@@ -65,6 +67,9 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field("size", pa.int64()),
             pa.field("mtime", pa.float64()),
             pa.field("fingerprint", pa.string()),
+            # pHash of the decoded pixels (clip_assets.embedding.perceptual_hash): confirms copies among
+            # near-duplicates; null where unknown
+            pa.field("perceptual_hash", pa.int64()),
         ]
     )
 
@@ -120,6 +125,7 @@ class EncodeJob:
     mtimes: list[float | None]
     expected_fingerprints: list[str | None]  # from the previous embedding, to skip unchanged content
     previous_vectors: dict[str, np.ndarray]  # image_id -> vector, for content-unchanged files
+    previous_hashes: dict[str, int | None] = field(default_factory=dict)  # image_id -> perceptual hash, the same
 
 
 @dataclass
@@ -220,7 +226,8 @@ def encode_images(
                     "precision": [clip.computed_precision] * len(idx),
                     "size": [job.sizes[i] for i in idx],
                     "mtime": [job.mtimes[i] for i in idx],
-                    "fingerprint": [d for _, _, digests in pending for d in digests],
+                    "fingerprint": [d.fingerprint for _, _, digests in pending for d in digests],
+                    "perceptual_hash": [d.perceptual_hash for _, _, digests in pending for d in digests],
                 },
                 schema=schema,
             )
@@ -262,7 +269,8 @@ def encode_images(
                     if unchanged:
                         ids = [i for i, _ in unchanged]
                         vectors = np.stack([job.previous_vectors[job.image_ids[i]] for i in ids])
-                        pending.append((ids, vectors, [d for _, d in unchanged]))
+                        pending.append((ids, vectors, [FileDigest(d.fingerprint, job.previous_hashes.get(job.image_ids[i]))
+                                                       for i, d in unchanged]))
                         unchanged_content[ids] = True
                     failures.update(failed)
                     progress.add(len(indices) + len(unchanged) + len(failed))

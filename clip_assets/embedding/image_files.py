@@ -1,20 +1,31 @@
 """What the embedding engine's DataLoader workers run on the Pillow path: each file read once,
-fingerprinted, skipped when its content is unchanged, else decoded and preprocessed, never raising;
-and the collation of their results into batches (the tensor decode path builds on both).
+fingerprinted, skipped when its content is unchanged, else decoded, hashed (its perceptual hash, from
+the pixels decoded for the model) and preprocessed, never raising; and the collation of their results
+into batches (the tensor decode path builds on both).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
 from clip_assets.embedding.decode import decode_image, failure_reason, fingerprint
 from clip_assets.embedding.decode_faults import InFlightFiles, call_with_time_limit
+from clip_assets.embedding.perceptual_hash import perceptual_hash
 
 UNCHANGED = "unchanged"
+
+
+class FileDigest(NamedTuple):
+    """What is known of a file's content besides its pixels: the fingerprint of its bytes, and its
+    perceptual hash (None until its pixels are decoded: a file the tensor path decodes on the device,
+    or one whose content is unchanged, whose hash is the stored one)."""
+
+    fingerprint: str
+    perceptual_hash: int | None = None
 
 
 class ImageFiles(Dataset):
@@ -41,10 +52,11 @@ class ImageFiles(Dataset):
         data = (self.image_root / self.paths[index]).read_bytes()
         digest = fingerprint(data)
         if digest == self.expected[index]:
-            return None, digest, UNCHANGED
+            return None, FileDigest(digest), UNCHANGED
         if not data:
             raise ValueError("empty file")
-        return self._pixels(data), digest, None
+        pixels, phash = self._pixels(data)
+        return pixels, FileDigest(digest, phash), None
 
     def __getitem__(self, index: int):
         self.in_flight.start(index)
@@ -56,7 +68,9 @@ class ImageFiles(Dataset):
             self.in_flight.finish()
 
     def _pixels(self, data: bytes):
-        return self.preprocess(decode_image(data, self.min_size))
+        """(the model's pixels, the perceptual hash), or (what the tensor path decodes later, None)."""
+        image = decode_image(data, self.min_size)
+        return self.preprocess(image), perceptual_hash(image)
 
 
 def collate(items):

@@ -59,11 +59,15 @@ class PartFiles:
         return self.directory.name.removesuffix(".parts")
 
     def discard_other_models(self) -> None:
-        """Part files of another model or precision (an interrupted run under other settings); a damaged
-        one is moved aside (clip_assets.storage.damaged_files) and its images encoded again."""
+        """Part files of another model or precision (an interrupted run under other settings), or without
+        perceptual hashes (an older version's), are removed; a damaged one is moved aside
+        (clip_assets.storage.damaged_files) and its images encoded again."""
         for path in self.paths():
             try:
                 with EMBEDDING_PART.reading(path, self.batch):
+                    if "perceptual_hash" not in pq.read_schema(path).names:  # from before hashes were stored
+                        path.unlink()
+                        continue
                     table = pq.read_table(path, columns=["model", "precision"])
             except DamagedFileError as exc:
                 EMBEDDING_PART.set_aside(path, exc.reason, self.batch)
@@ -133,7 +137,7 @@ class BackgroundWrites:
             self._pool.shutdown(wait=True)
 
 
-PREVIOUS_COLUMNS = ["image_id", "model", "precision", "size", "mtime", "fingerprint"]  # everything but the vectors
+PREVIOUS_COLUMNS = ["image_id", "model", "precision", "size", "mtime", "fingerprint", "perceptual_hash"]  # all but the vectors
 
 
 @dataclass
@@ -151,8 +155,8 @@ def previous_rows(path: Path) -> pa.Table | None:
     if not path.exists():
         return None
     with EMBEDDINGS.reading(path, path.stem):
-        if not {"fingerprint", "precision"} <= set(pq.read_schema(path).names):
-            return None  # written before fingerprints or recorded precisions existed: encode afresh
+        if not {"fingerprint", "precision", "perceptual_hash"} <= set(pq.read_schema(path).names):
+            return None  # written before fingerprints, recorded precisions or perceptual hashes existed: encode afresh
         return pq.read_table(path, columns=PREVIOUS_COLUMNS)
 
 
@@ -183,11 +187,13 @@ def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFil
     resumed = {i for i, s in parts.stats().items() if stat.get(i) == s}
     prev_stat: dict[str, tuple] = {}
     prev_fp: dict[str, str] = {}
+    prev_hash: dict[str, int | None] = {}
     if previous is not None and previous.num_rows:
         previous = previous.filter(parts.reusable(previous))
         p_ids = previous["image_id"].to_pylist()
         prev_stat = dict(zip(p_ids, zip(previous["size"].to_pylist(), previous["mtime"].to_pylist())))
         prev_fp = dict(zip(p_ids, previous["fingerprint"].to_pylist()))
+        prev_hash = dict(zip(p_ids, previous["perceptual_hash"].to_pylist()))
     carried_ids = {i for i in ids if i not in resumed and prev_stat.get(i) == stat[i] and i not in content_changed}
     todo = [k for k, i in enumerate(ids) if i not in resumed and i not in carried_ids]
     touched = {ids[k] for k in todo if ids[k] in prev_fp}
@@ -198,6 +204,7 @@ def plan_encoding(manifest: pa.Table, previous_file: Path | None, parts: PartFil
         mtimes=[stat[ids[k]][1] for k in todo],
         expected_fingerprints=[prev_fp.get(ids[k]) for k in todo],
         previous_vectors=vectors_of(previous_file, touched) if touched else {},
+        previous_hashes={i: prev_hash.get(i) for i in touched},
     )
     return EncodingPlan(
         job=job,

@@ -32,8 +32,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip_assets.embedding.decode import decode_image, draft_size, failure_reason, too_many_pixels
-from clip_assets.embedding.image_files import ImageFiles, collate
+from clip_assets.embedding.image_files import FileDigest, ImageFiles, collate
 from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
+from clip_assets.embedding.perceptual_hash import perceptual_hash, tensor_hashes
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 from clip_assets.model.clip_model import ClipModel
 
@@ -86,7 +87,7 @@ class JpegBytesOrPixels(ImageFiles):
     def _pixels(self, data: bytes):
         header = sniff_jpeg(data)
         if header.batch_decodable and not too_many_pixels(header.pixels):  # a bomb fails on the Pillow path
-            return RawJpeg(data, header.orientation, header.pixels)
+            return RawJpeg(data, header.orientation, header.pixels), None  # hashed once decoded on the device
         return super()._pixels(data)
 
 
@@ -96,7 +97,7 @@ class RawBatch:
 
     pillow: tuple  # what the Pillow path's collate returns for the other files
     indices: list[int]
-    digests: list[str]
+    digests: list[FileDigest]
     data: torch.Tensor  # every JPEG's bytes, end to end (one shared-memory tensor per batch)
     lengths: list[int]
     orientations: list[int]
@@ -158,22 +159,24 @@ class TensorDecoder:
         datas = list(torch.split(batch.data, batch.lengths)) if batch.lengths else []
         fallback = []
         for call in _calls(batch.pixel_counts, DECODE_PIXELS_PER_CALL):
-            images = []
+            images, decoded = [], []
             for k, image in zip(call, decode_jpegs([datas[k] for k in call], self.device)):
                 if isinstance(image, Exception):
                     fallback.append(k)
                 else:
                     images.append(apply_orientation(image, batch.orientations[k]))
+                    decoded.append(k)
                     indices.append(batch.indices[k])
-                    digests.append(batch.digests[k])
-            if images:  # preprocessed before the next call decodes, so the full-size pixels are freed
+            if images:  # hashed and preprocessed before the next call decodes, so the full-size pixels are freed
+                digests += [FileDigest(batch.digests[k].fingerprint, h) for k, h in zip(decoded, tensor_hashes(images))]
                 parts.append(self.tensor_preprocess(images))
         fallback_pixels = []
         for k in fallback:  # as on the Pillow path: decoded there, or failed with Pillow's reason
             try:
-                fallback_pixels.append(self.pil_preprocess(decode_image(datas[k].numpy().tobytes(), self.min_size)))
+                image = decode_image(datas[k].numpy().tobytes(), self.min_size)
+                fallback_pixels.append(self.pil_preprocess(image))
                 indices.append(batch.indices[k])
-                digests.append(batch.digests[k])
+                digests.append(FileDigest(batch.digests[k].fingerprint, perceptual_hash(image)))
             except Exception as exc:
                 failed = [*failed, (batch.indices[k], failure_reason(exc))]
         if fallback_pixels:

@@ -181,7 +181,14 @@ def image_paths(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]],
     """image_id -> path relative to the image root, from the batches' manifests, for a few images of
     each batch (only their rows are read); a batch without a manifest adds nothing, nor does one whose
     manifest is damaged (logged as a warning, and added to `damaged` when it is given)."""
-    paths: dict[str, str] = {}
+    return {image_id: row["path"] for image_id, row in image_rows(layout, ids_by_batch, ["path"], damaged).items()}
+
+
+def image_rows(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]], columns: list[str],
+               damaged: list[DamagedFileError] | None = None) -> dict[str, dict]:
+    """image_id -> {column: value} of the manifests' `columns` for a few images of each batch, as
+    image_paths reads them."""
+    rows: dict[str, dict] = {}
     for batch, ids in ids_by_batch.items():
         wanted = sorted(set(ids))
         manifest = layout.manifest_path(batch)
@@ -189,11 +196,13 @@ def image_paths(layout: DataLayout, ids_by_batch: Mapping[str, Iterable[str]],
             continue
         try:
             with MANIFEST.reading(manifest, batch):
-                found = pq.read_table(manifest, columns=["image_id", "path"], filters=[("image_id", "in", wanted)])
+                found = pq.read_table(manifest, columns=["image_id", *columns], filters=[("image_id", "in", wanted)])
         except DamagedFileError as exc:
             log.warning("image paths not named: %s", exc)
             if damaged is not None:
                 damaged.append(exc)
             continue
-        paths.update(zip(found["image_id"].to_pylist(), found["path"].to_pylist()))
-    return paths
+        values = {c: found[c].to_pylist() for c in columns}
+        for k, image_id in enumerate(found["image_id"].to_pylist()):
+            rows[image_id] = {c: values[c][k] for c in columns}
+    return rows

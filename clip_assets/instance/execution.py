@@ -13,6 +13,7 @@ import dagster as dg
 from clip_assets.defs.asset_keys import (
     BATCH_ASSETS,
     CATEGORY_ADAPTERS,
+    COPY_THRESHOLD,
     FINE_TUNED_MODEL,
     IMAGE_SEARCH_INDEX,
     NEAR_DUPLICATES,
@@ -77,7 +78,7 @@ def materialize(
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, batches: list[str]) -> None:
     """Observe prompts and labels, both kinds (and the captions, and fine-tune, where the deployment fine-tunes), build
     centroids and adapters, then manifest, embeddings, classifications and the index shard per batch,
-    then the near-duplicate groups."""
+    then the copy threshold and the near-duplicate groups."""
     register_batches(instance, batches)
     observe(defs, instance, PROMPT_OBSERVATION_SENSOR)
     observe(defs, instance, LABELS_OBSERVATION_SENSOR)
@@ -89,4 +90,4 @@ def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance, b
     for batch in batches:
         materialize(defs, instance, BATCH_ASSETS, partition_key=batch)
         materialize(defs, instance, [IMAGE_SEARCH_INDEX], partition_key=batch)
-    materialize(defs, instance, [NEAR_DUPLICATES])
+    materialize(defs, instance, [COPY_THRESHOLD, NEAR_DUPLICATES])

@@ -177,15 +177,58 @@ def gallery_sections(
     return sections
 
 
-def duplicate_groups(layout: DataLayout, max_groups: int = 200) -> list[list[GalleryImage]]:
-    """The largest near-duplicate groups, each its first image (matched: green) then the others
-    (DUPLICATE: orange), scored by their similarity to the first."""
-    groups: dict[str, list[GalleryImage]] = {}
-    for group_id, position, image_id, path, batch, similarity in read_duplicate_groups(layout.duckdb_path, max_groups):
-        first = position == 0
-        groups.setdefault(group_id, []).append(
-            GalleryImage(image_id, path, batch, float(similarity), first, None if first else DUPLICATE))
+TIER_HEADINGS = {
+    "exact": ("Exact copies", "The same bytes: each file is the group's first one, byte for byte."),
+    "copy": ("Copies", "The same picture re-encoded, resized, slightly cropped or recoloured: the embedding "
+             "puts them at or above the copy threshold and their perceptual hashes agree."),
+    "look-alike": ("Look-alikes", "Similar pictures, not copies of one another: at or above the look-alike "
+                   "threshold. Nothing here needs resolving."),
+}
+
+
+@dataclass
+class DuplicateGroup:
+    """One near-duplicate group as the page shows it: its images (first image first: matched, green; the
+    others DUPLICATE, orange, scored by their similarity to it) and their rows of duplicate_groups."""
+
+    group_id: str
+    tier: str
+    images: list[GalleryImage]
+    rows: list[dict]
+
+    @property
+    def suggested(self) -> str:
+        return next((r["path"] for r in self.rows if r["suggested_keep"]), self.rows[0]["path"])
+
+
+def groups_from_rows(rows: list[dict]) -> list[DuplicateGroup]:
+    """Groups from rows of duplicate_groups (dicts, in group and position order)."""
+    groups: dict[str, DuplicateGroup] = {}
+    for r in rows:
+        first = r["position"] == 0
+        group = groups.setdefault(r["group_id"], DuplicateGroup(r["group_id"], r["tier"], [], []))
+        group.images.append(GalleryImage(r["image_id"], r["path"], r["batch"], float(r["similarity"]), first,
+                                         None if first else DUPLICATE))
+        group.rows.append(r)
     return list(groups.values())
+
+
+def duplicate_groups(layout: DataLayout, max_groups: int = 200, tiers: tuple[str, ...] | None = None) -> list[DuplicateGroup]:
+    """The largest near-duplicate groups of each tier (of `tiers`; None: every tier), exact copies first."""
+    return groups_from_rows(read_duplicate_groups(layout.duckdb_path, max_groups, tiers))
+
+
+def largest_groups(rows: list[dict], max_groups: int) -> list[DuplicateGroup]:
+    """The `max_groups` largest groups of each tier among `rows` (read_duplicate_groups' order)."""
+    groups = groups_from_rows(rows)
+    order = {"exact": 0, "copy": 1, "look-alike": 2}
+    groups.sort(key=lambda g: (order.get(g.tier, 3), -len(g.images), g.group_id))
+    kept, per_tier = [], {}
+    for g in groups:
+        per_tier[g.tier] = per_tier.get(g.tier, 0) + 1
+        if per_tier[g.tier] <= max_groups:
+            kept.append(g)
+    return kept
 
 
 def _local_thumbnails(images, image_root: Path, out_dir: Path) -> dict[str, str | None]:
@@ -288,12 +331,18 @@ def prune_pages(parent: Path, keep: int) -> list[Path]:
 
 
 def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, max_groups: int = 200,
-                          title: str = "clip-assets near-duplicates") -> Path:
-    """out_dir/index.html: the largest near-duplicate groups, one row each, images side by side with
-    their similarity to the group's first image; thumbnails in out_dir/thumbs/. The page is the app's
-    (templates/duplicates.html), without its navigation."""
-    groups = duplicate_groups(layout, max_groups)
-    thumbs = _local_thumbnails([i for group in groups for i in group], image_root, out_dir)
+                          title: str = "clip-assets near-duplicates", groups: list[DuplicateGroup] | None = None,
+                          summary: dict | None = None) -> Path:
+    """out_dir/index.html: the largest near-duplicate groups of each tier, one section per tier, one row
+    per group, images side by side with their similarity to the group's first image; thumbnails in
+    out_dir/thumbs/. `groups`: the groups to show (the near_duplicates asset passes the ones it is about
+    to store); None: those DuckDB holds. The page is the app's (templates/duplicates.html), without its
+    navigation and without the choices a person makes there."""
+    if groups is None:
+        groups = duplicate_groups(layout, max_groups)
+    thumbs = _local_thumbnails([i for group in groups for i in group.images], image_root, out_dir)
     index = out_dir / "index.html"
-    write_text_atomically(render("duplicates.html", title=title, groups=groups, thumbs=thumbs), index)
+    write_text_atomically(render("duplicates.html", title=title, groups=groups, thumbs=thumbs, tiers=TIER_HEADINGS,
+                                 summary=summary or {}, choices={}, actions=False, show_look_alikes=True,
+                                 look_alike_groups=0), index)
     return index

@@ -103,15 +103,32 @@ CREATE TABLE IF NOT EXISTS duplicate_groups (
     path VARCHAR NOT NULL,
     batch VARCHAR NOT NULL,
     similarity FLOAT NOT NULL,        -- cosine similarity to the group's first image
-    threshold DOUBLE NOT NULL         -- the threshold the groups were formed with
+    threshold DOUBLE NOT NULL,        -- the similarity threshold of the group's tier (exact copies: 1)
+    tier VARCHAR NOT NULL DEFAULT 'look-alike', -- exact (same bytes), copy (same picture), look-alike (similar)
+    same_bytes BOOLEAN NOT NULL DEFAULT false,  -- the first image's bytes exactly
+    hash_distance SMALLINT,           -- bits of the perceptual hash that differ from the first image's
+    width INTEGER,                    -- pixels, from the file's header
+    height INTEGER,
+    file_size BIGINT,                 -- bytes
+    mtime DOUBLE,
+    suggested_keep BOOLEAN NOT NULL DEFAULT false -- the file kept by default: the largest, then the oldest
 );
--- One row per group: its size, batches, paths (first image first) and the least similar member.
+-- Files from before the tiers: their groups were look-alikes at one threshold.
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS tier VARCHAR DEFAULT 'look-alike';
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS same_bytes BOOLEAN DEFAULT false;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS hash_distance SMALLINT;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS width INTEGER;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS height INTEGER;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS file_size BIGINT;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS mtime DOUBLE;
+ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS suggested_keep BOOLEAN DEFAULT false;
+-- One row per group: its tier, size, batches, paths (first image first) and the least similar member.
 CREATE OR REPLACE VIEW near_duplicate_groups AS
-SELECT group_id, count(*) AS images, list(DISTINCT batch ORDER BY batch) AS batches,
+SELECT group_id, any_value(tier) AS tier, count(*) AS images, list(DISTINCT batch ORDER BY batch) AS batches,
        list(path ORDER BY position) AS paths, min(similarity) AS min_similarity
 FROM duplicate_groups
 GROUP BY group_id
-ORDER BY images DESC, group_id;
+ORDER BY CASE any_value(tier) WHEN 'exact' THEN 0 WHEN 'copy' THEN 1 ELSE 2 END, images DESC, group_id;
 """
 
 
@@ -561,16 +578,25 @@ def replace_duplicate_groups(path: Path, rows: pa.Table) -> int:
     return rows.num_rows
 
 
-def read_duplicate_groups(path: Path, limit_groups: int) -> list[tuple]:
-    """(group_id, position, image_id, path, batch, similarity) of the `limit_groups` largest groups."""
+DUPLICATE_GROUP_COLUMNS = ("group_id", "position", "image_id", "path", "batch", "similarity", "tier", "same_bytes",
+                           "hash_distance", "width", "height", "file_size", "mtime", "suggested_keep")
+
+
+def read_duplicate_groups(path: Path, limit_groups: int, tiers: tuple[str, ...] | None = None) -> list[dict]:
+    """The rows (DUPLICATE_GROUP_COLUMNS) of the `limit_groups` largest groups of each of `tiers` (None:
+    every tier), tier by tier (exact, copy, look-alike), largest first, first image first."""
+    tier_filter = "" if tiers is None else f"WHERE tier IN ({', '.join('?' for _ in tiers)})"
     with connect(path, read_only=True) as con:
-        return con.execute(
-            """
-            SELECT d.group_id, d.position, d.image_id, d.path, d.batch, d.similarity
+        rows = con.execute(
+            f"""
+            SELECT {', '.join('d.' + c for c in DUPLICATE_GROUP_COLUMNS)}
             FROM duplicate_groups d JOIN (
-                SELECT group_id, images FROM near_duplicate_groups LIMIT ?
+                SELECT group_id, images, row_number() OVER (PARTITION BY tier ORDER BY images DESC, group_id) AS n
+                FROM near_duplicate_groups {tier_filter}
             ) g USING (group_id)
-            ORDER BY g.images DESC, d.group_id, d.position
+            WHERE g.n <= ?
+            ORDER BY CASE d.tier WHEN 'exact' THEN 0 WHEN 'copy' THEN 1 ELSE 2 END, g.images DESC, d.group_id, d.position
             """,
-            [limit_groups],
+            [*(tiers or ()), limit_groups],
         ).fetchall()
+    return [dict(zip(DUPLICATE_GROUP_COLUMNS, r)) for r in rows]

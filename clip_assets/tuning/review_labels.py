@@ -7,14 +7,10 @@ the model and prompt version the page showed, who gave it (optional), a record i
 request id. An undo is a record too (verdict `undo`, `undoes` = the record it takes back): nothing is
 ever deleted, so the whole history can be read back.
 
-Why SQLite, and not the DuckDB warehouse: DuckDB lets a file be open by one writing process or by
-readers, never both, and the pipeline's classification step holds it for whole batches, so a click
-could wait minutes, and the page reading the warehouse would keep the pipeline out. SQLite in WAL
-mode lets any number of processes read while one writes, and each click is a transaction of a few
-milliseconds; `synchronous=FULL` makes a click durable (on disk) before it is acknowledged, so a
-crash or a power cut loses nothing acknowledged. Writers wait for each other (`BEGIN IMMEDIATE`, a
-busy timeout), so two tabs or two people at once both land. A request id (the client's, unique)
-makes a retried request land once: the second attempt returns the first record.
+Why SQLite, and not the DuckDB warehouse: clip_assets.storage.record_store, the store this shares
+with the near-duplicate page's choices. A crash or a power cut loses nothing acknowledged, and two
+tabs or two people at once both land. A request id (the client's, unique) makes a retried request
+land once: the second attempt returns the first record.
 
 What a verdict says downstream (`current_verdicts`): per image and category, the latest record that
 is not undone; an undone one falls back to the one before. Only `yes` and `no` are labels: `skip`
@@ -24,16 +20,16 @@ clip_assets.tuning.label_sources.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS
+from clip_assets.storage.record_store import RecordStore
 from clip_assets.tuning.labels_file import LabelRows
 
 YES, NO, SKIP, UNDO = "yes", "no", "skip", "undo"
@@ -41,7 +37,6 @@ VERDICTS = (YES, NO, SKIP)
 ESTIMATE, IMPROVE, IMPORT = "estimate", "improve", "import"
 QUEUES = (ESTIMATE, IMPROVE, IMPORT)
 NO_REVIEW_LABELS = "no-review-labels"  # the store's data version while it holds no yes/no verdict
-BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another's transaction (each lasts milliseconds)
 
 
 class ReviewLabelsError(ValueError):
@@ -99,30 +94,6 @@ SELECT {", ".join(_COLUMNS)} FROM (
 """
 
 
-@contextlib.contextmanager
-def _connect(store: Path, write: bool) -> Iterator[sqlite3.Connection]:
-    """A connection to the store (created on the first write), closed on exit; a file that is not a
-    labels store is refused naming it."""
-    store = Path(store)
-    if write:
-        store.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = sqlite3.connect(store, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise _unreadable(store, exc) from exc
-    try:
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")  # a click is on disk before it is acknowledged
-            if write:
-                con.executescript(SCHEMA_SQL)
-        except sqlite3.DatabaseError as exc:
-            raise _unreadable(store, exc) from exc
-        yield con
-    finally:
-        con.close()
-
-
 def _unreadable(store: Path, exc: Exception) -> ReviewLabelsError:
     return ReviewLabelsError(
         f"{store} is not a readable labels store ({exc}). Nothing was written to it. Move it aside and the "
@@ -131,17 +102,8 @@ def _unreadable(store: Path, exc: Exception) -> ReviewLabelsError:
     )
 
 
-@contextlib.contextmanager
-def _write_transaction(store: Path) -> Iterator[sqlite3.Connection]:
-    """One writer at a time (BEGIN IMMEDIATE waits up to BUSY_TIMEOUT_S for another's commit)."""
-    with _connect(store, write=True) as con:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+_STORE = RecordStore(SCHEMA_SQL, _unreadable)
+_write_transaction = _STORE.write_transaction
 
 
 def _record(row: tuple) -> VerdictRecord:
@@ -335,17 +297,7 @@ def records(store: Path) -> list[VerdictRecord]:
 
 def _read(store: Path, sql: str, params: list) -> list[tuple]:
     """The rows of a query; none where there is no store yet."""
-    if not Path(store).is_file():
-        return []
-    with _connect(store, write=False) as con:
-        try:
-            return con.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []  # created, never written
-            raise _unreadable(Path(store), exc) from exc
-        except sqlite3.DatabaseError as exc:
-            raise _unreadable(Path(store), exc) from exc
+    return _STORE.read(store, sql, params)
 
 
 def current_verdicts(

@@ -27,7 +27,8 @@ from torchvision import transforms as T
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding import tensor_decode
 from clip_assets.embedding.decode import decode_image, draft_size, failure_reason
-from clip_assets.embedding.image_files import ImageFiles
+from clip_assets.embedding.image_files import FileDigest, ImageFiles
+from clip_assets.embedding.perceptual_hash import hamming, perceptual_hash
 from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.steps import write_embeddings
@@ -136,10 +137,13 @@ def test_a_jpeg_the_batch_decoder_refuses_falls_back_to_pillow_alone(clip, monke
     sof = bad.find(b"\xff\xc0")
     bad[sof + 5 : sof + 9] = b"\x00\x00\x00\x00"  # height and width 0: torchvision refuses it
     assert sniff_jpeg(bytes(bad)).batch_decodable
-    items = [(k, RawJpeg(d, 1, 120 * 90), f"digest-{k}", None) for k, d in enumerate([good, bytes(bad), good])]
+    items = [(k, RawJpeg(d, 1, 120 * 90), FileDigest(f"digest-{k}"), None) for k, d in enumerate([good, bytes(bad), good])]
     decoder = TensorDecoder(CPU, clip.preprocess, draft_size(clip))
     indices, digests, pixels, unchanged, failed = decoder.pixels(collate_bytes_or_pixels(items))
-    assert indices == [0, 2] and digests == ["digest-0", "digest-2"] and pixels.shape[0] == 2
+    assert indices == [0, 2] and [d.fingerprint for d in digests] == ["digest-0", "digest-2"] and pixels.shape[0] == 2
+    # hashed from the pixels decoded on the device, within a few bits of the Pillow path's hash
+    pillow_hash = perceptual_hash(decode_image(good, draft_size(clip)))
+    assert all(hamming(np.array([d.perceptual_hash]), np.array([pillow_hash]))[0] <= 4 for d in digests)
     (index, reason), = failed
     with pytest.raises(Exception) as pillow:
         decode_image(bytes(bad))
@@ -148,7 +152,7 @@ def test_a_jpeg_the_batch_decoder_refuses_falls_back_to_pillow_alone(clip, monke
 
 def test_the_decode_thread_hands_on_a_loader_error_and_stops(clip):
     def loader():
-        yield collate_bytes_or_pixels([(0, RawJpeg(jpeg_bytes(photo_like(60, 40)), 1, 60 * 40), "d", None)])
+        yield collate_bytes_or_pixels([(0, RawJpeg(jpeg_bytes(photo_like(60, 40)), 1, 60 * 40), FileDigest("d"), None)])
         raise RuntimeError("worker died")
 
     batches = decoded_batches(loader(), TensorDecoder(CPU, clip.preprocess, draft_size(clip)), ahead=True)

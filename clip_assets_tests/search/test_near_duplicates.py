@@ -30,6 +30,7 @@ from clip_assets.defs.search.assets import KEEP_DUPLICATES_PAGES
 from clip_assets.demo.shapes import make_sample
 from clip_assets.embedding.decode import load_rgb
 from clip_assets.embedding.engine import embeddings_schema
+from clip_assets.embedding.perceptual_hash import perceptual_hash
 from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.instance.execution import materialize, register_batches
@@ -64,6 +65,7 @@ def write_descriptor_embeddings(image_root, layout: DataLayout, batch: str) -> N
         "size": [m["size"] for m in ok],
         "mtime": [m["mtime"] for m in ok],
         "fingerprint": [m["image_id"] for m in ok],
+        "perceptual_hash": [perceptual_hash(load_rgb(image_root / m["path"])) for m in ok],
     }, schema=embeddings_schema(vectors.shape[1])), layout.embeddings_path(batch))
 
 
@@ -279,7 +281,7 @@ def test_duplicates_page_shows_groups_side_by_side(copies, tmp_path):
     page = write_duplicates_page(layout, root, tmp_path / "page")
     text = page.read_text()
     assert text.count('class="group"') == 4
-    assert text.count('<figure class="match">') == 4 and text.count('<figure class="duplicate">') == 4  # green first, orange others
+    assert text.count('<figure class="match"') == 4 and text.count('<figure class="duplicate"') == 4  # green first, orange others
     for original, others in expected.items():
         assert all(html_path in text for html_path in [original, *others])
     assert len(list((tmp_path / "page" / "thumbs").glob("*.jpg"))) == 8

@@ -131,7 +131,7 @@ def write_random_embeddings(path, ids, vectors, model="m"):
     pq.write_table(
         pa.table({"image_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
                   "model": [model] * len(ids), "precision": ["float32"] * len(ids), "size": [None] * len(ids), "mtime": [None] * len(ids),
-                  "fingerprint": [None] * len(ids)}, schema=embeddings_schema(vectors.shape[1])),
+                  "fingerprint": [None] * len(ids), "perceptual_hash": [None] * len(ids)}, schema=embeddings_schema(vectors.shape[1])),
         path,
     )
 

@@ -1,6 +1,6 @@
 """A batch's manifest and embeddings written in the project's own layout, as if the embedding step had
-run, from clustered unit vectors (real embeddings cluster; uniform noise would not): benchmarks and
-tests of the steps after the encoder use it to skip the encoder.
+run, from clustered unit vectors (real embeddings cluster; uniform noise would not) with random
+perceptual hashes: benchmarks and tests of the steps after the encoder use it to skip the encoder.
 
 The vectors are written a slice at a time, so a batch of millions never sits in memory whole.
 """
@@ -60,4 +60,5 @@ def write_synthetic_batch(
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
                 "model": [model] * n, "precision": ["float32"] * n, "size": sizes, "mtime": mtimes,
                 "fingerprint": [i + "0000" for i in ids.to_pylist()],
+                "perceptual_hash": pa.array(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)),
             }, schema=schema))

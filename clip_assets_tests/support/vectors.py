@@ -22,6 +22,7 @@ def write_vectors(layout: DataLayout, batch: str, vectors: np.ndarray) -> list[s
         "image_id": ids,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
         "model": ["test/planted"] * len(ids), "precision": ["float32"] * len(ids), "size": [0] * len(ids), "mtime": [0.0] * len(ids), "fingerprint": ids,
+        "perceptual_hash": [None] * len(ids),
     }, schema=embeddings_schema(vectors.shape[1])), layout.embeddings_path(batch))
     return ids
 

@@ -1,9 +1,9 @@
-"""Search: each batch's index shard, and the near-duplicate groups found through the shards."""
+"""Search: each batch's index shard, the copy threshold learnt for the model, and the near-duplicate groups."""
 
 import dagster as dg
 
-from clip_assets.defs.search.assets import image_search_index, near_duplicates
+from clip_assets.defs.search.assets import copy_threshold, image_search_index, near_duplicates
 
 
 def definitions() -> dg.Definitions:
-    return dg.Definitions(assets=[image_search_index, near_duplicates])
+    return dg.Definitions(assets=[image_search_index, copy_threshold, near_duplicates])
