@@ -47,7 +47,8 @@ def whole_number(request: Request, name: str, default: int, most: int) -> int:
 
 def from_duckdb(request: Request, template: str, active: str, missing: str, read) -> Response:
     """A page made of what `read()` reads from DuckDB, or the reason it cannot be read, in words."""
-    empty = {"title": f"clip-assets {active}", "sections": [], "groups": [], "thumbs": {}}
+    empty = {"title": f"clip-assets {active}", "sections": [], "groups": [], "thumbs": {}, "tiers": {}, "summary": {},
+             "choices": {}, "actions": False, "show_look_alikes": False, "look_alike_groups": 0, "request_ids": {}}
     if not app_state(request).layout.duckdb_path.is_file():
         return page(request, template, active, 404, missing, **empty)
     try:
