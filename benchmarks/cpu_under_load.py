@@ -7,7 +7,8 @@ Each work item runs as its own process, `copies` of it started together; the tab
 the median wall seconds and the mean CPU seconds (user+sys, from the kernel's accounting of that
 child, all its threads). "ours" runs this checkout; "baseline" runs the package at --baseline (a
 git worktree of an older commit, e.g. `git worktree add /tmp/base 2197b61`), so the two differ only
-in the code. The work:
+in the code; with --spinning, "ours-spin" runs this checkout with OpenMP's idle threads spinning as
+before the policy (clip_assets.cpu_threads), so the two differ only in the policy. The work:
 - training: the demo's tiny model trained on generated pairs with the demo's recipe, shortened
   (--samples, --epochs), into a fresh temp checkpoint;
 - embedding: two batches of the demo collection (120 images each) listed and encoded by the plain
@@ -63,9 +64,10 @@ for batch in ("batch-001", "batch-002"):
 """
 
 
-def run_copies(code_dir: Path, script: str, args: list[str], copies: int) -> list[tuple[float, float]]:
+def run_copies(code_dir: Path, script: str, args: list[str], copies: int, extra_env: dict | None = None
+               ) -> list[tuple[float, float]]:
     """(wall s, CPU s) of each of `copies` processes started together."""
-    env = {**SHELL_ENV, "PYTHONPATH": str(code_dir)}
+    env = {**SHELL_ENV, "PYTHONPATH": str(code_dir), **(extra_env or {})}
     started = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=code_dir) for _ in range(copies)]
     out = {}
@@ -84,20 +86,25 @@ def main() -> None:
     parser.add_argument("--work", nargs="+", default=["training", "embedding"], choices=["training", "embedding"])
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--spinning", action="store_true",
+                        help="also run this checkout with libgomp's default spinning (GOMP_SPINCOUNT=300000), "
+                        "which the policy leaves alone when set: the policy's effect alone, without other changes")
     args = parser.parse_args()
     from clip_assets.demo.shapes import write_collection  # after SHELL_ENV was taken
 
     images = Path(tempfile.mkdtemp()) / "images"
     write_collection(images, batches=2)  # torch is not imported in this process: it only starts the copies
-    code = [("ours", REPO)] + ([("baseline", args.baseline)] if args.baseline else [])
+    code = [("ours", REPO, None)] + ([("baseline", args.baseline, None)] if args.baseline else [])
+    if args.spinning:
+        code.append(("ours-spin", REPO, {"GOMP_SPINCOUNT": "300000"}))
     print(f"{os.cpu_count()} cores; OMP_WAIT_POLICY in this shell: {SHELL_ENV.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"{'work':<10} {'code':<9} {'copies':>6} {'wall s (median)':>16} {'CPU s (mean)':>13}")
     for work in args.work:
         script, work_args = (TRAINING, [str(args.samples), str(args.epochs)]) if work == "training" else (
             EMBEDDING, ["", "", str(images)])
         for copies in args.copies:
-            for name, directory in code:
-                figures = run_copies(directory, script, work_args, copies)
+            for name, directory, extra_env in code:
+                figures = run_copies(directory, script, work_args, copies, extra_env)
                 wall = statistics.median(w for w, _ in figures)
                 cpu = statistics.mean(c for _, c in figures)
                 print(f"{work:<10} {name:<9} {copies:>6} {wall:>16.1f} {cpu:>13.1f}", flush=True)
