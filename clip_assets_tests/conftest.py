@@ -21,6 +21,7 @@ from clip_assets.embedding.options import EncodeOptions
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import ClipModel, load_clip_model
+from clip_assets_tests.support import postgres_server as pg
 from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
 
 BATCHES = ["batch-001", "batch-002"]
@@ -101,6 +102,33 @@ def instance(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway Postgres server for the whole session (clip_assets_tests/support/postgres_server.py)."""
+    server = pg.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=pg.STORAGES)
+def instance_storage(request) -> dict | None:
+    """A test instance's `storage:` config: None (SQLite files in the instance's folder, Dagster's default),
+    then a fresh database on the session's Postgres server."""
+    if request.param == "sqlite":
+        return None
+    return pg.storage_config(request.getfixturevalue("postgres_server").new_database())
+
+
+@pytest.fixture
+def instance_on_each_storage(tmp_path, instance_storage):
+    """The `instance` fixture's real Dagster instance, on SQLite and then on Postgres."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    overrides = {"storage": instance_storage} if instance_storage else None
+    with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as instance:
         yield instance
 
 

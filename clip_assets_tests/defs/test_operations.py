@@ -1,4 +1,6 @@
 """Sensor and schedule on a real Dagster instance: ticks evaluated for real, requested runs executed.
+The discovery sensor and the rescan schedule run on each instance storage, SQLite and Postgres
+(`instance_on_each_storage`, clip_assets_tests/conftest.py).
 
 `tick` and `run_requests` (clip_assets_tests/support/dagster_ticks.py) do what the daemon does with a
 tick's result: add the requested partitions, then launch each requested run (here in-process, one
@@ -42,7 +44,8 @@ def materializations(instance, key, partition=None):
     ).records)
 
 
-def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settings, instance):
+def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settings, instance_on_each_storage):
+    instance = instance_on_each_storage
     defs = build_definitions(ops_settings)
     sensor = defs.resolve_sensor_def(BATCH_DISCOVERY_SENSOR)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
@@ -79,7 +82,8 @@ def test_discovery_sensor_classifies_new_batches_on_an_empty_instance(ops_settin
     assert all(not result.get_num_requested(k) for k in BATCH_KEYS + [dg.AssetKey("prompt_centroids")])
 
 
-def test_rescan_schedule_reruns_only_the_batch_whose_files_changed(ops_settings, instance):
+def test_rescan_schedule_reruns_only_the_batch_whose_files_changed(ops_settings, instance_on_each_storage):
+    instance = instance_on_each_storage
     defs = build_definitions(ops_settings)
     first = tick(defs, instance, None)
     tick(defs, instance, first.cursor)

@@ -1,11 +1,14 @@
 """The Kubernetes and Postgres variant, loaded and validated without a cluster or a database."""
 
 
+import dagster as dg
 import pytest
+import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 
 from clip_assets.config.settings import REPO_ROOT
+from clip_assets_tests.support import postgres_server as pg
 
 K8S_INSTANCE = REPO_ROOT / "deploy" / "dagster.k8s.yaml"
 PG_ENV = {"DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "secret", "DAGSTER_PG_HOST": "postgres",
@@ -34,6 +37,31 @@ def test_k8s_instance_config_passes_dagsters_schemas(k8s_env, tmp_path):
     checked = process_config(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
     assert checked.success, checked.errors
     assert config["concurrency"]["pools"] == {"granularity": "op", "default_limit": 1}
+
+
+@pytest.mark.postgres
+def test_k8s_instance_storage_opens_a_real_postgres(k8s_env, postgres_server, monkeypatch, tmp_path):
+    """The shipped storage block, its credentials from the environment as in the ConfigMap, on the
+    tests' throwaway server (its port put in place of 5432): Dagster creates its tables and keeps a run."""
+    database = postgres_server.new_database().rsplit("/", 1)[1]
+    for name, value in {
+        "DAGSTER_PG_USERNAME": pg.SUPERUSER,
+        "DAGSTER_PG_PASSWORD": "",
+        "DAGSTER_PG_HOST": postgres_server.host,
+        "DAGSTER_PG_DB": database,
+    }.items():
+        monkeypatch.setenv(name, value)
+    storage = yaml.safe_load(K8S_INSTANCE.read_text())["storage"]
+    assert storage["postgres"]["postgres_db"]["port"] == 5432
+    storage["postgres"]["postgres_db"]["port"] = postgres_server.port
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"storage": storage}))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        run = instance.create_run_for_job(dg.GraphDefinition("noop").to_job())
+        assert [r.run_id for r in instance.get_runs()] == [run.run_id]
 
 
 def test_local_instance_config_is_queued_with_pools_of_one(tmp_path):

@@ -8,7 +8,9 @@ that the backfill policies group the batches and that no row is duplicated or lo
 (marked `browser`) materializes all four assets of one batch through the API and screenshots the
 asset graph with headless Chromium. The fourth SIGKILLs `dagster dev`'s process group in the middle
 of an embedding run, restarts it on the same instance, and waits for the daemon alone to fail the
-dead run, free its pool slot and finish the batch through a retry.
+dead run, free its pool slot and finish the batch through a retry. The sensor's runs, the backfill
+and the killed run run twice, with the instance's storage in SQLite files and in a Postgres database
+on the tests' throwaway server (`[sqlite]`, `[postgres]`); the screenshot and the prompt edit on SQLite.
 
 Slow by nature (every run starts Python processes that import torch): about two minutes on two
 cores. `pytest -m "not dagster_dev"` leaves them out.
@@ -37,6 +39,8 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import REPO_ROOT
 from clip_assets.demo.shapes import write_collection
 from clip_assets.storage.warehouse import connect
+from clip_assets_tests.support import postgres_server as pg
+from clip_assets_tests.support.scratch_instance import shipped_instance_yaml
 
 pytestmark = pytest.mark.dagster_dev
 
@@ -54,13 +58,13 @@ def free_port() -> int:
 
 class DagsterDev:
     def __init__(self, root: Path, checkpoint: Path, batches: int = len(BATCHES), per_batch: int = PER_BATCH,
-                 env: dict[str, str] | None = None, start: bool = True):
+                 env: dict[str, str] | None = None, start: bool = True, storage: dict | None = None):
         self.root = root
         self.home = root / "dagster_home"
         self.home.mkdir()
-        # The shipped instance config, its storage folder made absolute so this test can open it too.
-        shipped = (REPO_ROOT / "dagster.yaml").read_text()
-        (self.home / "dagster.yaml").write_text(shipped.replace(".dagster_home", str(self.home / ".dagster_home")))
+        # The shipped instance config, its storage folder made absolute so this test can open it too, or
+        # its storage a Postgres database (`storage`: the conftest's instance_storage).
+        (self.home / "dagster.yaml").write_text(shipped_instance_yaml(self.home, storage))
         self.images, self.data, self.prompts = root / "images", root / "data", root / "prompts"
         write_collection(self.images, batches=batches, per_batch=per_batch, seed=21)
         shutil.copytree(REPO_ROOT / "prompts", self.prompts)
@@ -149,10 +153,20 @@ class DagsterDev:
 
 
 @pytest.fixture(scope="module")
-def dev(tmp_path_factory, checkpoint):
-    server = DagsterDev(tmp_path_factory.mktemp("dagster_dev"), checkpoint)
+def dev(request, tmp_path_factory, checkpoint):
+    """One `dagster dev` per instance storage its tests name (parametrized "sqlite" or "postgres")."""
+    storage = None
+    if request.param == "postgres":
+        storage = pg.storage_config(request.getfixturevalue("postgres_server").new_database())
+    server = DagsterDev(tmp_path_factory.mktemp(f"dagster_dev_{request.param}"), checkpoint, storage=storage)
     yield server
     server.stop()
+
+
+# The sensor's runs and a backfill run on Postgres too; the UI screenshot and the prompt edit, which
+# test the project's assets and automation rather than the instance, on SQLite only.
+ON_EACH_STORAGE = pytest.mark.parametrize("dev", pg.STORAGES, indirect=True)
+ON_SQLITE = pytest.mark.parametrize("dev", ["sqlite"], indirect=True)
 
 
 def per_batch(dev) -> list[tuple]:
@@ -188,6 +202,7 @@ def quiet_for(instance, seconds: float) -> bool:
             and (not newest or time.time() - newest[0].create_timestamp.timestamp() > seconds))
 
 
+@ON_EACH_STORAGE
 def test_daemon_alone_classifies_every_new_batch(dev):
     """Nobody clicks: the sensor registers 8 batches, the centroids are built, every batch is classified."""
     dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs to classify every batch")
@@ -248,6 +263,7 @@ def materializations(instance, key: str) -> dict[str, int]:
     return out
 
 
+@ON_EACH_STORAGE
 def test_backfill_of_every_batch_through_the_graphql_api(dev):
     """What the UI's partition picker launches: one backfill of all batches, grouped by the backfill policies."""
     dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
@@ -289,6 +305,7 @@ def distinct_colours(png: Path) -> int:
 
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@ON_SQLITE
 def test_ui_materializes_a_batch_and_shows_the_asset_graph(dev, tmp_path_factory):
     dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
     instance = dev.instance()
@@ -339,6 +356,7 @@ def observation_only_runs(instance) -> list[str]:
             if r.asset_selection == {dg.AssetKey("prompt_files")} or r.job_name == "observe_prompt_files"]
 
 
+@ON_SQLITE
 def test_prompt_edit_reruns_centroids_and_classifications_without_observation_runs(dev):
     """The daemon alone: a prompt edit is observed by a sensor without a run, and the eager
     automation re-runs the centroids and every batch's classifications, never the embeddings."""
@@ -414,7 +432,9 @@ def launch_run(dev, job: str, assets: list[str], tags: dict[str, str]) -> str:
     return answer["run"]["runId"]
 
 
-def test_a_killed_dagster_dev_fails_frees_and_retries_its_run_after_a_restart(tmp_path_factory, checkpoint):
+def test_a_killed_dagster_dev_fails_frees_and_retries_its_run_after_a_restart(
+    tmp_path_factory, checkpoint, instance_storage
+):
     """SIGKILL of `dagster dev`'s process group in the middle of an embedding run, then a restart.
 
     Nobody clicks after the restart: run monitoring finds the dead run's worker gone and fails the
@@ -422,7 +442,8 @@ def test_a_killed_dagster_dev_fails_frees_and_retries_its_run_after_a_restart(tm
     and the embedding step resumes from the part files the killed run left.
     """
     server = DagsterDev(tmp_path_factory.mktemp("killed_dagster_dev"), checkpoint, batches=1,
-                        per_batch=KILLED_BATCH_IMAGES, env={"CLIP_ASSETS_CHUNK_ROWS": "16"}, start=False)
+                        per_batch=KILLED_BATCH_IMAGES, env={"CLIP_ASSETS_CHUNK_ROWS": "16"}, start=False,
+                        storage=instance_storage)
     batch = "batch-001"
     # Registered beforehand, so the discovery sensor leaves it alone and the embedding run below is
     # the only one (the sensor's runs would also build centroids and classify: minutes more).

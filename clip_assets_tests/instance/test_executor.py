@@ -38,8 +38,9 @@ def gpu_job() -> dg.JobDefinition:
 
 
 @pytest.fixture
-def home(tmp_path):
-    (tmp_path / "dagster.yaml").write_text(shipped_instance_yaml(tmp_path))
+def home(tmp_path, instance_storage):
+    """The repo's dagster.yaml, on SQLite and then on Postgres (pool slots are rows in the instance's storage)."""
+    (tmp_path / "dagster.yaml").write_text(shipped_instance_yaml(tmp_path, instance_storage))
     return tmp_path
 
 
