@@ -123,9 +123,9 @@ def test_rescan_cron_comes_from_the_environment(ops_settings, monkeypatch):
 def test_every_asset_shows_description_group_kinds_owner_and_code_version(ops_settings):
     graph = build_definitions(ops_settings).resolve_asset_graph()
     keys = graph.get_all_asset_keys()
-    # the four-asset pipeline with prompt_files; labels_file and category_adapters; evaluation, calibration,
-    # gallery; search index, near-duplicates
-    assert len(keys) == 12
+    # the four-asset pipeline with prompt_files; labels_file, review_labels and category_adapters; evaluation,
+    # calibration, gallery; search index, copy_threshold, near-duplicates
+    assert len(keys) == 14
     for key in keys:
         node = graph.get(key)
         shown = {"description": node.description, "group": node.group_name, "kinds": node.kinds,
