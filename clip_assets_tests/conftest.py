@@ -23,6 +23,7 @@ from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets_tests.support import postgres_server as pg
 from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
+from clip_assets_tests.support.shell_environment import settings_environment
 
 BATCHES = ["batch-001", "batch-002"]
 
@@ -85,12 +86,8 @@ def cli_env(monkeypatch):
     """Points the CLIP_ASSETS_* variables at a Settings, as a user's shell would for the command line."""
 
     def point_at(settings: Settings) -> Settings:
-        for name, value in {
-            "CLIP_ASSETS_IMAGE_ROOT": settings.image_root, "CLIP_ASSETS_DATA_DIR": settings.data_dir,
-            "CLIP_ASSETS_PROMPTS_DIR": settings.prompts_dir, "CLIP_ASSETS_MODEL": settings.model,
-            "CLIP_ASSETS_PRETRAINED": settings.pretrained, "CLIP_ASSETS_DEVICE": settings.device or "cpu",
-        }.items():
-            monkeypatch.setenv(name, str(value))
+        for name, value in settings_environment(settings).items():
+            monkeypatch.setenv(name, value)
         return settings
 
     return point_at

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from clip_assets.search.query import QueryModel, search
+from clip_assets_tests.support.shell_environment import settings_environment
 
 TEXTS = ["a red circle", "A BLUE Triangle!", "a green star"]
 
@@ -50,15 +51,7 @@ def test_the_query_model_answers_as_the_whole_model_and_loads_the_image_tower_wh
 
 def test_the_app_holds_the_text_tower_only_until_an_image_is_uploaded(settings, classified, clip):
     QueryModel(settings, clip.identity)  # a first search saved the text tower
-    env = {
-        **os.environ,
-        "CLIP_ASSETS_IMAGE_ROOT": str(settings.image_root),
-        "CLIP_ASSETS_DATA_DIR": str(settings.data_dir),
-        "CLIP_ASSETS_PROMPTS_DIR": str(settings.prompts_dir),
-        "CLIP_ASSETS_MODEL": settings.model,
-        "CLIP_ASSETS_PRETRAINED": str(settings.pretrained),
-        "CLIP_ASSETS_DEVICE": "cpu",
-    }
+    env = {**os.environ, **settings_environment(settings)}
     done = subprocess.run(
         [sys.executable, "-c", OPEN_THE_APP], env=env, capture_output=True, text=True, timeout=300, check=False
     )

@@ -34,6 +34,7 @@ from clip_assets.tuning.fine_tuning import write_checkpoint
 from clip_assets.tuning.labels_file import read_labels_file
 from clip_assets.tuning.steps import write_adapters
 from clip_assets_tests.support.models import TINY
+from clip_assets_tests.support.shell_environment import settings_environment
 from clip_assets_tests.support.small_filesystem import (
     SmallFilesystem,
     small_filesystem_fixture,  # noqa: F401 (the fixture)
@@ -193,17 +194,7 @@ def test_a_text_search_on_a_full_disk_goes_on_without_saving_its_encoder(
     settings, layout, disk = on_small_disk, classified_on_small_disk, small_filesystem
     for batch in BATCHES:
         ensure_search_rows(layout.embeddings_path(batch))  # what a search would otherwise build first
-    env = dict(os.environ)
-    env.update(
-        {
-            "CLIP_ASSETS_IMAGE_ROOT": str(settings.image_root),
-            "CLIP_ASSETS_DATA_DIR": str(settings.data_dir),
-            "CLIP_ASSETS_PROMPTS_DIR": str(settings.prompts_dir),
-            "CLIP_ASSETS_MODEL": settings.model,
-            "CLIP_ASSETS_PRETRAINED": str(settings.pretrained),
-            "CLIP_ASSETS_DEVICE": "cpu",
-        }
-    )
+    env = {**os.environ, **settings_environment(settings)}
     before = disk.files()
     disk.fill()
     try:
