@@ -164,11 +164,10 @@ def dev(request, tmp_path_factory, checkpoint):
 
 
 # The sensor's runs, a backfill and the killed run on Postgres too, when asked for (`-m dagster_dev_postgres`:
-# about five minutes of waiting on the daemon's ticks, left out of the default run); the UI screenshot and
+# about seven minutes of waiting on the daemon's ticks, left out of the default run); the UI screenshot and
 # the prompt edit, which test the project's assets and automation rather than the instance, on SQLite only.
-ON_EACH_STORAGE = pytest.mark.parametrize(
-    "dev", ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.dagster_dev_postgres])],
-    indirect=True)
+ON_POSTGRES_WHEN_ASKED = pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.dagster_dev_postgres])
+ON_EACH_STORAGE = pytest.mark.parametrize("dev", ["sqlite", ON_POSTGRES_WHEN_ASKED], indirect=True)
 ON_SQLITE = pytest.mark.parametrize("dev", ["sqlite"], indirect=True)
 
 
@@ -435,6 +434,7 @@ def launch_run(dev, job: str, assets: list[str], tags: dict[str, str]) -> str:
     return answer["run"]["runId"]
 
 
+@pytest.mark.parametrize("instance_storage", ["sqlite", ON_POSTGRES_WHEN_ASKED], indirect=True)
 def test_a_killed_dagster_dev_fails_frees_and_retries_its_run_after_a_restart(
     tmp_path_factory, checkpoint, instance_storage
 ):
