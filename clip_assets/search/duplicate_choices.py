@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from clip_assets.storage.record_store import RecordStore
+from clip_assets.storage.record_store import RecordStore, insert_once
 from clip_assets.tuning.review_labels import ReviewLabelsError, image_path
 
 KEEP, UNDO = "keep", "undo"
@@ -113,12 +113,7 @@ def _checked(group_id: str, tier: str, keep: str, members: list[str]) -> dict:
 
 
 def _insert(con: sqlite3.Connection, values: dict) -> ChoiceRecord:
-    names = list(values)
-    con.execute(
-        f"INSERT INTO choices ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)}) "
-        "ON CONFLICT (request_id) DO NOTHING",
-        [values[n] for n in names],
-    )
+    insert_once(con, "choices", values)
     return _select(con, "request_id = ?", [values["request_id"]])
 
 

@@ -77,3 +77,13 @@ class RecordStore:
                 raise self.unreadable(Path(store), exc) from exc
             except sqlite3.DatabaseError as exc:
                 raise self.unreadable(Path(store), exc) from exc
+
+
+def insert_once(con: sqlite3.Connection, table: str, values: dict) -> None:
+    """Insert a record unless its `request_id` is stored already (a retried click lands once)."""
+    names = list(values)
+    con.execute(
+        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)}) "
+        "ON CONFLICT (request_id) DO NOTHING",
+        [values[n] for n in names],
+    )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS
-from clip_assets.storage.record_store import RecordStore
+from clip_assets.storage.record_store import RecordStore, insert_once
 from clip_assets.tuning.labels_file import LabelRows
 
 YES, NO, SKIP, UNDO = "yes", "no", "skip", "undo"
@@ -139,12 +139,7 @@ def image_path(path: str) -> str:
 
 def _insert(con: sqlite3.Connection, values: dict) -> VerdictRecord:
     """Insert unless the request id is stored already; the record stored under it either way."""
-    names = list(values)
-    con.execute(
-        f"INSERT INTO verdicts ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)}) "
-        "ON CONFLICT (request_id) DO NOTHING",
-        [values[n] for n in names],
-    )
+    insert_once(con, "verdicts", values)
     return _by_request(con, values["request_id"])
 
 
