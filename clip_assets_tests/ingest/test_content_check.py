@@ -16,7 +16,9 @@ from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.content_check import (
     content_check_slice,
     read_content_changes,
+    read_content_check_position,
     record_content_changes,
+    write_content_check_position,
 )
 from clip_assets.ingest.steps import write_manifest
 from clip_assets_tests.support.dagster_ticks import run_requests, tick
@@ -126,3 +128,16 @@ def test_the_schedule_is_off_by_default_and_reruns_only_the_batch_with_replaced_
     finally:  # the collection is shared by the session's tests
         target.write_bytes(original[0])
         os.utime(target, ns=(original[1].st_atime_ns, original[1].st_mtime_ns))
+
+
+def test_a_damaged_changes_or_position_file_reads_as_none_recorded_and_is_written_again(tmp_path):
+    layout = DataLayout(tmp_path / "data")
+    layout.content_changes_path(BATCH).parent.mkdir(parents=True)
+    for damage in (b"", b'{"image_ids": ["a"', b"\x00\xff garbage"):
+        layout.content_changes_path(BATCH).write_bytes(damage)
+        layout.content_check_position_path.write_bytes(damage)
+        assert read_content_changes(layout, BATCH) == set()
+        assert read_content_check_position(layout) is None  # the next pass starts at the first batch
+    record_content_changes(layout, {BATCH: ["b"]})
+    write_content_check_position(layout, (BATCH, 3))
+    assert read_content_changes(layout, BATCH) == {"b"} and read_content_check_position(layout) == (BATCH, 3)
