@@ -23,6 +23,7 @@ from clip_assets.ingest.steps import write_manifest
 from clip_assets.model.clip_model import ClipModel, load_clip_model
 from clip_assets_tests.support import postgres_server as pg
 from clip_assets_tests.support.models import TINY, save_random_checkpoint, seeded_vit_s_32
+from clip_assets_tests.support.s3_server import s3_server, s3_store  # noqa: F401 (fixtures: an S3 server on loopback)
 from clip_assets_tests.support.shell_environment import settings_environment
 
 BATCHES = ["batch-001", "batch-002"]
