@@ -89,9 +89,14 @@ def run_query(state: AppState, query: Query, damaged: list) -> tuple[list[Search
             hits = search(state.settings, image=image, **common)
         return hits, data_uri_thumbnail(image)
     if query.image_path is not None:
-        path = state.files.file_under_root(query.image_path)
+        path = state.files.source(query.image_path)
         if path is None:
             raise BadRequest(f"No image file {query.image_path} under the image root.")
+        if callable(path):  # an object in a store: its bytes, decoded as an upload's
+            try:
+                path = decode_query_image(path(), query.image_path)
+            except OSError as exc:
+                raise BadRequest(f"No image file {query.image_path} under the image root ({exc}).") from exc
         with state.search_lock:
             hits = search(state.settings, image=path, **common)
         return hits, thumb_url(query.image_path)

@@ -31,9 +31,23 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", validate_by_name=True
     )
 
-    image_root: Path = Field(default=REPO_ROOT / "images", description="folder whose direct sub-folders are the batches")
-    data_dir: Path = Field(
-        default=REPO_ROOT / "data", description="where the parquet files and `clip_assets.duckdb` go (git-ignored)"
+    image_root: Path | str = Field(
+        default=REPO_ROOT / "images",
+        description="folder whose direct sub-folders are the batches, or an object-store URL (`s3://bucket/prefix`) "
+        "whose direct \"folders\" are: see [Images in a bucket](operations.md#images-in-a-bucket)",
+    )
+    data_dir: Path | str = Field(
+        default=REPO_ROOT / "data", description="where the parquet files and `clip_assets.duckdb` go (git-ignored), "
+        "or an object-store URL (`s3://bucket/prefix`) that every output but the DuckDB file and the review labels is "
+        "kept in: see [The data directory in a bucket](object_storage.md)",
+    )
+    cache_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "clip-assets-cache", description="machine-local folder of the working "
+        "copies of data directories kept in an object store (one folder per URL)",
+    )
+    store_recheck_s: float = Field(
+        default=2.0, ge=0, description="a file of a data directory in an object store that this process looked at "
+        "(or wrote) this many seconds ago is read without asking the store again",
     )
     prompts_dir: Path = Field(default=REPO_ROOT / "prompts", description="folder of prompt files (`*.toml`)")
     model: str = Field(default="ViT-B-32", description="open_clip architecture name")
@@ -92,6 +106,13 @@ class Settings(BaseSettings):
         "the base model's (WiSE-FT): less forgetting of what the base model knew; `1`: the tuned weights alone; unset "
         "or `auto`: the one of 0.25, 0.5, 0.75, 1 that does best on a validation split of the "
         "training images",
+    )
+    warehouse: Literal["duckdb", "parquet"] = Field(
+        default="duckdb",
+        description="where prompt centroids, classifications and near-duplicate groups are stored: `duckdb` (one "
+        "file, `clip_assets.duckdb`, one writer at a time: one machine), `parquet` (a parquet file per batch under "
+        "`warehouse/`, read through DuckDB views: writers on several machines at once); see "
+        "[Writers on several machines](operations.md#writers-on-several-machines)",
     )
     duckdb_wait_s: float = Field(
         default=120.0,
@@ -154,6 +175,28 @@ class Settings(BaseSettings):
         "may differ; two different pictures differ in about 32",
     )
 
+    @field_validator("image_root", mode="before")
+    @classmethod
+    def _image_root_path_or_url(cls, value: Any) -> Any:
+        """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
+        store's package is known to be installed."""
+        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
+
+        if isinstance(value, Path) or not isinstance(value, str):
+            return value
+        return check_store_url(value) if is_store_url(value) else local_path(value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_path_or_url(cls, value: Any) -> Any:
+        """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
+        store's package is known to be installed."""
+        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
+
+        if isinstance(value, Path) or not isinstance(value, str):
+            return value
+        return check_store_url(value) if is_store_url(value) else local_path(value)
+
     @field_validator("fine_tune_wise_alpha", mode="before")
     @classmethod
     def _auto_wise_alpha(cls, value: Any) -> Any:
@@ -174,7 +217,7 @@ class Settings(BaseSettings):
     reads_environment: ClassVar[bool] = False
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """The settings this process's `CLIP_ASSETS_*` variables give, read by pydantic-settings' own
         environment source (an empty value leaves the setting at its default)."""
         try:

@@ -18,6 +18,7 @@ from clip_assets.config.settings import Settings
 from clip_assets.embedding.gpu_claim import device_for_embedding_step
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.fine_tuned_weights import weights_in_use
+from clip_assets.storage.store_root import StoreRoot, image_root_from
 from clip_assets.tuning import calibration
 from clip_assets.tuning.label_sources import combined_labels
 
@@ -53,8 +54,13 @@ class ImageCollection(dg.ConfigurableResource):
         return cls(**_settings_named_like(cls, settings))
 
     @property
+    def root(self) -> Path | StoreRoot:
+        """The image root: a local folder, or a root in an object store (clip_assets.storage.store_root)."""
+        return image_root_from(self.image_root)
+
+    @property
     def layout(self) -> DataLayout:
-        return DataLayout(Path(self.data_dir))
+        return DataLayout(self.data_dir)  # a path, or an object-store URL
 
 
 @functools.lru_cache(maxsize=2)

@@ -43,6 +43,7 @@ from clip_assets.embedding.image_files import FileDigest, ImageFiles, collate, m
 from clip_assets.embedding.options import EncodeOptions
 from clip_assets.model.clip_model import ClipModel, batch_size_for
 from clip_assets.model.pillow_preprocess import fused_preprocess
+from clip_assets.storage.store_root import StoreRoot
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class Progress:
 
 def encode_images(
     clip: ClipModel,
-    image_root: Path,
+    image_root: Path | StoreRoot,
     job: EncodeJob,
     write_chunk: Callable[[pa.Table], None],
     options: EncodeOptions = EncodeOptions(),

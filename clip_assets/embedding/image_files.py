@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from clip_assets.embedding.decode import decode_image, failure_reason, fingerprint
 from clip_assets.embedding.decode_faults import InFlightFiles, call_with_time_limit
 from clip_assets.embedding.perceptual_hash import perceptual_hash
+from clip_assets.storage.store_root import StoreRoot, read_file_bytes
 
 UNCHANGED = "unchanged"
 
@@ -32,10 +33,11 @@ class ImageFiles(Dataset):
     """Reads, fingerprints, decodes and preprocesses one file; never raises.
 
     `in_flight` records, for a decode worker, the file it is reading, so a worker that dies on a
-    file leaves its index behind.
+    file leaves its index behind. With the image root in an object store, a worker's share of files is
+    fetched a few objects at a time (`__getitems__`), so decoding does not wait on one request after another.
     """
 
-    def __init__(self, image_root: Path, paths: list[str], expected: list[str | None], preprocess,
+    def __init__(self, image_root: Path | StoreRoot, paths: list[str], expected: list[str | None], preprocess,
                  min_size: tuple[int, int] | None, timeout_s: float | None, in_flight: InFlightFiles | None = None):
         self.image_root = image_root
         self.paths = paths
@@ -48,8 +50,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _read(self, index: int):
-        data = (self.image_root / self.paths[index]).read_bytes()
+    def _read(self, index: int, data: bytes | None = None):
+        if data is None:
+            data = read_file_bytes(self.image_root, self.paths[index])
         digest = fingerprint(data)
         if digest == self.expected[index]:
             return None, FileDigest(digest), UNCHANGED
@@ -58,14 +61,24 @@ class ImageFiles(Dataset):
         pixels, phash = self._pixels(data)
         return pixels, FileDigest(digest, phash), None
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int, data: bytes | BaseException | None = None):
         self.in_flight.start(index)
         try:
-            return (index, *call_with_time_limit(lambda: self._read(index), self.timeout_s))
+            if isinstance(data, BaseException):  # the object could not be fetched
+                raise data
+            return (index, *call_with_time_limit(lambda: self._read(index, data), self.timeout_s))
         except Exception as exc:  # one bad file must not stop the batch
             return index, None, None, failure_reason(exc)
         finally:
             self.in_flight.finish()
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """The items of a DataLoader batch; from a store, their objects fetched concurrently first (each
+        waited for at most the file's time limit, then decoded within it)."""
+        if not isinstance(self.image_root, StoreRoot):
+            return [self[i] for i in indices]
+        fetched = self.image_root.read_many([self.paths[i] for i in indices], self.timeout_s)
+        return [self.__getitem__(i, data) for i, data in zip(indices, fetched)]
 
     def _pixels(self, data: bytes):
         """(the model's pixels, the perceptual hash), or (what the tensor path decodes later, None)."""

@@ -22,6 +22,7 @@ from clip_assets.ingest.content_check import clear_content_changes, read_content
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.storage.damaged_files import EMBEDDINGS, MANIFEST, DamagedFileError
+from clip_assets.storage.store_root import StoreRoot
 
 
 @dataclass
@@ -47,7 +48,7 @@ class EmbeddingSummary:
 
 def write_embeddings(
     clip: ClipModel,
-    image_root: Path,
+    image_root: Path | StoreRoot,
     layout: DataLayout,
     batch: str,
     options: EncodeOptions = EncodeOptions(),
@@ -72,7 +73,7 @@ def write_embeddings(
         return _encode_batch(clip, image_root, layout, batch, manifest, options, report)
 
 
-def _encode_batch(clip: ClipModel, image_root: Path, layout: DataLayout, batch: str, manifest: pa.Table,
+def _encode_batch(clip: ClipModel, image_root: Path | StoreRoot, layout: DataLayout, batch: str, manifest: pa.Table,
                   options: EncodeOptions, report: Callable[[str], None]) -> EmbeddingSummary:
     path = layout.embeddings_path(batch)
     parts = PartFiles(layout.embedding_parts_dir(batch), clip.identity, clip.computed_precision)
@@ -82,8 +83,12 @@ def _encode_batch(clip: ClipModel, image_root: Path, layout: DataLayout, batch: 
         f"{batch}: {len(plan.job.image_ids):,} images to encode, "
         f"{len(plan.carried_ids):,} unchanged, {len(plan.resumed_ids):,} resumed"
     )
+    before = image_root.requests.snapshot() if isinstance(image_root, StoreRoot) else None
     with BackgroundWrites(parts.write) as write_chunk:  # parquet is written while the model goes on
         result = encode_images(clip, image_root, plan.job, write_chunk, options, report)
+    if before is not None:
+        made = image_root.requests.since(before)
+        report(f"{batch}: requests to {image_root}: " + ", ".join(f"{n:,} {k.upper()}" for k, n in made.items() if n))
     failures = pa.table(
         {k: [f[n] for f in result.failures] for n, k in enumerate(FAILURES_SCHEMA.names)}, schema=FAILURES_SCHEMA
     )

@@ -37,6 +37,7 @@ from clip_assets.embedding.jpeg_header import apply_orientation, sniff_jpeg
 from clip_assets.embedding.perceptual_hash import perceptual_hash, tensor_hashes
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 from clip_assets.model.clip_model import ClipModel
+from clip_assets.storage.store_root import StoreRoot
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def measure_decode_rates(files: list[bytes], decoder: TensorDecoder, workers: in
     return tensor_rate, pillow_rate
 
 
-def decoder_for(setting: str, clip: ClipModel, image_root: Path, paths: list[str], workers: int,
+def decoder_for(setting: str, clip: ClipModel, image_root: Path | StoreRoot, paths: list[str], workers: int,
                 report: Callable[[str], None]) -> TensorDecoder | None:
     """The tensor decoder for this job, or None where the Pillow path is chosen (and reported why)."""
     try:
@@ -303,6 +304,9 @@ def decoder_for(setting: str, clip: ClipModel, image_root: Path, paths: list[str
         sample = []
         for path in paths[:MEASURE_FILES]:
             try:
+                if isinstance(image_root, StoreRoot):
+                    sample.append(image_root.read_bytes(path))
+                    continue
                 file = image_root / path
                 if stat.S_ISREG(file.stat().st_mode):  # never a FIFO or a device, which could block
                     sample.append(file.read_bytes())

@@ -8,6 +8,11 @@ is opened or hashed, so a root with thousands of batches costs a directory listi
 Changed batches: a batch's fingerprint is a hash of (relative path, size, mtime) of its files, the
 same three columns its manifest stores. The fingerprint of the files on disk now is compared with
 the fingerprint of the manifest last written: equal means nothing was added, removed or rewritten.
+
+A root in an object store has no mtime: each look lists its batch "folders" (one LIST request), and the
+cursor keeps a hash of their names in place of the mtime, so the instance is asked for its partitions
+only when a name was added or removed. A changed batch there is an object with another size or
+LastModified (a PUT always sets it anew).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pyarrow.parquet as pq
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import list_batches, list_files
 from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.storage.store_root import StoreRoot
 
 # What Dagster refuses in a partition key (its private INVALID_PARTITION_SUBSTRINGS, copied so this
 # module does not import Dagster; clip_assets_tests/instance/test_dagster_internals.py keeps them equal).
@@ -34,7 +40,8 @@ INVALID_PARTITION_SUBSTRINGS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v",
 class DiscoveryCursor:
     """What the discovery sensor remembers between ticks.
 
-    root_mtime_ns: the image root's mtime when it was last listed (None: never listed).
+    root_mtime_ns: the image root's mtime when it was last listed (None: never listed); for a root in an
+      object store, a hash of its batch names then.
     pending: batches registered but whose runs wait for something they need (the prompt centroids).
     """
 
@@ -60,18 +67,24 @@ class Discovery:
     refused: dict[str, str] = field(default_factory=dict)  # folders that can't be batches, and why
 
 
+def _names_token(names: list[str]) -> int:
+    """A store root's stand-in for a folder's mtime: changes when a batch name is added or removed."""
+    return int(hashlib.sha256("\0".join(names).encode("utf-8")).hexdigest()[:15], 16)
+
+
 def discover_new_batches(
-    image_root: Path, known: Callable[[], Iterable[str]], cursor: DiscoveryCursor
+    image_root: Path | StoreRoot, known: Callable[[], Iterable[str]], cursor: DiscoveryCursor
 ) -> Discovery:
     """Batch folders under the root that are not in `known()`, listing the root only if it changed.
 
     `known` is called only when the root changed: asking the instance for its partitions is skipped too.
     """
-    root_mtime_ns = image_root.stat().st_mtime_ns
+    names = list_batches(image_root) if isinstance(image_root, StoreRoot) else None
+    root_mtime_ns = _names_token(names) if names is not None else image_root.stat().st_mtime_ns
     if cursor.root_mtime_ns == root_mtime_ns:
         return Discovery(new=[], listed=False, cursor=cursor)
     registered = set(known())
-    found = [b for b in list_batches(image_root) if b not in registered]
+    found = [b for b in (names if names is not None else list_batches(image_root)) if b not in registered]
     refused = {b: reason for b in found if (reason := refused_batch_name(b))}
     return Discovery(
         new=[b for b in found if b not in refused],
@@ -88,7 +101,7 @@ def _fingerprint(rows: Iterable[tuple[str, int | None, float | None]]) -> str:
     return digest.hexdigest()[:24]
 
 
-def files_fingerprint(image_root: Path, batch: str) -> str:
+def files_fingerprint(image_root: Path | StoreRoot, batch: str) -> str:
     """Fingerprint of a batch's files as they are on disk now: stat only, no file is opened."""
     return _fingerprint((f.relative_path, f.size, f.mtime) for f in list_files(image_root, batch))
 
@@ -101,13 +114,15 @@ def manifest_fingerprint(manifest_path: Path) -> str | None:
     return _fingerprint(zip(*(table[c].to_pylist() for c in ("path", "size", "mtime"))))
 
 
-def batch_changed(image_root: Path, layout: DataLayout, batch: str, report: Callable[[str], None]) -> bool:
+def batch_changed(image_root: Path | StoreRoot, layout: DataLayout, batch: str, report: Callable[[str], None]) -> bool:
     """Whether a batch's files differ from its last manifest (or it has none). A folder that is gone or
     can't be listed is not changed (nothing to re-scan; reported); a manifest that can't be read is."""
-    if not (image_root / batch).is_dir():
+    if not isinstance(image_root, StoreRoot) and not (image_root / batch).is_dir():
         return False
     try:
         on_disk = files_fingerprint(image_root, batch)
+    except FileNotFoundError:  # gone (a store's batch is listed first: nothing under its prefix any more)
+        return False
     except OSError as exc:
         report(f"{batch}: its folder could not be listed ({exc}); left out of this re-scan")
         return False
@@ -120,7 +135,7 @@ def batch_changed(image_root: Path, layout: DataLayout, batch: str, report: Call
 
 
 def changed_batches(
-    image_root: Path, layout: DataLayout, batches: Iterable[str], report: Callable[[str], None] = lambda _: None
+    image_root: Path | StoreRoot, layout: DataLayout, batches: Iterable[str], report: Callable[[str], None] = lambda _: None
 ) -> list[str]:
     """Registered batches whose files differ from their last manifest (or that have none yet).
 
@@ -139,7 +154,7 @@ class RescanSlice:
 
 
 def rescan_slice(
-    image_root: Path, layout: DataLayout, batches: list[str], start: str | None, budget_s: float,
+    image_root: Path | StoreRoot, layout: DataLayout, batches: list[str], start: str | None, budget_s: float,
     report: Callable[[str], None] = lambda _: None, clock: Callable[[], float] = time.monotonic,
 ) -> RescanSlice:
     """Compare batches with their manifests from `start` on (the first when None or gone), until the

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.decode import fingerprint
-from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.storage.atomic_files import remove_file, write_text_atomically
+from clip_assets.storage.store_root import StoreRoot, file_stat, read_file_bytes
 
 
 @dataclass
@@ -46,7 +47,7 @@ def stored_fingerprints(layout: DataLayout, batch: str) -> list[tuple[str, str, 
 
 
 def content_check_slice(
-    image_root: Path, layout: DataLayout, batches: list[str], position: tuple[str, int] | None, budget_s: float,
+    image_root: Path | StoreRoot, layout: DataLayout, batches: list[str], position: tuple[str, int] | None, budget_s: float,
     report: Callable[[str], None] = lambda _: None, clock: Callable[[], float] = time.monotonic,
 ) -> ContentCheckSlice:
     """Re-hash, from `position` on, the files whose stat still matches their stored embedding, until
@@ -70,12 +71,10 @@ def content_check_slice(
                 found.next_position = (batch, row)
                 return found
             image_id, path, size, mtime, stored = rows[row]
-            file = image_root / path
             try:
-                st = file.stat()
-                if (st.st_size, st.st_mtime) != (size, mtime):
+                if file_stat(image_root, path) != (size, mtime):
                     continue  # a stat change: the re-scan's business
-                data = file.read_bytes()
+                data = read_file_bytes(image_root, path)
             except OSError:
                 continue
             found.checked_files += 1
@@ -102,7 +101,7 @@ def record_content_changes(layout: DataLayout, changed: dict[str, list[str]]) ->
 
 
 def clear_content_changes(layout: DataLayout, batch: str) -> None:
-    layout.content_changes_path(batch).unlink(missing_ok=True)
+    remove_file(layout.content_changes_path(batch))
 
 
 def read_content_check_position(layout: DataLayout) -> tuple[str, int] | None:

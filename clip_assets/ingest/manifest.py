@@ -1,6 +1,8 @@
 """Listing the files of an image batch: stable ids, sizes and mtimes, from `stat` alone.
 
-A batch is a folder directly under the image root. Every file in it (recursively, dotfiles aside)
+A batch is a folder directly under the image root (or, for a root in an object store, a "folder" under
+its prefix: its objects are listed in one LIST pass, clip_assets.storage.store_root, with the same ids,
+rows and statuses as the same files on a local disk). Every file in it (recursively, dotfiles aside)
 gets a row; what `stat` shows cannot be an image (an empty file, one that cannot be stat-ed or read,
 a symlink loop) gets status `error` and the reason, and what is deliberately not read (symlinked folders, symlinks
 out of the root, FIFOs, names that are not UTF-8) gets status `skipped` and the reason, so nothing is
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.storage.damaged_files import MANIFEST, DamagedFileError, readable_parquet_files
+from clip_assets.storage.store_root import StoreRoot
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def list_batches(image_root: Path) -> list[str]:
+def list_batches(image_root: Path | StoreRoot) -> list[str]:
     """Names of the batch folders under the image root, sorted."""
+    if isinstance(image_root, StoreRoot):
+        return image_root.list_batches()
     if not image_root.is_dir():
         raise FileNotFoundError(
             f"Image root {image_root} does not exist (set CLIP_ASSETS_IMAGE_ROOT to the folder whose "
@@ -54,9 +59,16 @@ def list_batches(image_root: Path) -> list[str]:
     return sorted(p.name for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def missing_batch_message(image_root: Path, batch: str, shown: int = 5) -> str:
+def batch_exists(image_root: Path | StoreRoot, batch: str) -> bool:
+    """Whether the batch's folder (or, in a store, anything under its prefix) is there."""
+    if isinstance(image_root, StoreRoot):
+        return image_root.batch_exists(batch)
+    return (image_root / batch).is_dir()
+
+
+def missing_batch_message(image_root: Path | StoreRoot, batch: str, shown: int = 5) -> str:
     """Why a partition key has no folder, with the folders that do exist (the first few, and how many)."""
-    if not image_root.is_dir():
+    if not isinstance(image_root, StoreRoot) and not image_root.is_dir():
         return f"Batch folder {batch} does not exist: the image root {image_root} itself does not exist."
     folders = list_batches(image_root)
     listed = ", ".join(folders[:shown]) + (f" ... ({len(folders)} in all)" if len(folders) > shown else "")
@@ -102,7 +114,7 @@ def _entries_under(batch_dir: Path):
 class ListedFile:
     """A manifest row as far as `stat` can tell: what the re-scan compares without opening files."""
 
-    path: Path
+    path: Path | str  # the file, or the object's URL
     relative_path: str  # as stored: valid UTF-8, bytes that are not shown as \xNN
     image_id: str
     size: int | None
@@ -134,8 +146,11 @@ def _stat_entry(path: Path, root: Path) -> tuple[str, str | None, int | None, fl
     return STATUS_OK, None, st.st_size, st.st_mtime
 
 
-def list_files(image_root: Path, batch: str) -> Iterator[ListedFile]:
+def list_files(image_root: Path | StoreRoot, batch: str) -> Iterator[ListedFile]:
     """Every entry of a batch in path order, with size and mtime where there is a file to stat."""
+    if isinstance(image_root, StoreRoot):
+        yield from _list_objects(image_root, batch)
+        return
     root = image_root.resolve()
     batch_dir = image_root / batch
     if not batch_dir.is_dir():
@@ -150,7 +165,19 @@ def list_files(image_root: Path, batch: str) -> Iterator[ListedFile]:
         yield ListedFile(path, printable_path(rel), image_id_for(rel), size, mtime, status, error)
 
 
-def build_manifest(image_root: Path, batch: str) -> pa.Table:
+def _list_objects(root: StoreRoot, batch: str) -> Iterator[ListedFile]:
+    """A batch's objects as a local batch's files: an empty object is an error, as an empty file is; a batch
+    with no object at all is missing, as a folder that is not there."""
+    objects = root.list_objects(batch)
+    if not objects and not root.batch_exists(batch):
+        raise FileNotFoundError(missing_batch_message(root, batch))
+    for o in objects:
+        status, error = (STATUS_ERROR, "empty file") if o.size == 0 else (STATUS_OK, None)
+        yield ListedFile(f"{root.url}/{o.relative_path}", o.relative_path, image_id_for(o.relative_path), o.size,
+                         o.mtime, status, error)
+
+
+def build_manifest(image_root: Path | StoreRoot, batch: str) -> pa.Table:
     """One row per entry of the batch, in path order, from `stat` alone (no file is opened)."""
     entries = list(list_files(image_root, batch))
     return pa.table(

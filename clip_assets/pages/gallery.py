@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.pages.plots import MAX_CATEGORIES_DRAWN, NOTE_H, first_categories
 from clip_assets.storage.atomic_files import atomic_write, write_text_atomically
+from clip_assets.storage.store_root import StoreRoot, file_source
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect, read_duplicate_groups
 
 THUMBNAIL_PX = 128
@@ -105,10 +107,11 @@ def gallery_rows(
     return out
 
 
-def thumbnail(source: Path, size: int = THUMBNAIL_PX) -> Image.Image | None:
-    """An RGB image of `source` at most `size` pixels a side; None when it cannot be read any more."""
+def thumbnail(source: Path | Callable[[], bytes], size: int = THUMBNAIL_PX) -> Image.Image | None:
+    """An RGB image of `source` (a file, or what reads an object's bytes: store_root.file_source) at most
+    `size` pixels a side; None when it cannot be read any more."""
     try:
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(source()) if callable(source) else source) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
             img = ImageOps.exif_transpose(img).convert("RGB")
             img.thumbnail((size, size))
@@ -117,7 +120,7 @@ def thumbnail(source: Path, size: int = THUMBNAIL_PX) -> Image.Image | None:
         return None
 
 
-def write_thumbnail(source: Path, target: Path, size: int = THUMBNAIL_PX) -> bool:
+def write_thumbnail(source: Path | Callable[[], bytes], target: Path, size: int = THUMBNAIL_PX) -> bool:
     """A small JPEG of `source`; False when the image cannot be read any more."""
     if target.is_file():
         return True
@@ -231,18 +234,18 @@ def largest_groups(rows: list[dict], max_groups: int) -> list[DuplicateGroup]:
     return kept
 
 
-def _local_thumbnails(images, image_root: Path, out_dir: Path) -> dict[str, str | None]:
+def _local_thumbnails(images, image_root: Path | StoreRoot, out_dir: Path) -> dict[str, str | None]:
     """Each image's thumbnail written under out_dir/thumbs/, by image_id: its relative URL, or None if unreadable."""
     thumbs = {}
     for image in images:
         thumb = f"thumbs/{image.image_id}.jpg"
-        thumbs[image.image_id] = thumb if write_thumbnail(image_root / image.path, out_dir / thumb) else None
+        thumbs[image.image_id] = thumb if write_thumbnail(file_source(image_root, image.path), out_dir / thumb) else None
     return thumbs
 
 
 def write_gallery(
     layout: DataLayout,
-    image_root: Path,
+    image_root: Path | StoreRoot,
     out_dir: Path,
     matched_per_category: int = 12,
     near_misses: int = 6,
@@ -274,7 +277,7 @@ LEGEND = [(None, "matched"), (UNDER_THRESHOLD, "under threshold"), (NOT_ABOVE_NE
 
 
 def contact_sheet(
-    layout: DataLayout, image_root: Path, batch: str, matched_per_category: int = 3, near_misses: int = 2
+    layout: DataLayout, image_root: Path | StoreRoot, batch: str, matched_per_category: int = 3, near_misses: int = 2
 ) -> bytes:
     """A JPEG grid for one batch: per category its best matches, then its near misses of each kind,
     each thumbnail framed in its group's colour with its score under it."""
@@ -282,7 +285,7 @@ def contact_sheet(
     return draw_contact_sheet(image_root, rows, matched_per_category + 2 * near_misses)
 
 
-def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], columns: int,
+def draw_contact_sheet(image_root: Path | StoreRoot, rows: dict[str, list[GalleryImage]], columns: int,
                        max_categories: int | None = MAX_CATEGORIES_DRAWN) -> bytes:
     """The contact sheet of `gallery_rows`' rows (or the same rows gathered while classifying): at most
     `max_categories` rows (None: every category; a JPEG is at most 65,500 pixels tall, about 960 rows),
@@ -310,7 +313,7 @@ def draw_contact_sheet(image_root: Path, rows: dict[str, list[GalleryImage]], co
         for c, image in enumerate(matched + missed):
             x = SHEET_LABEL_W + c * cell_w
             draw.rectangle([x, y, x + SHEET_THUMB_PX - 1, y + SHEET_THUMB_PX - 1], fill=BORDER[image.failed])
-            thumb = thumbnail(image_root / image.path, SHEET_THUMB_PX - 6)
+            thumb = thumbnail(file_source(image_root, image.path), SHEET_THUMB_PX - 6)
             if thumb is not None:
                 sheet.paste(thumb, (x + (SHEET_THUMB_PX - thumb.width) // 2, y + (SHEET_THUMB_PX - thumb.height) // 2))
             draw.text((x + 2, y + SHEET_THUMB_PX), f"{image.score:.3f}", fill=(80, 80, 80), font=font)
@@ -330,7 +333,7 @@ def prune_pages(parent: Path, keep: int) -> list[Path]:
     return folders[keep:]
 
 
-def write_duplicates_page(layout: DataLayout, image_root: Path, out_dir: Path, max_groups: int = 200,
+def write_duplicates_page(layout: DataLayout, image_root: Path | StoreRoot, out_dir: Path, max_groups: int = 200,
                           title: str = "clip-assets near-duplicates", groups: list[DuplicateGroup] | None = None,
                           summary: dict | None = None) -> Path:
     """out_dir/index.html: the largest near-duplicate groups of each tier, one section per tier, one row

@@ -1,7 +1,6 @@
 """`image_embeddings`: each batch's usable images encoded by the model (clip_assets.embedding)."""
 
 import time
-from pathlib import Path
 
 import dagster as dg
 
@@ -60,10 +59,10 @@ def image_embeddings(
     started = time.monotonic()
     clip = clip_model.load(collection.layout, claim_gpu=True)  # once per run, however many batches a backfill run covers
     context.log.info(f"model loaded in {time.monotonic() - started:.1f} s (imports included) on {clip.device}")
-    layout = collection.layout
+    layout, image_root = collection.layout, collection.root
 
     def encode_batch(batch: str) -> tuple[CheckOutcome, CheckOutcome, CheckOutcome, CheckOutcome]:
-        s = write_embeddings(clip, Path(collection.image_root), layout, batch, clip_model.encode_options,
+        s = write_embeddings(clip, image_root, layout, batch, clip_model.encode_options,
                              report=context.log.info)
         unusable = unusable_in_manifest(layout, batch)
         context.add_asset_metadata(partition_key=batch, metadata={

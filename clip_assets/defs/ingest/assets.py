@@ -11,13 +11,14 @@ from clip_assets.defs.metadata import reasons_table
 from clip_assets.defs.partitions import BATCHES_PER_RUN, image_batches
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.ingest.batch_discovery import manifest_fingerprint
-from clip_assets.ingest.manifest import missing_batch_message
+from clip_assets.ingest.manifest import batch_exists, missing_batch_message
 from clip_assets.ingest.steps import write_manifest
+from clip_assets.storage.store_root import StoreRoot
 
 
-def check_batch_folder(image_root: Path, batch: str) -> None:
+def check_batch_folder(image_root: Path | StoreRoot, batch: str) -> None:
     """Before anything is written for a batch: its folder exists, else its work fails saying so."""
-    if not (image_root / batch).is_dir():
+    if not batch_exists(image_root, batch):
         raise dg.Failure(description=missing_batch_message(image_root, batch))
 
 
@@ -35,7 +36,7 @@ def image_manifest(context: dg.AssetExecutionContext, collection: ImageCollectio
 
     A file is not opened here: one that is not a usable image is recorded by image_embeddings.
     """
-    image_root = Path(collection.image_root)
+    image_root = collection.root
 
     def list_batch(batch: str) -> str:
         check_batch_folder(image_root, batch)

@@ -11,7 +11,6 @@ batches that are neighbours in the partition order share a run (up to BATCHES_PE
 discovery sensor's do: one model load per run, not per batch.
 """
 
-from pathlib import Path
 
 import dagster as dg
 
@@ -44,7 +43,7 @@ def build_rescan_schedule(cron: str) -> dg.ScheduleDefinition:
     def rescan_image_batches(context: dg.ScheduleEvaluationContext, collection: ImageCollection):
         batches = list(context.instance.get_dynamic_partitions(image_batches.name))
         layout = collection.layout
-        found = rescan_slice(Path(collection.image_root), layout, batches, read_rescan_position(layout),
+        found = rescan_slice(collection.root, layout, batches, read_rescan_position(layout),
                              TICK_BUDGET_S, context.log.warning)
         write_rescan_position(layout, found.next_start)
         rest = (f" Checked {found.checked} of {len(batches)} batches in this tick's {TICK_BUDGET_S:.0f} s; "
@@ -73,7 +72,7 @@ def build_content_check_schedule(cron: str, budget_s: float) -> dg.ScheduleDefin
     def content_check(context: dg.ScheduleEvaluationContext, collection: ImageCollection):
         batches = list(context.instance.get_dynamic_partitions(image_batches.name))
         layout = collection.layout
-        found = content_check_slice(Path(collection.image_root), layout, batches,
+        found = content_check_slice(collection.root, layout, batches,
                                     read_content_check_position(layout), budget_s, context.log.warning)
         record_content_changes(layout, found.changed)  # before the runs: the embedding step reads them
         write_content_check_position(layout, found.next_position)

@@ -32,8 +32,8 @@ BATCH_DISCOVERY_SENSOR = "image_batch_discovery"
     description="Adds new batch folders under the image root to image_batches and classifies them.",
 )
 def image_batch_discovery(context: dg.SensorEvaluationContext, collection: ImageCollection):
-    image_root = Path(collection.image_root)
-    if not image_root.is_dir():
+    image_root = collection.root
+    if isinstance(image_root, Path) and not image_root.is_dir():
         return dg.SkipReason(f"Image root {image_root} does not exist.")
     cursor = DiscoveryCursor.parse(context.cursor)
     found = discover_new_batches(
