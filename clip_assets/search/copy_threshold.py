@@ -7,17 +7,19 @@ arise (`make_copies`: JPEG re-encoding at several qualities, resizing from a hal
 up to about a tenth of the picture, small colour and brightness shifts, format changes, with Pillow),
 the copies are embedded with the model, and the similarity of each copy to its original is compared
 with the similarity of the original to its nearest other images in the collection (the candidates
-the index would give it). The copy tier's rule is "similarity >= threshold and perceptual hashes
-within `hash_distance` bits" (clip_assets.search.near_duplicates), so both are applied here: a copy
-counts as found when it passes the rule and would be among its original's candidates; an original
-counts against the rule when one of its nearest other images passes it.
+the index would give it). The copy tier's rule is "similarity >= threshold, perceptual hashes within
+`hash_distance` bits and colour layouts within COLOUR_DISTANCE_BOUND" (clip_assets.search.near_duplicates),
+so all three are applied here: a copy counts as found when it passes the rule and would be among its
+original's candidates; an original counts against the rule when one of its nearest other images passes
+it. So the threshold is the one the two other signals leave to the embedding: where they already tell
+most look-alikes from copies, it can sit lower and find more copies.
 
 Precision is counted as if copies and non-copies were equally common (true-positive rate over the
 sum of the true- and false-positive rates): the threshold is the lowest at which it stays at or above
 the target everywhere above it. Half the sample (by a fixed seed) learns the threshold; the other half
 is held out and tells the precision and recall to expect, stored and shown with it. A nearest other
-image as close as the original's own synthetic copies in both signals is a copy already in the
-collection: it is left out of the non-copies, and counted.
+image as close to the original as one of its own synthetic copies, by all three signals, is a copy
+already in the collection: it is left out of the non-copies, and counted.
 
 The result is stored with the model identity (`<data dir>/near_duplicates/copy_threshold.json`) and
 learnt again when the model changes, when the target or the hash bound changes, or while the sample
@@ -43,7 +45,14 @@ from PIL import Image, ImageEnhance
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import default
 from clip_assets.embedding.decode import decode_image, draft_size
-from clip_assets.embedding.perceptual_hash import hamming, perceptual_hash
+from clip_assets.embedding.perceptual_hash import (
+    COLOUR_DISTANCE_BOUND,
+    colour_distance,
+    colour_layout,
+    colour_layouts_of_files,
+    hamming,
+    perceptual_hash,
+)
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.storage.atomic_files import write_text_atomically
@@ -58,7 +67,7 @@ MIN_ORIGINALS = 8  # fewer images in the collection: nothing to learn from
 NEAREST_OTHERS = 16  # per original and shard: near_duplicates.NEIGHBOURS, the candidates the index gives an image
 MAX_CANDIDATES = 256
 KINDS = ("jpeg", "resize", "crop", "colour", "format")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the colour layouts confirm copies too
 ROWS_PER_READ = 65_536
 ENCODE_BATCH = 64
 
@@ -279,7 +288,8 @@ def learn_copy_threshold(
     paths = image_paths(layout, ids_by_batch)
     preprocess, min_size = fused_preprocess(clip.preprocess), draft_size(clip)
 
-    originals, copies = [], []  # (b, r, stored vector), (original number, kind, pixels, hash)
+    originals, copies = [], []  # (b, r), (original number, kind, pixels, hash, colour layout)
+    original_colours = []
     for b, r in picked:
         path = paths.get(coll.ids[b][r])
         try:
@@ -294,9 +304,10 @@ def learn_copy_threshold(
             coll.hashes[b][r], coll.known[b][r] = perceptual_hash(decode_image(data, min_size)), True
         number = len(originals)
         originals.append((b, r))
+        original_colours.append(colour_layout(image))
         for kind, copy in make_copies(image, original_format, rng):
             decoded = decode_image(copy, min_size)
-            copies.append((number, kind, preprocess(decoded), perceptual_hash(decoded)))
+            copies.append((number, kind, preprocess(decoded), perceptual_hash(decoded), colour_layout(decoded)))
     if len(originals) < MIN_ORIGINALS:
         result.why = f"only {len(originals)} of the sampled images could be read: fewer than {MIN_ORIGINALS}"
         return result
@@ -322,21 +333,38 @@ def learn_copy_threshold(
     copy_sim = np.einsum("ij,ij->i", copy_vectors, queries[copy_of])
     copy_bits = hamming(np.array([c[3] for c in copies], dtype=np.int64), original_hash[copy_of])
     last_candidate = near_s[:, -1]  # -inf where the collection holds fewer other images
-    positives = np.where((copy_bits <= hash_distance) & (copy_sim >= last_candidate[copy_of]), copy_sim, -np.inf)
+    copy_colour = np.array([colour_distance(c[4], original_colours[c[0]]) for c in copies])
+    confirmed = (copy_bits <= hash_distance) & (copy_colour <= COLOUR_DISTANCE_BOUND)
+    positives = np.where(confirmed & (copy_sim >= last_candidate[copy_of]), copy_sim, -np.inf)
+
+    # The nearest other images whose hash agrees: their colour layouts, from their files.
+    hash_agrees: set[tuple[int, int, int]] = set()
+    for o in range(len(originals)):
+        for nb, nr in zip(near_b[o, :NEAREST_OTHERS], near_r[o, :NEAREST_OTHERS]):
+            if nb >= 0 and coll.known[nb][nr]:
+                if hamming(np.array([coll.hashes[nb][nr]]), original_hash[o : o + 1])[0] <= hash_distance:
+                    hash_agrees.add((o, int(nb), int(nr)))
+    wanted: dict[str, list[str]] = {}
+    for _, nb, nr in hash_agrees:
+        wanted.setdefault(coll.batches[nb], []).append(coll.ids[nb][nr])
+    other_paths = image_paths(layout, wanted)
+    other_colours = colour_layouts_of_files(
+        {(nb, nr): image_root / other_paths[coll.ids[nb][nr]] for _, nb, nr in hash_agrees
+         if coll.ids[nb][nr] in other_paths})
 
     negatives = np.full(len(originals), -np.inf)
     already = 0
     for o, (b, r) in enumerate(originals):
-        mine = copy_of == o
-        typical_sim = np.median(copy_sim[mine])
+        mine = (copy_of == o) & confirmed
+        weakest_copy = copy_sim[mine].min() if mine.any() else np.inf
         for s, nb, nr in zip(near_s[o, :NEAREST_OTHERS], near_b[o, :NEAREST_OTHERS], near_r[o, :NEAREST_OTHERS]):
-            if nb < 0 or not np.isfinite(s) or not coll.known[nb][nr]:
+            if (o, int(nb), int(nr)) not in hash_agrees or not np.isfinite(s):
                 continue
-            bits = int(hamming(np.array([coll.hashes[nb][nr]]), original_hash[o : o + 1])[0])
+            other_colour = other_colours.get((int(nb), int(nr)))
+            if other_colour is None or colour_distance(other_colour, original_colours[o]) > COLOUR_DISTANCE_BOUND:
+                continue  # the colour layouts tell them apart: never a copy, whatever the similarity
             same_bytes = coll.fingerprints[nb][nr] is not None and coll.fingerprints[nb][nr] == coll.fingerprints[b][r]
-            if bits > hash_distance:
-                continue
-            if same_bytes or s >= typical_sim:  # as close as its own copies by both signals: a copy already there
+            if same_bytes or s >= weakest_copy:  # as close as one of its own copies by all three signals: a copy
                 already += 1
                 continue
             negatives[o] = max(negatives[o], float(s))

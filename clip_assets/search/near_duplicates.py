@@ -8,9 +8,11 @@
   the collection, not with its square. A pair is a copy when its similarity reaches the copy threshold
   (learnt for the model from the collection's own images: clip_assets.search.copy_threshold; or set
   by hand) and the two images' perceptual hashes (clip_assets.embedding.perceptual_hash), a second
-  signal independent of the model, differ in at most `hash_distance` bits. An image whose hash is
-  unknown (its batch was embedded before hashes were stored) has no copy confirmed: the summary says
-  how many, and re-embedding their batches adds them.
+  signal independent of the model, differ in at most `hash_distance` bits, and their colour layouts
+  (8x8 cells of mean colour, read from the two files for the pairs that got this far: pHash sees only
+  light and dark) correlate within COLOUR_DISTANCE_BOUND. An image whose hash is unknown (its batch was
+  embedded before hashes were stored) or whose file cannot be read has no copy confirmed: the summary
+  says how many, and re-embedding their batches adds the hashes.
 - Look-alikes: similar pictures, at or above the look-alike threshold (CLIP_ASSETS_DUPLICATE_THRESHOLD)
   but not copies. They are kept apart from copies, and the app shows them only when asked.
 
@@ -48,7 +50,12 @@ from PIL import Image
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import default
-from clip_assets.embedding.perceptual_hash import hamming
+from clip_assets.embedding.perceptual_hash import (
+    COLOUR_DISTANCE_BOUND,
+    colour_distance,
+    colour_layouts_of_files,
+    hamming,
+)
 from clip_assets.ingest.manifest import image_rows
 from clip_assets.search import ann_index
 from clip_assets.search.copy_threshold import CopyThreshold, collection_model
@@ -186,6 +193,8 @@ class DuplicatesSummary:
     learnt: CopyThreshold | None = None
     without_hash: int = 0  # images whose perceptual hash is unknown: no copy of theirs is confirmed
     without_hash_batches: list[str] = field(default_factory=list)
+    refused_by_colour: int = 0  # pairs with the similarity and the hash of copies whose colour layouts differ
+    colour_unreadable: list[str] = field(default_factory=list)  # files whose colour layout could not be read
     pairs: int = 0
     groups: int = 0
     images_in_groups: int = 0
@@ -323,8 +332,9 @@ class TieredGroups:
 
 
 def tiered_groups(pairs: pa.Table, exact: list[list[tuple[str, str]]], rules: Rules,
-                  order: Callable[[tuple[str, str]], Any]) -> TieredGroups:
-    """Exact copies, then copies (an exact set is one image to them), then look-alikes of the rest."""
+                  order: Callable[[tuple[str, str]], Any], colour_agrees: np.ndarray | None = None) -> TieredGroups:
+    """Exact copies, then copies (an exact set is one image to them), then look-alikes of the rest.
+    `colour_agrees`: per pair, whether the colour layouts confirm a copy (None: not checked)."""
     stands_for: dict[tuple[str, str], tuple[str, str]] = {}
     exact_sets: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for members in exact:
@@ -337,6 +347,9 @@ def tiered_groups(pairs: pa.Table, exact: list[list[tuple[str, str]]], rules: Ru
 
     tier = rules.tier(pairs["similarity"].to_numpy(), pairs["hash_distance"].to_numpy()) if pairs.num_rows else \
         np.array([], dtype=str)
+    if colour_agrees is not None:
+        refused = (tier == COPY) & ~colour_agrees
+        tier = np.where(refused, np.where(pairs["similarity"].to_numpy() >= rules.look_alike, LOOK_ALIKE, ""), tier)
     copy_pairs = pairs.filter(pa.array(tier == COPY, pa.bool_()))
     look_pairs = pairs.filter(pa.array(tier != "", pa.bool_()))  # a copy is a look-alike too
     groups, tiers = [], []
@@ -448,6 +461,27 @@ def group_rows(layout: DataLayout, tiered: TieredGroups, manifest: dict[str, dic
     return pa.table(columns, schema=GROUP_ROWS_SCHEMA)
 
 
+def colour_confirmation(pairs: pa.Table, rules: Rules, image_root: Path,
+                        manifest: dict[str, dict]) -> tuple[np.ndarray, int, list[str]]:
+    """Per pair, whether the colour layouts of its two files confirm a copy (read only for pairs that
+    pass the copy rule's similarity and hash); the number refused; the files that could not be read."""
+    agrees = np.ones(pairs.num_rows, dtype=bool)
+    if not pairs.num_rows:
+        return agrees, 0, []
+    candidates = np.flatnonzero(rules.tier(pairs["similarity"].to_numpy(), pairs["hash_distance"].to_numpy()) == COPY)
+    left = list(zip(pairs["batch"].to_pylist(), pairs["image_id"].to_pylist()))
+    right = list(zip(pairs["other_batch"].to_pylist(), pairs["other_image_id"].to_pylist()))
+    wanted = {image for k in candidates for image in (left[k], right[k])}
+    paths = {image: manifest.get(image[1], {}).get("path") for image in wanted}
+    layouts = colour_layouts_of_files({image: image_root / p for image, p in paths.items() if p})
+    layouts.update({image: None for image, p in paths.items() if not p})
+    for k in candidates:
+        a, b = layouts[left[k]], layouts[right[k]]
+        agrees[k] = a is not None and b is not None and colour_distance(a, b) <= COLOUR_DISTANCE_BOUND
+    unreadable = sorted(manifest.get(image[1], {}).get("path", image[1]) for image, v in layouts.items() if v is None)
+    return agrees, int((~agrees).sum()), unreadable
+
+
 def _content_of(layout: DataLayout, images: dict[str, set[str]]) -> tuple[dict, dict]:
     """{(batch, image_id): fingerprint} and {(batch, image_id): perceptual hash or None} of the images."""
     fingerprints, hashes = {}, {}
@@ -500,7 +534,8 @@ def compute_duplicate_groups(layout: DataLayout, batches: list[str], threshold: 
     """Bring the pair files up to date for `batches` (the whole collection) and form the groups of every
     tier: the summary and the rows for DuckDB's duplicate_groups, not written yet. `copy_threshold`:
     set by hand; None: the learnt one (see copy_threshold_for). `image_root`: where the files' sizes in
-    pixels are read (None: not read)."""
+    pixels and the copies' colour layouts are read (None: neither is read, and copies are confirmed by
+    the hash alone)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"the look-alike threshold is a cosine similarity in (0, 1], got {threshold}")
     if copy_threshold is not None and not 0 < copy_threshold <= 1:
@@ -521,8 +556,13 @@ def compute_duplicate_groups(layout: DataLayout, batches: list[str], threshold: 
         for batch, image_id in members:
             involved.setdefault(batch, set()).add(image_id)
     manifest = image_rows(layout, involved, ["path", "size", "mtime"])
+    colour_agrees = None
+    if image_root is not None:
+        colour_agrees, summary.refused_by_colour, summary.colour_unreadable = colour_confirmation(
+            pairs, rules, image_root, manifest)
     tiered = tiered_groups(pairs, exact, rules,
-                           order=lambda image: (image[0], manifest.get(image[1], {}).get("path", ""), image[1]))
+                           order=lambda image: (image[0], manifest.get(image[1], {}).get("path", ""), image[1]),
+                           colour_agrees=colour_agrees)
     grouped: dict[str, set[str]] = {}
     for g in tiered.groups:
         for batch, image_id in g:

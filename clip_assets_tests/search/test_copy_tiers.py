@@ -18,11 +18,19 @@ import shutil
 import dagster as dg
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 
 from clip_assets.config.layout import DataLayout
 from clip_assets.definitions import build_definitions
+from clip_assets.demo.shapes import COPY_KINDS, write_collection
 from clip_assets.embedding.options import EncodeOptions
+from clip_assets.embedding.perceptual_hash import (
+    COLOUR_DISTANCE_BOUND,
+    colour_distance,
+    colour_layout,
+    hamming,
+    perceptual_hash,
+)
 from clip_assets.embedding.steps import write_embeddings
 from clip_assets.ingest.steps import write_manifest
 from clip_assets.instance.execution import materialize, register_batches
@@ -166,6 +174,47 @@ def test_the_threshold_is_the_lowest_that_keeps_the_precision_everywhere_above_i
     assert choose_threshold(positives, negatives, 0.75) == pytest.approx(0.96)
     # no copy above every non-copy: just above the highest non-copy
     assert choose_threshold(np.array([0.5]), np.array([0.9]), 0.99) == pytest.approx(0.9, abs=1e-6)
+
+
+def test_the_colour_layout_tells_a_picture_from_the_same_layout_in_other_colours_and_ignores_brightness():
+    disc_on_blue, disc_on_pink = Image.new("RGB", (96, 96), (180, 190, 240)), Image.new("RGB", (96, 96), (220, 180, 170))
+    for img in (disc_on_blue, disc_on_pink):
+        ImageDraw.Draw(img).ellipse((28, 28, 68, 68), fill=(20, 160, 40))
+    assert hamming(np.array([perceptual_hash(disc_on_blue)]), np.array([perceptual_hash(disc_on_pink)]))[0] <= 4
+    assert colour_distance(colour_layout(disc_on_blue), colour_layout(disc_on_pink)) > COLOUR_DISTANCE_BOUND
+    brighter = ImageEnhance.Brightness(disc_on_blue).enhance(0.9)
+    assert colour_distance(colour_layout(disc_on_blue), colour_layout(brighter)) < 1
+    flat_grey, flat_red = Image.new("RGB", (32, 32), (128, 128, 128)), Image.new("RGB", (32, 32), (200, 30, 30))
+    assert colour_distance(colour_layout(flat_grey), colour_layout(flat_grey)) == 0
+    assert colour_distance(colour_layout(flat_grey), colour_layout(flat_red)) == 100
+
+
+def test_the_demos_copy_tier_holds_exactly_its_planted_copies(checkpoint, tmp_path):
+    """The demo's own kind of pictures (shapes on plain and striped backgrounds, where two pictures of
+    one shape share their grey layout) and its planted copies of each kind: with a model that tells
+    nothing apart (random weights), the hash and the colour layouts alone leave exactly the planted
+    copies in the copy tier, the byte copy in the exact tier, and every other pair a look-alike."""
+    image_root = write_collection(tmp_path / "images", batches=2, per_batch=60, seed=5, copies=len(COPY_KINDS)).parent
+    clip = load_clip_model(TINY, str(checkpoint), "cpu")
+    batches = ["batch-001", "batch-002"]
+    layout = DataLayout(tmp_path / "data")
+    for batch in batches:
+        write_manifest(image_root, layout, batch)
+        write_embeddings(clip, image_root, layout, batch, EncodeOptions(batch_size=32, num_workers=0))
+        ann_index.build_batch_shard(layout, batch)
+    learn_copy_threshold(clip, image_root, layout, batches).save(layout.copy_threshold_path)
+    summary = update_duplicate_groups(layout, batches, image_root=image_root)
+
+    planted = {}
+    for kind in COPY_KINDS:
+        (copy,) = (image_root / "batch-002").glob(f"copy-{kind}-of-*")
+        original = next((image_root / "batch-001").glob(copy.name.split("-of-")[1].rsplit(".", 1)[0] + ".*"))
+        planted[kind] = (f"batch-001/{original.name}", f"batch-002/{copy.name}")
+    tiers = groups_by_tier(layout)
+    assert tiers["exact"] == {planted["same-bytes"][0]: [planted["same-bytes"][1]]}
+    assert tiers["copy"] == {original: [copy] for kind, (original, copy) in planted.items() if kind != "same-bytes"}
+    assert summary.refused_by_colour > 0  # look-alikes the hash alone would have called copies
+    assert len(tiers["look-alike"]) > 5  # random weights: everything else looks alike
 
 
 def test_choices_are_durable_undoable_and_exported_as_the_files_to_remove(layout_copy, cli_env, checkpoint, tmp_path):

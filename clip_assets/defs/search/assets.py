@@ -171,6 +171,10 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
             f"{summary.without_hash:,} images have no perceptual hash (embedded before hashes were stored: "
             f"{', '.join(summary.without_hash_batches)}): no copy of theirs is confirmed; materialize "
             "image_embeddings for those batches again to add them")
+    if summary.colour_unreadable:
+        context.log.warning(
+            f"{len(summary.colour_unreadable):,} files could not be read to compare colours (gone or changed since "
+            f"they were embedded: {', '.join(summary.colour_unreadable[:5])}): no copy of theirs is confirmed")
     learnt = summary.learnt
     page_summary = {
         "copy_threshold": summary.copy_threshold, "copy_threshold_source": summary.copy_threshold_source,
@@ -197,6 +201,8 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
             "copy_recall_heldout": page_summary["heldout_recall"],
             "hash_distance": summary.hash_distance,
             "images_without_hash": summary.without_hash,
+            "copies_refused_by_colour": summary.refused_by_colour,
+            "colour_unreadable": "\n".join(summary.colour_unreadable[:20]) or "none",
             "recomputed_batches": len(summary.recomputed),
             "reused_batches": len(summary.reused),
             "recomputed": ", ".join(summary.recomputed) or "none",
