@@ -17,6 +17,7 @@ from clip_assets.classification.rules import models_in_file
 from clip_assets.config.layout import DataLayout
 from clip_assets.storage.damaged_files import EMBEDDINGS, DamagedFileError
 from clip_assets.storage.warehouse import connect
+from clip_assets.storage.warehouse import exists as warehouse_exists
 
 if TYPE_CHECKING:  # the embedding store imports the engine, and torch: the code location loads without them
     from clip_assets.embedding.store import EmbeddingFileFigures
@@ -56,7 +57,7 @@ def embeddings_match_centroid_model(layout: DataLayout, batch: str, models: set[
     """
     if models is None:
         models = models_in_file(layout.embeddings_path(batch))
-    if not layout.duckdb_path.exists():
+    if not warehouse_exists(layout.duckdb_path):
         return CheckOutcome(True, "no centroids stored yet", {"embedding_models": sorted(models)})
     try:
         with connect(layout.duckdb_path, read_only=True) as con:

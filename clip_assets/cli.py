@@ -233,6 +233,7 @@ def run_duplicates(args) -> int:
     from clip_assets.config.layout import DataLayout
     from clip_assets.search.duplicate_choices import files_to_remove, removal_tiers, removals_csv
     from clip_assets.storage.atomic_files import write_text_atomically
+    from clip_assets.storage.warehouse import exists as warehouse_exists
     from clip_assets.storage.warehouse import read_duplicate_groups
 
     try:
@@ -240,7 +241,7 @@ def run_duplicates(args) -> int:
     except ValueError as exc:
         raise UsageError(f"clip-assets duplicates: --tiers: {exc}") from None
     layout = DataLayout(load_settings().data_dir)
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         raise UsageError("clip-assets duplicates: no near-duplicate groups yet: materialize near_duplicates first")
     found = files_to_remove(layout.duplicate_choices_path, read_duplicate_groups(layout.duckdb_path, 10**9, tiers),
                             tiers)

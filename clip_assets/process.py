@@ -2,10 +2,10 @@
 
 The code location (clip_assets.definitions, whose `build_definitions` applies the settings it builds
 from, the demo's among them) and the `clip-assets` command read the settings (`Settings.from_env()`)
-and call `configure_process` with them; library code never reads the environment. Two settings are
-process-wide rather than passed to each call: how long a DuckDB connection waits for another
-process's lock (every reader and writer opens the file through clip_assets.storage.warehouse.connect)
-and where extra open_clip architecture configs are (open_clip keeps its registry of architectures per
+and call `configure_process` with them; library code never reads the environment. Some settings are
+process-wide rather than passed to each call: where the warehouse is (the DuckDB file or parquet
+files: clip_assets.storage.warehouse), how long a DuckDB connection waits for another process's lock
+(every reader and writer opens the file through clip_assets.storage.warehouse.connect) and where extra open_clip architecture configs are (open_clip keeps its registry of architectures per
 process).
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from clip_assets.config.settings import Settings
 from clip_assets.model.architectures import configure_model_config_dir  # torch-free: read when a model loads
-from clip_assets.storage.warehouse import configure_lock_wait
+from clip_assets.storage.warehouse import configure_lock_wait, configure_warehouse
 
 
 def configure_process(settings: Settings) -> None:
     configure_lock_wait(settings.duckdb_wait_s)
+    configure_warehouse(settings.warehouse)
     configure_model_config_dir(settings.model_config_dir)

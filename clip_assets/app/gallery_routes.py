@@ -30,6 +30,7 @@ from clip_assets.search import duplicate_choices
 from clip_assets.search.copy_threshold import CopyThreshold
 from clip_assets.search.near_duplicates import LOOK_ALIKE, TIERS
 from clip_assets.storage.warehouse import connect, read_duplicate_groups
+from clip_assets.storage.warehouse import exists as warehouse_exists
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def from_duckdb(request: Request, template: str, active: str, missing: str, read
     """A page made of what `read()` reads from DuckDB, or the reason it cannot be read, in words."""
     empty = {"title": f"clip-assets {active}", "sections": [], "groups": [], "thumbs": {}, "tiers": {}, "summary": {},
              "choices": {}, "actions": False, "show_look_alikes": False, "look_alike_groups": 0, "request_ids": {}}
-    if not app_state(request).layout.duckdb_path.is_file():
+    if not warehouse_exists(app_state(request).layout.duckdb_path):
         return page(request, template, active, 404, missing, **empty)
     try:
         context = read()
@@ -229,7 +230,7 @@ def removals(request: Request) -> Response:
         tiers = duplicate_choices.removal_tiers(request.query_params.get("tiers"))
     except ValueError as exc:
         return PlainTextResponse(str(exc), 400)
-    if not state.layout.duckdb_path.is_file():
+    if not warehouse_exists(state.layout.duckdb_path):
         return PlainTextResponse("No near-duplicate groups yet: materialize near_duplicates first.", 404)
     try:
         rows = read_duplicate_groups(state.layout.duckdb_path, 10**9, tiers)

@@ -16,6 +16,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import Settings
 from clip_assets.search.exact_search import embedding_files
 from clip_assets.storage.warehouse import connect
+from clip_assets.storage.warehouse import exists as warehouse_exists
 
 if TYPE_CHECKING:
     from clip_assets.model.clip_model import ClipModel
@@ -57,7 +58,7 @@ def page(request: Request, template: str, active: str, status: int = 200, error:
 def read_categories(settings: Settings) -> list[str]:
     """The categories, in the prompt files' order; none if DuckDB is busy or absent."""
     layout = DataLayout(settings.data_dir)
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         return []
     try:
         with connect(layout.duckdb_path, read_only=True, wait_s=5) as con:

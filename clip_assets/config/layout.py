@@ -43,6 +43,11 @@ class DataLayout:
         return self.data_dir / "clip_assets.duckdb"
 
     @property
+    def warehouse_dir(self) -> Path:
+        """The warehouse's tables as parquet files, with CLIP_ASSETS_WAREHOUSE=parquet (clip_assets.storage.parquet_warehouse)."""
+        return self.data_dir / "warehouse"
+
+    @property
     def manifest_dir(self) -> Path:
         return self.data_dir / "manifest"
 

@@ -64,8 +64,9 @@ def images_matching_category(layout: DataLayout, category: str, batches: list[st
     # deferred: the warehouse module loads torch (through the centroids), which a search without a
     # category filter need not wait for before the query is checked
     from clip_assets.storage.warehouse import connect
+    from clip_assets.storage.warehouse import exists as warehouse_exists
 
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         raise NothingToSearchError(f"No DuckDB file at {layout.duckdb_path}: classify images before filtering by category.")
     with connect(layout.duckdb_path, read_only=True) as con:
         known = {r[0] for r in con.execute("SELECT DISTINCT category FROM image_classifications").fetchall()}

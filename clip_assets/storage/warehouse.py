@@ -1,5 +1,8 @@
 """The DuckDB file: prompt centroids and classifications, written in whole transactions.
 
+Or, with CLIP_ASSETS_WAREHOUSE=parquet (writers on several machines), parquet files with DuckDB views
+over them (clip_assets.storage.parquet_warehouse): the same functions, the same tables and views.
+
 Nothing else in the project opens the file: every reader and writer goes through `connect`. DuckDB
 lets a file be open in one read-write process or in any number of read-only ones, never both, so
 connections are opened briefly, both kinds wait (with a bound) for another process's conflicting
@@ -18,19 +21,20 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from clip_assets.classification.centroids import KINDS, CentroidSet
+from clip_assets.config.layout import DataLayout
 from clip_assets.config.settings import default
 from clip_assets.storage.atomic_files import atomic_write, disk_full_error, is_out_of_space
 from clip_assets.storage.damaged_files import DUCKDB, DamagedFileError, materialize, move_aside
 
-SCHEMA_SQL = """
+TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS prompt_centroids (
     category VARCHAR NOT NULL,
     kind VARCHAR NOT NULL,            -- positive / negative / neutral
@@ -79,22 +83,6 @@ ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS adapter_version VARCH
 ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS model_matched BOOLEAN;
 ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS rule_matched BOOLEAN;
 ALTER TABLE image_classifications ADD COLUMN IF NOT EXISTS decided_by VARCHAR;
--- One row per image: what it matched (best first), and its best-scoring category overall.
-CREATE OR REPLACE VIEW image_labels AS
-SELECT batch, image_id,
-       coalesce(list(category ORDER BY score DESC) FILTER (WHERE matched), []) AS categories,
-       arg_max(category, score) AS best_category,
-       max(score) AS best_score
-FROM image_classifications
-GROUP BY batch, image_id;
--- Per category: images classified and images matched, in the prompt files' order.
-CREATE OR REPLACE VIEW category_counts AS
-SELECT p.category, p.mode,
-       count(c.image_id) AS images_classified,
-       count(c.image_id) FILTER (WHERE c.matched) AS images_matched
-FROM prompt_categories p LEFT JOIN image_classifications c USING (category)
-GROUP BY p.category, p.mode, p.position
-ORDER BY p.position;
 -- Near-duplicate groups across the collection (the near_duplicates asset): one row per image in a group.
 CREATE TABLE IF NOT EXISTS duplicate_groups (
     group_id VARCHAR NOT NULL,        -- image_id of the group's first image (by batch, then path)
@@ -122,6 +110,26 @@ ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS height INTEGER;
 ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS file_size BIGINT;
 ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS mtime DOUBLE;
 ALTER TABLE duplicate_groups ADD COLUMN IF NOT EXISTS suggested_keep BOOLEAN DEFAULT false;
+"""
+# The views every reader queries, over the tables above (or, in a parquet warehouse, over views of the same
+# names and columns: clip_assets.storage.parquet_warehouse).
+VIEWS_SQL = """
+-- One row per image: what it matched (best first), and its best-scoring category overall.
+CREATE OR REPLACE VIEW image_labels AS
+SELECT batch, image_id,
+       coalesce(list(category ORDER BY score DESC) FILTER (WHERE matched), []) AS categories,
+       arg_max(category, score) AS best_category,
+       max(score) AS best_score
+FROM image_classifications
+GROUP BY batch, image_id;
+-- Per category: images classified and images matched, in the prompt files' order.
+CREATE OR REPLACE VIEW category_counts AS
+SELECT p.category, p.mode,
+       count(c.image_id) AS images_classified,
+       count(c.image_id) FILTER (WHERE c.matched) AS images_matched
+FROM prompt_categories p LEFT JOIN image_classifications c USING (category)
+GROUP BY p.category, p.mode, p.position
+ORDER BY p.position;
 -- One row per group: its tier, size, batches, paths (first image first) and the least similar member.
 CREATE OR REPLACE VIEW near_duplicate_groups AS
 SELECT group_id, any_value(tier) AS tier, count(*) AS images, list(DISTINCT batch ORDER BY batch) AS batches,
@@ -130,6 +138,7 @@ FROM duplicate_groups
 GROUP BY group_id
 ORDER BY CASE any_value(tier) WHEN 'exact' THEN 0 WHEN 'copy' THEN 1 ELSE 2 END, images DESC, group_id;
 """
+SCHEMA_SQL = TABLES_SQL + VIEWS_SQL
 
 
 log = logging.getLogger(__name__)
@@ -390,6 +399,31 @@ def configure_lock_wait(seconds: float) -> None:
     lock_wait_s = seconds
 
 
+# Where the warehouse is: "duckdb" (the file at the path every function here takes) or "parquet" (parquet
+# files under `tables_dir(path)`, clip_assets.storage.parquet_warehouse). CLIP_ASSETS_WAREHOUSE, set once
+# by the process's edge (clip_assets.process.configure_process), never read from the environment here.
+warehouse_kind: str = default("warehouse")
+
+
+def configure_warehouse(kind: str) -> None:
+    global warehouse_kind
+    warehouse_kind = kind
+
+
+def tables_dir(path: Path) -> Path:
+    """Where the parquet warehouse beside the DuckDB file `path` keeps its files (`<data dir>/warehouse`)."""
+    return DataLayout(Path(path).parent).warehouse_dir
+
+
+def exists(path: Path) -> bool:
+    """Whether the warehouse holds anything: the DuckDB file is there, or the parquet warehouse's prompts file."""
+    if warehouse_kind == "parquet":
+        from clip_assets.storage import parquet_warehouse
+
+        return parquet_warehouse.exists(tables_dir(path))
+    return Path(path).is_file()
+
+
 @contextlib.contextmanager
 def connect(
     path: Path, read_only: bool = False, wait_s: float | None = None, memory_limit: str | None = None
@@ -403,8 +437,19 @@ def connect(
     damaged file, at open or in a query, raises DamagedFileError (clip_assets.storage.damaged_files).
     `memory_limit` (e.g. COLLECTION_PASS_MEMORY_LIMIT): DuckDB's memory limit for this connection's
     database (its block cache included).
+
+    With CLIP_ASSETS_WAREHOUSE=parquet a reader gets an in-memory DuckDB with the same tables and views
+    over the parquet files beside `path` (clip_assets.storage.parquet_warehouse), and no lock to wait for.
     """
     path = Path(path)
+    if warehouse_kind == "parquet":
+        if not read_only:
+            raise RuntimeError("the parquet warehouse is written only by the replace_* functions, never through SQL")
+        from clip_assets.storage import parquet_warehouse
+
+        with parquet_warehouse.reader(tables_dir(path), memory_limit) as con:
+            yield con
+        return
     if wait_s is None:
         wait_s = lock_wait_s
     if not read_only:
@@ -487,6 +532,12 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
         }
     )
 
+    if warehouse_kind == "parquet":
+        from clip_assets.storage import parquet_warehouse
+
+        parquet_warehouse.replace_prompts(tables_dir(path), centroid_rows, category_rows)
+        return n
+
     def write() -> None:
         with connect(path) as con, _transaction(con):
             con.execute("DELETE FROM prompt_centroids")
@@ -509,9 +560,10 @@ def replace_centroids(path: Path, centroids: CentroidSet) -> int:
 
 def read_centroids(path: Path) -> CentroidSet:
     """The stored centroids as matrices, in the prompt files' category order."""
-    if not path.exists():
+    if not exists(path):
+        where = tables_dir(path) if warehouse_kind == "parquet" else path
         raise CentroidsMissingError(
-            f"No DuckDB file at {path}: materialize prompt_centroids before image_classifications."
+            f"No prompt centroids at {where}: materialize prompt_centroids before image_classifications."
         )
     with connect(path, read_only=True) as con:  # a reader: never takes the write lock
         cats = con.execute(
@@ -558,8 +610,13 @@ def replace_batch_classifications(path: Path, batch: str, rows: pa.RecordBatchRe
     """Swap one batch's rows for new ones in a single transaction: no duplicates, no half batch.
 
     `rows` is one Arrow stream, consumed by a single INSERT inside the transaction, so a batch never
-    has to sit in memory whole. Returns the number of rows written.
+    has to sit in memory whole. Returns the number of rows written. In a parquet warehouse the batch's
+    file is replaced instead, as a whole.
     """
+    if warehouse_kind == "parquet":
+        from clip_assets.storage import parquet_warehouse
+
+        return parquet_warehouse.replace_batch(tables_dir(path), batch, rows)
     with connect(path) as con, _transaction(con):
         con.execute("DELETE FROM image_classifications WHERE batch = ?", [batch])
         con.register("new_rows", rows)
@@ -570,6 +627,11 @@ def replace_batch_classifications(path: Path, batch: str, rows: pa.RecordBatchRe
 
 def replace_duplicate_groups(path: Path, rows: pa.Table) -> int:
     """Replace every near-duplicate group at once (groups span batches, so they are replaced whole)."""
+    if warehouse_kind == "parquet":
+        from clip_assets.storage import parquet_warehouse
+
+        parquet_warehouse.replace_duplicate_groups(tables_dir(path), rows)
+        return rows.num_rows
     with connect(path) as con, _transaction(con):
         con.execute("DELETE FROM duplicate_groups")
         con.register("new_groups", rows)

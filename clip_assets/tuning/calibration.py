@@ -29,6 +29,7 @@ from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.pages.plots import precision_recall_png
 from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.storage.warehouse import COLLECTION_PASS_MEMORY_LIMIT, connect
+from clip_assets.storage.warehouse import exists as warehouse_exists
 from clip_assets.tuning.evaluation import CategoryScore, macro_f1
 from clip_assets.tuning.labels_file import LabelRows, LabelsFileError
 
@@ -72,9 +73,9 @@ class LabelledScores:
 
 def load_labelled_scores(layout: DataLayout, labels: LabelRows) -> LabelledScores:
     """Join the labels with the stored classifications (DuckDB) and the manifests (paths)."""
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         raise NotClassifiedError(
-            f"No DuckDB file at {layout.duckdb_path}: materialize prompt_centroids and image_classifications "
+            f"No DuckDB file at {layout.duckdb_path} (nor a warehouse of parquet files, with CLIP_ASSETS_WAREHOUSE=parquet): materialize prompt_centroids and image_classifications "
             "for the labelled images' batches first (CLIP_ASSETS_DATA_DIR says where to look)."
         )
     keys = pa.table({"key": list(labels.labels)})

@@ -31,6 +31,7 @@ import pyarrow as pa
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_id_for
 from clip_assets.storage.warehouse import connect
+from clip_assets.storage.warehouse import exists as warehouse_exists
 from clip_assets.tuning.review_labels import ESTIMATE, NO, YES, current_verdicts
 
 CONFIDENCE = 0.95
@@ -229,7 +230,7 @@ def estimate_precision(
     """Per category (in the prompt files' order; `categories`: those only), precision and recall of
     the stored decisions estimated from the estimate queue's labels, with their intervals. Labels of
     an image or category no longer classified are left out (the store keeps them)."""
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         return []
     decided = "coalesce(c.model_matched, c.matched)"
     with connect(layout.duckdb_path, read_only=True) as con:

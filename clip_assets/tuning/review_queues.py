@@ -29,6 +29,7 @@ import pyarrow as pa
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_id_for, image_paths
 from clip_assets.storage.warehouse import connect
+from clip_assets.storage.warehouse import exists as warehouse_exists
 from clip_assets.tuning.review_labels import ESTIMATE, current_verdicts
 
 DEFAULT_LIMIT = 50
@@ -68,7 +69,7 @@ WHERE category = $category AND image_id NOT IN (SELECT image_id FROM labelled)
 def _queue(layout: DataLayout, category: str, labelled: set[str], query: str, limit: int, **params) -> list[QueueItem]:
     """The rows `query` picks from the category's classifications ({rows}), without the `labelled`
     paths, with their paths from the manifests (only those rows of them are read)."""
-    if not layout.duckdb_path.is_file():
+    if not warehouse_exists(layout.duckdb_path):
         return []
     with connect(layout.duckdb_path, read_only=True) as con:
         con.register("labelled", pa.table({"image_id": pa.array(sorted(map(image_id_for, labelled)), pa.string())}))

@@ -150,8 +150,9 @@ def test_search_by_category_during_a_write_fails_in_one_paragraph_naming_the_wri
     assert f"PID {writer.pid} (" in run.stderr and "notebook_stand_in.py" in run.stderr
 
 
-# Tests that open the file as another tool does: a person's notebook holding it in the test's own process.
-OUTSIDE_TOOLS = ["clip_assets_tests/storage/test_duckdb_1x_readers.py"]
+# Tests that open the file as another tool does: a person's notebook holding it in the test's own process;
+# and the benchmark whose DuckLake side runs DuckDB 1.5 in a venv of its own, where the package is not installed.
+OUTSIDE_TOOLS = ["clip_assets_tests/storage/test_duckdb_1x_readers.py", "benchmarks/writers_on_a_store.py"]
 
 
 def test_only_the_warehouse_module_opens_the_duckdb_file():
