@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from clip_assets.embedding.decode import decode_image
+from clip_assets.storage.store_root import StoreRoot, read_file_bytes
 
 if TYPE_CHECKING:  # the tensor path only: the code location loads without torch
     import torch
@@ -107,13 +108,13 @@ def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(100 * (1 - (ca @ cb) / norm))
 
 
-def colour_layouts_of_files(paths: dict) -> dict:
-    """{key: the colour layout of the file at its path (decoded at a small draft size), or None where it
-    cannot be read (gone, changed into something that is not an image)}."""
+def colour_layouts_of_files(image_root: Path | StoreRoot, paths: dict) -> dict:
+    """{key: the colour layout of the file at its path under the image root (decoded at a small draft
+    size), or None where it cannot be read (gone, changed into something that is not an image)}."""
     out = {}
     for key, path in paths.items():
         try:
-            out[key] = colour_layout(decode_image(Path(path).read_bytes(), (64, 64)))
+            out[key] = colour_layout(decode_image(read_file_bytes(image_root, path), (64, 64)))
         except Exception as exc:  # noqa: BLE001 - a file that cannot be read confirms nothing
             log.info("colour layout of %s not read: %s", path, exc)
             out[key] = None

@@ -56,6 +56,7 @@ from clip_assets.embedding.perceptual_hash import (
 from clip_assets.ingest.manifest import image_paths
 from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.storage.atomic_files import write_text_atomically
+from clip_assets.storage.store_root import StoreRoot, read_file_bytes
 
 if TYPE_CHECKING:  # torch loads in the step that learns, not with the code location
     from clip_assets.model.clip_model import ClipModel
@@ -250,7 +251,7 @@ def rates(threshold: float, positives: np.ndarray, negatives: np.ndarray) -> tup
 
 def learn_copy_threshold(
     clip: ClipModel,
-    image_root: Path,
+    image_root: Path | StoreRoot,
     layout: DataLayout,
     batches: list[str],
     target_precision: float = default("copy_precision"),
@@ -293,7 +294,7 @@ def learn_copy_threshold(
     for b, r in picked:
         path = paths.get(coll.ids[b][r])
         try:
-            data = (image_root / path).read_bytes()
+            data = read_file_bytes(image_root, path)
             with Image.open(io.BytesIO(data)) as opened:
                 original_format = opened.format
             image = decode_image(data)
@@ -349,8 +350,8 @@ def learn_copy_threshold(
         wanted.setdefault(coll.batches[nb], []).append(coll.ids[nb][nr])
     other_paths = image_paths(layout, wanted)
     other_colours = colour_layouts_of_files(
-        {(nb, nr): image_root / other_paths[coll.ids[nb][nr]] for _, nb, nr in hash_agrees
-         if coll.ids[nb][nr] in other_paths})
+        image_root,
+        {(nb, nr): other_paths[coll.ids[nb][nr]] for _, nb, nr in hash_agrees if coll.ids[nb][nr] in other_paths})
 
     negatives = np.full(len(originals), -np.inf)
     already = 0
@@ -384,7 +385,7 @@ def learn_copy_threshold(
 def learnt_or_stored(
     clip_loader: Callable[[], ClipModel],
     model: str,
-    image_root: Path,
+    image_root: Path | StoreRoot,
     layout: DataLayout,
     batches: list[str],
     target_precision: float = default("copy_precision"),

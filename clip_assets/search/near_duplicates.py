@@ -35,6 +35,7 @@ are few next to images).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections import Counter
@@ -63,6 +64,7 @@ from clip_assets.search.search_rows import ensure_search_rows, mapped_rows
 from clip_assets.search.shard_set import ShardSet
 from clip_assets.storage.atomic_files import write_parquet_atomically
 from clip_assets.storage.damaged_files import DUPLICATE_PAIRS, EMBEDDINGS, DamagedFileError
+from clip_assets.storage.store_root import StoreRoot, file_source
 from clip_assets.storage.warehouse import replace_duplicate_groups
 
 log = logging.getLogger(__name__)
@@ -391,10 +393,11 @@ GROUP_ROWS_SCHEMA = pa.schema(
 )
 
 
-def image_size(path: Path) -> tuple[int | None, int | None]:
+def image_size(image_root: Path | StoreRoot, path: str) -> tuple[int | None, int | None]:
     """(width, height) as the file's header says, or (None, None) where it cannot be read."""
     try:
-        with Image.open(path) as img:
+        source = file_source(image_root, path)
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source())) as img:
             return img.size
     except Exception:
         return None, None
@@ -413,7 +416,7 @@ def suggested_keep(members: list[dict]) -> int:
 
 def group_rows(layout: DataLayout, tiered: TieredGroups, manifest: dict[str, dict], rules: Rules,
                fingerprints: dict[tuple[str, str], str | None], hashes: dict[tuple[str, str], int | None],
-               image_root: Path | None = None) -> pa.Table:
+               image_root: Path | StoreRoot | None = None) -> pa.Table:
     """One row per image in a group (first image first): its path, its similarity to the first image
     (exactly), its hash distance to it, its size and the file kept by default."""
     by_batch: dict[str, list[str]] = {}
@@ -435,7 +438,7 @@ def group_rows(layout: DataLayout, tiered: TieredGroups, manifest: dict[str, dic
         for batch, image_id in g:
             row = manifest.get(image_id, {})
             path = row.get("path", "")
-            width, height = image_size(image_root / path) if image_root is not None and path else (None, None)
+            width, height = image_size(image_root, path) if image_root is not None and path else (None, None)
             members.append({"width": width, "height": height, "mtime": row.get("mtime"), "size": row.get("size")})
         keep = suggested_keep(members)
         for position, ((batch, image_id), m) in enumerate(zip(g, members)):
@@ -461,7 +464,7 @@ def group_rows(layout: DataLayout, tiered: TieredGroups, manifest: dict[str, dic
     return pa.table(columns, schema=GROUP_ROWS_SCHEMA)
 
 
-def colour_confirmation(pairs: pa.Table, rules: Rules, image_root: Path,
+def colour_confirmation(pairs: pa.Table, rules: Rules, image_root: Path | StoreRoot,
                         manifest: dict[str, dict]) -> tuple[np.ndarray, int, list[str]]:
     """Per pair, whether the colour layouts of its two files confirm a copy (read only for pairs that
     pass the copy rule's similarity and hash); the number refused; the files that could not be read."""
@@ -473,7 +476,7 @@ def colour_confirmation(pairs: pa.Table, rules: Rules, image_root: Path,
     right = list(zip(pairs["other_batch"].to_pylist(), pairs["other_image_id"].to_pylist()))
     wanted = {image for k in candidates for image in (left[k], right[k])}
     paths = {image: manifest.get(image[1], {}).get("path") for image in wanted}
-    layouts = colour_layouts_of_files({image: image_root / p for image, p in paths.items() if p})
+    layouts = colour_layouts_of_files(image_root, {image: p for image, p in paths.items() if p})
     layouts.update({image: None for image, p in paths.items() if not p})
     for k in candidates:
         a, b = layouts[left[k]], layouts[right[k]]
@@ -530,7 +533,7 @@ def copy_threshold_for(layout: DataLayout, batches: list[str], by_hand: float | 
 
 def compute_duplicate_groups(layout: DataLayout, batches: list[str], threshold: float = DEFAULT_THRESHOLD,
                              copy_threshold: float | None = None, hash_distance: int = DEFAULT_HASH_DISTANCE,
-                             image_root: Path | None = None) -> tuple[DuplicatesSummary, pa.Table]:
+                             image_root: Path | StoreRoot | None = None) -> tuple[DuplicatesSummary, pa.Table]:
     """Bring the pair files up to date for `batches` (the whole collection) and form the groups of every
     tier: the summary and the rows for DuckDB's duplicate_groups, not written yet. `copy_threshold`:
     set by hand; None: the learnt one (see copy_threshold_for). `image_root`: where the files' sizes in
@@ -585,7 +588,7 @@ def compute_duplicate_groups(layout: DataLayout, batches: list[str], threshold: 
 
 def update_duplicate_groups(layout: DataLayout, batches: list[str], threshold: float = DEFAULT_THRESHOLD,
                             copy_threshold: float | None = None, hash_distance: int = DEFAULT_HASH_DISTANCE,
-                            image_root: Path | None = None) -> DuplicatesSummary:
+                            image_root: Path | StoreRoot | None = None) -> DuplicatesSummary:
     """compute_duplicate_groups, then DuckDB's duplicate_groups replaced with the groups in one transaction."""
     summary, rows = compute_duplicate_groups(layout, batches, threshold, copy_threshold, hash_distance, image_root)
     replace_duplicate_groups(layout.duckdb_path, rows)

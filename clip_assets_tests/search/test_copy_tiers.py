@@ -39,6 +39,7 @@ from clip_assets.search import ann_index, duplicate_choices
 from clip_assets.search.copy_threshold import CopyThreshold, choose_threshold, learn_copy_threshold, rates
 from clip_assets.search.near_duplicates import update_duplicate_groups
 from clip_assets.storage.warehouse import connect, read_duplicate_groups
+from clip_assets_tests.storage.test_store_root import upload
 from clip_assets_tests.support.images import photo_like
 from clip_assets_tests.support.models import TINY
 
@@ -189,12 +190,15 @@ def test_the_colour_layout_tells_a_picture_from_the_same_layout_in_other_colours
     assert colour_distance(colour_layout(flat_grey), colour_layout(flat_red)) == 100
 
 
-def test_the_demos_copy_tier_holds_exactly_its_planted_copies(checkpoint, tmp_path):
+@pytest.mark.parametrize("where", ["local folder", "bucket"])
+def test_the_demos_copy_tier_holds_exactly_its_planted_copies(where, checkpoint, tmp_path, request):
     """The demo's own kind of pictures (shapes on plain and striped backgrounds, where two pictures of
     one shape share their grey layout) and its planted copies of each kind: with a model that tells
     nothing apart (random weights), the hash and the colour layouts alone leave exactly the planted
-    copies in the copy tier, the byte copy in the exact tier, and every other pair a look-alike."""
-    image_root = write_collection(tmp_path / "images", batches=2, per_batch=60, seed=5, copies=len(COPY_KINDS)).parent
+    copies in the copy tier, the byte copy in the exact tier, and every other pair a look-alike. The
+    same with the images in a bucket (the colour layouts and sizes read from the store)."""
+    local_root = write_collection(tmp_path / "images", batches=2, per_batch=60, seed=5, copies=len(COPY_KINDS)).parent
+    image_root = local_root if where == "local folder" else upload(local_root, request.getfixturevalue("s3_store"), "img")
     clip = load_clip_model(TINY, str(checkpoint), "cpu")
     batches = ["batch-001", "batch-002"]
     layout = DataLayout(tmp_path / "data")
@@ -207,8 +211,8 @@ def test_the_demos_copy_tier_holds_exactly_its_planted_copies(checkpoint, tmp_pa
 
     planted = {}
     for kind in COPY_KINDS:
-        (copy,) = (image_root / "batch-002").glob(f"copy-{kind}-of-*")
-        original = next((image_root / "batch-001").glob(copy.name.split("-of-")[1].rsplit(".", 1)[0] + ".*"))
+        (copy,) = (local_root / "batch-002").glob(f"copy-{kind}-of-*")
+        original = next((local_root / "batch-001").glob(copy.name.split("-of-")[1].rsplit(".", 1)[0] + ".*"))
         planted[kind] = (f"batch-001/{original.name}", f"batch-002/{copy.name}")
     tiers = groups_by_tier(layout)
     assert tiers["exact"] == {planted["same-bytes"][0]: [planted["same-bytes"][1]]}

@@ -124,7 +124,7 @@ def copy_threshold(context: dg.AssetExecutionContext, collection: ImageCollectio
     model = collection_model(layout, batches)
     if model is None:
         raise dg.Failure("No embeddings yet: materialize image_embeddings for a batch first.")
-    learnt, why = learnt_or_stored(lambda: clip_model.load(layout), model, Path(collection.image_root), layout,
+    learnt, why = learnt_or_stored(lambda: clip_model.load(layout), model, collection.root, layout,
                                    batches, collection.copy_precision, collection.copy_hash_distance,
                                    report=context.log.info)
     if learnt.threshold is None:
@@ -163,7 +163,7 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
     batches = sorted(context.instance.get_dynamic_partitions(image_batches.name))
     summary, rows = duplicates.compute_duplicate_groups(
         layout, batches, collection.duplicate_threshold, collection.copy_threshold, collection.copy_hash_distance,
-        Path(collection.image_root))
+        collection.root)
     for warning in summary.damaged:
         context.log.warning(warning)
     if summary.without_hash:
@@ -183,7 +183,7 @@ def near_duplicates(context: dg.AssetExecutionContext, collection: ImageCollecti
         "hash_distance": summary.hash_distance, "look_alike": summary.threshold,
         "without_hash": summary.without_hash, "without_hash_batches": summary.without_hash_batches,
     }
-    page = write_duplicates_page(layout, Path(collection.image_root), layout.duplicates_page_dir(context.run.run_id),
+    page = write_duplicates_page(layout, collection.root, layout.duplicates_page_dir(context.run.run_id),
                                  groups=largest_groups(rows.to_pylist(), 200), summary=page_summary)
     prune_pages(page.parent.parent, KEEP_DUPLICATES_PAGES)  # one page per run: it re-runs after every new batch
     replace_duplicate_groups(layout.duckdb_path, rows)  # last: nothing after it can fail the step
