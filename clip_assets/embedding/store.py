@@ -12,7 +12,7 @@ Rows of images no longer in the manifest drop out. Embeddings of another model a
 
 from __future__ import annotations
 
-import shutil
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from clip_assets.embedding.engine import EncodeJob
 from clip_assets.ingest.manifest import STATUS_OK
 from clip_assets.storage.arrow_vectors import vectors_matrix
-from clip_assets.storage.atomic_files import atomic_write, write_parquet_atomically
+from clip_assets.storage.atomic_files import atomic_write, remove_file, remove_folder, write_parquet_atomically
 from clip_assets.storage.damaged_files import (
     DAMAGED_MARKER,
     EMBEDDING_PART,
@@ -36,6 +36,7 @@ from clip_assets.storage.damaged_files import (
 )
 
 PART_GLOB = "part-*.parquet"
+_DAMAGED_COPY = re.compile(re.escape(DAMAGED_MARKER))
 NORM_TOLERANCE = 1e-3
 
 
@@ -66,14 +67,14 @@ class PartFiles:
             try:
                 with EMBEDDING_PART.reading(path, self.batch):
                     if "perceptual_hash" not in pq.read_schema(path).names:  # from before hashes were stored
-                        path.unlink()
+                        remove_file(path)
                         continue
                     table = pq.read_table(path, columns=["model", "precision"])
             except DamagedFileError as exc:
                 EMBEDDING_PART.set_aside(path, exc.reason, self.batch)
                 continue
             if not pc.all(self.reusable(table)).as_py():
-                path.unlink()
+                remove_file(path)
 
     def write(self, table: pa.Table) -> None:
         existing = self.paths()
@@ -94,12 +95,7 @@ class PartFiles:
 
     def remove(self) -> None:
         """The folder and its files, except the damaged copies moved aside (kept for a look)."""
-        if not any(DAMAGED_MARKER in p.name for p in (self.directory.iterdir() if self.directory.is_dir() else [])):
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return
-        for path in self.directory.iterdir():
-            if DAMAGED_MARKER not in path.name:
-                path.unlink(missing_ok=True)
+        remove_folder(self.directory, keep=_DAMAGED_COPY)
 
 
 class BackgroundWrites:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,12 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.search.exact_search import stored_models, top_k_streaming
 from clip_assets.search.search_rows import ensure_search_rows, fresh_search_rows, mapped_rows, source_note
 from clip_assets.search.shard_set import SEARCH_CANDIDATES, SEARCH_NPROBE, Shard, ShardSet, read_faiss
-from clip_assets.storage.atomic_files import write_bytes_atomically, write_text_atomically
+from clip_assets.storage.atomic_files import (
+    link_unless_there,
+    remove_file,
+    write_bytes_atomically,
+    write_text_atomically,
+)
 from clip_assets.storage.damaged_files import ANN_CODEC, ANN_SHARD, READ_ERRORS, DamagedFileError, move_aside
 from clip_assets.storage.file_hashes import current_content_digest
 
@@ -96,12 +100,9 @@ def train_codec(sample: np.ndarray, rows: int, target: Path) -> bool:
     # serialised in memory: faiss's file writer ignores an error that shows only when the file is closed
     write_bytes_atomically(faiss.serialize_index(index), written)
     try:
-        os.link(written, target)  # fails when a codec is already there
-        return True
-    except FileExistsError:
-        return False
+        return link_unless_there(written, target)  # False when a codec is already there
     finally:
-        written.unlink(missing_ok=True)
+        remove_file(written)
 
 
 def fill_shard(codec, vectors: np.ndarray, target: Path) -> None:
@@ -176,7 +177,7 @@ def codec_sample(layout: DataLayout, model: str, batch: str, vectors: np.ndarray
     of the codec the collection's rows (all such batches) call for."""
     rng = np.random.default_rng(seed)
     others = []
-    for embeddings in sorted(layout.embeddings_dir.glob("*.parquet")):
+    for embeddings in layout.embedding_files():
         if embeddings.stem == Path(layout.embeddings_path(batch)).stem:
             continue
         found = fresh_search_rows(embeddings)
@@ -253,7 +254,7 @@ def build_batch_shard(layout: DataLayout, batch: str, seed: int = 0) -> ShardSum
         fill_shard(codec, vectors, target)
         kind, factory, index_bytes = KIND_IVF, factory_string(codec.nlist, codec.pq.M), target.stat().st_size
     else:
-        target.unlink(missing_ok=True)
+        remove_file(target)
         kind, factory, index_bytes = KIND_EXACT, None, 0
     version = hashlib.sha1(json.dumps([stamp, kind, factory, version_of_codec]).encode()).hexdigest()[:16]
     note = {**stamp, "kind": kind, "factory": factory, "rows": vectors_file.rows, "dim": vectors_file.dim,

@@ -42,6 +42,10 @@ def rows_path(embeddings_file: Path) -> Path:
     return DataLayout.of_embeddings_file(embeddings_file).search_rows_path(embeddings_file.stem)
 
 
+def note_path(embeddings_file: Path) -> Path:
+    return DataLayout.of_embeddings_file(embeddings_file).search_rows_note_path(embeddings_file.stem)
+
+
 def source_note(embeddings_file: Path) -> dict:
     st = embeddings_file.stat()
     return {"source": embeddings_file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -50,11 +54,11 @@ def source_note(embeddings_file: Path) -> dict:
 def fresh_search_rows(embeddings_file: Path) -> SearchRowsFile | None:
     """The search rows of one embeddings file when they are written and match the file as it is now, else None."""
     data = rows_path(embeddings_file)
-    note_path = data.with_suffix(".json")
-    if note_path.is_file() and data.is_file():
+    note_file = note_path(embeddings_file)
+    if note_file.is_file() and data.is_file():
         source = source_note(embeddings_file)
         try:
-            note = json.loads(note_path.read_text())
+            note = json.loads(note_file.read_text())
             rows, dim = int(note["rows"]), int(note["dim"])
             st = data.stat()
             if ({k: note.get(k) for k in source} == source and st.st_size == rows * dim * 4
@@ -71,7 +75,7 @@ def ensure_search_rows(embeddings_file: Path, record_batch_rows: int = DEFAULT_R
     if found is not None:
         return found
     data = rows_path(embeddings_file)
-    note_path = data.with_suffix(".json")
+    note_file = note_path(embeddings_file)
     source = source_note(embeddings_file)
     with open_parquet(embeddings_file, EMBEDDINGS, embeddings_file.stem) as pf:
         dim = pf.schema_arrow.field("embedding").type.list_size
@@ -83,7 +87,7 @@ def ensure_search_rows(embeddings_file: Path, record_batch_rows: int = DEFAULT_R
             out.write(matrix.tobytes())
             rows += len(matrix)
     write_text_atomically(json.dumps({**source, "rows": rows, "dim": dim, "rows_mtime_ns": data.stat().st_mtime_ns}),
-                          note_path)
+                          note_file)
     return SearchRowsFile(data, rows, dim)
 
 

@@ -15,6 +15,12 @@ A temp file is named `.clip-assets-tmp~<pid>~<host>~<random>~<start of the targe
 short whatever the target's name (under 140 bytes, well below the 255-byte file-name limit), unique
 per write, never matching the target's own pattern (`*.parquet`, `*.toml`: glob matches dot files),
 and it says which process on which machine wrote it, so the sweep can tell an abandoned one.
+
+In the local copy of a data directory kept in an object store (clip_assets.storage.object_store),
+every write here is also published: the finished temp file is uploaded to the target's key with one
+put before it is renamed into place, so a failed upload leaves the old file both there and here.
+`remove_file`, `remove_folder` and `link_unless_there` are the deletes and the first-writer-wins
+link, which apply to the store the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_assets.storage import object_store
 from clip_assets.storage.file_hashes import content_digest
 
 TEMP_MARKER = ".clip-assets-tmp"
@@ -93,6 +100,55 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f"{TEMP_MARKER}~{os.getpid()}~{_host()}~{token}~{prefix}.tmp")
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Upload the finished `tmp` as `path`'s object when `path` is in the local copy of a store."""
+    store = object_store.store_for(path)
+    if store is not None:
+        store.publish(tmp, path)
+
+
+def remove_file(path: Path) -> None:
+    """Remove a file (nothing when there is none), and its object when it is in the local copy of a store."""
+    path = Path(path)
+    store = object_store.store_for(path)
+    if store is not None:
+        store.remove(path)
+    path.unlink(missing_ok=True)
+
+
+def remove_folder(folder: Path, keep: re.Pattern[str] | None = None) -> None:
+    """Remove a folder and its files (and their objects, in the local copy of a store); files whose name
+    matches `keep` stay, and so does the folder then."""
+    folder = Path(folder)
+    store = object_store.store_for(folder)
+    if store is not None:
+        store.remove_tree(folder, keep)
+    if keep is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if not keep.search(path.name):
+            path.unlink(missing_ok=True)
+
+
+def link_unless_there(source: Path, target: Path) -> bool:
+    """Give the finished file `source` the name `target` too, unless a file is there already (the first
+    writer wins). In the local copy of a store the object is looked for, then uploaded: two machines in
+    the same second could both win, the later upload staying."""
+    source, target = Path(source), Path(target)
+    store = object_store.store_for(target)
+    if store is not None:
+        store.refresh(target)
+        if target.exists():
+            return False
+        _publish(source, target)
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temp path to write; rename it over `path` on success, remove it on any failure.
@@ -110,6 +166,7 @@ def atomic_write(path: Path, durable: bool = False) -> Iterator[Path]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        _publish(tmp, path)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -145,6 +202,7 @@ def write_named_by_content(directory: Path, name_for: Callable[[str], str], writ
     try:
         write(tmp)
         target = directory / name_for(content_digest(tmp))
+        _publish(tmp, target)
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,8 @@ command that rebuilds it (`Artifact.reading`). What the reader does next depends
 - a step that reads its own earlier output (the embeddings file it carries rows over from, its part
   files, the index codec, the near-duplicate pair files, the saved text encoder) moves the damaged
   copy aside as `<name>.damaged-<UTC time>` (`move_aside`: kept for a look, never deleted; no
-  reader's pattern matches that name) and builds it anew;
+  reader's pattern matches that name; in a data directory kept in an object store the object is
+  moved aside there too) and builds it anew;
 - any other reader fails with the message.
 """
 
@@ -29,6 +30,8 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from clip_assets.storage import object_store
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,9 @@ def move_aside(path: Path) -> Path:
         n += 1
         target = path.with_name(f"{path.name}{DAMAGED_MARKER}{stamp}-{n}")
     os.replace(path, target)
+    store = object_store.store_for(path)
+    if store is not None:  # the data directory is in a store: the object is moved aside there too
+        store.move(path, target)
     return target
 
 

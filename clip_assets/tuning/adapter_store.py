@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_assets.classification.centroids import CentroidSet
-from clip_assets.storage.atomic_files import atomic_write
+from clip_assets.storage.atomic_files import atomic_write, remove_file
 from clip_assets.storage.damaged_files import ADAPTERS, READ_ERRORS
 from clip_assets.tuning.adapters import AdapterSet, FileAdapter
 
@@ -52,11 +52,9 @@ def write_adapter_file(adapters: AdapterSet, path: Path) -> None:
 
 def remove_adapters(path: Path) -> bool:
     """No labels: no adapters file, so classification is zero-shot. Returns whether one was removed."""
-    try:
-        Path(path).unlink()
-        return True
-    except FileNotFoundError:
-        return False
+    existed = Path(path).is_file()
+    remove_file(path)
+    return existed
 
 
 def read_adapters(path: Path) -> AdapterSet | None:

@@ -15,6 +15,7 @@ other's objects.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class S3Bucket:
 
 
 def start() -> tuple[ThreadedMotoServer, S3Server]:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in the tests' output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
