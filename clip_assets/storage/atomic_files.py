@@ -123,10 +123,11 @@ def remove_folder(folder: Path, keep: re.Pattern[str] | None = None) -> None:
     store = object_store.store_for(folder)
     if store is not None:
         store.remove_tree(folder, keep)
-    if keep is None:
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if keep is None or not any(keep.search(path.name) for path in entries):
         shutil.rmtree(folder, ignore_errors=True)
         return
-    for path in folder.iterdir() if folder.is_dir() else []:
+    for path in entries:
         if not keep.search(path.name):
             path.unlink(missing_ok=True)
 
