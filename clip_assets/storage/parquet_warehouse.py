@@ -33,6 +33,7 @@ from clip_assets.config.layout import batch_stem
 from clip_assets.storage import object_store
 from clip_assets.storage.atomic_files import atomic_write, write_parquet_atomically
 from clip_assets.storage.damaged_files import Artifact, materialize, open_parquet, readable_parquet_files
+from clip_assets.storage.warehouse_schema import TABLES_SQL, VIEWS_SQL, scratch
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def reader(root: Path, memory_limit: str | None = None) -> Iterator[duckdb.DuckD
     The files are listed once, here: a batch written later shows in the next connection. Damaged
     per-batch files are left out, each logged as a warning naming it and its rebuild.
     """
-    from clip_assets.storage.warehouse import TABLES_SQL, VIEWS_SQL, scratch
-
     root = Path(root)
     batches_dir = root / CLASSIFICATIONS_DIR
     _follow_store(batches_dir, folder=True)

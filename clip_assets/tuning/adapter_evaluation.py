@@ -20,7 +20,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import readable_manifests
 from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.damaged_files import EMBEDDINGS, readable_parquet_files
-from clip_assets.storage.warehouse import scratch
+from clip_assets.storage.warehouse_schema import scratch
 from clip_assets.tuning.adapters import CANDIDATES, AdapterSet, fit_adapters, select_shots
 from clip_assets.tuning.calibration import (
     DEFAULT_HELDOUT_FRACTION,

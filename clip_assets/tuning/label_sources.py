@@ -21,7 +21,7 @@ import pyarrow as pa
 from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import image_id_for, readable_manifests
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
-from clip_assets.storage.warehouse import scratch
+from clip_assets.storage.warehouse_schema import scratch
 from clip_assets.tuning.labels_file import LabelRows, read_labels_file, write_labels_file
 from clip_assets.tuning.review_labels import (
     IMPORT,

@@ -19,7 +19,7 @@ import pytest
 
 from clip_assets.classification.steps import write_classifications
 from clip_assets.config.settings import REPO_ROOT
-from clip_assets.storage import warehouse
+from clip_assets.storage import warehouse, warehouse_schema
 from clip_assets.storage.atomic_files import TEMP_MARKER
 
 DOCS_PAGE = REPO_ROOT / "docs" / "data.md"
@@ -64,7 +64,7 @@ def rows_by_1x(binary: Path, cwd: Path, database: str | None, sql: str, out: Pat
 
 def rows_by_2x(path: Path | None, sql: str) -> list[dict]:
     if path is None:
-        with warehouse.scratch() as con:
+        with warehouse_schema.scratch() as con:
             return con.sql(sql).to_arrow_table().to_pylist()
     with warehouse.connect(path, read_only=True) as con:
         return con.sql(sql).to_arrow_table().to_pylist()
@@ -84,7 +84,7 @@ def storage_version(path: Path) -> str:
 def write_in_duckdb_2_format(path: Path) -> None:
     """Make `path` the file DuckDB 2 writes by default (storage format v2.0.0), same tables and rows."""
     old = path.with_name("old.duckdb")
-    with warehouse.scratch() as con:
+    with warehouse_schema.scratch() as con:
         con.execute(f"ATTACH '{path}' AS current (READ_ONLY)")
         con.execute(f"ATTACH '{old}' AS old (STORAGE_VERSION 'v2.0.0')")
         con.execute("COPY FROM DATABASE current TO old")
