@@ -28,7 +28,7 @@ from clip_assets.errors import is_project_error
 from clip_assets.pages.gallery import TIER_HEADINGS, duplicate_groups, gallery_sections
 from clip_assets.search import duplicate_choices
 from clip_assets.search.copy_threshold import CopyThreshold
-from clip_assets.search.near_duplicates import LOOK_ALIKE, TIERS
+from clip_assets.search.near_duplicates import LOOK_ALIKE, TIERS, images_without_hash
 from clip_assets.storage.warehouse import connect, read_duplicate_groups
 from clip_assets.storage.warehouse import exists as warehouse_exists
 
@@ -117,8 +117,7 @@ def duplicates_summary(state) -> dict:
         "heldout_recall": None if by_hand or learnt is None else learnt.heldout_recall,
         "hash_distance": settings.copy_hash_distance,
         "look_alike": settings.duplicate_threshold,
-        "without_hash": 0,
-        "without_hash_batches": [],
+        **dict(zip(("without_hash", "without_hash_batches"), images_without_hash(layout, state.batches()))),
     }
 
 

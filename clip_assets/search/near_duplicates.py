@@ -506,10 +506,15 @@ def images_without_hash(layout: DataLayout, batches: list[str]) -> tuple[int, li
         path = layout.embeddings_path(batch)
         if not path.is_file():
             continue
-        if "perceptual_hash" not in pq.read_schema(path).names:
-            missing = pq.read_metadata(path).num_rows
-        else:
-            missing = pq.read_table(path, columns=["perceptual_hash"])["perceptual_hash"].null_count
+        meta = pq.read_metadata(path)
+        leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        if "perceptual_hash" not in leaves:
+            missing = meta.num_rows
+        else:  # the footer's null counts where the writer kept them (pyarrow does), else the column itself
+            column = leaves.index("perceptual_hash")
+            stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            missing = (sum(s.null_count for s in stats) if all(s is not None and s.has_null_count for s in stats)
+                       else pq.read_table(path, columns=["perceptual_hash"])["perceptual_hash"].null_count)
         if missing:
             total += missing
             where.append(batch)

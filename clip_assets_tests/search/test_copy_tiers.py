@@ -17,6 +17,8 @@ import shutil
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
@@ -314,6 +316,14 @@ def test_the_app_page_stores_a_choice_and_downloads_the_files_to_remove(layout_c
         refused = post_form(app.url + "/duplicates/keep", [("group_id", group["group_id"]), ("tier", "exact"),
                                                            ("keep", "batch-b/look-0.jpg")] + [("members", m) for m in members])
         assert refused[0] == 400 and "cannot be kept" in refused[2]
+        assert "no perceptual hash" not in get(app.url + "/duplicates")[2].decode()
+
+        embeddings = pq.read_table(layout.embeddings_path("batch-b"))  # as if embedded before hashes were stored
+        unhashed = pa.nulls(embeddings.num_rows, pa.int64())
+        pq.write_table(embeddings.set_column(embeddings.schema.get_field_index("perceptual_hash"), "perceptual_hash",
+                                             unhashed), layout.embeddings_path("batch-b"))
+        page = get(app.url + "/duplicates")[2].decode()
+        assert f"{embeddings.num_rows} images have no perceptual hash" in page and "batch-b" in page
 
 
 def test_the_assets_learn_the_threshold_once_per_model_and_commit_the_groups_last(copies_collection, tmp_path,
