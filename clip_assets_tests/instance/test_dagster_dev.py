@@ -32,6 +32,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from dagster._core.execution.backfill import BulkActionStatus
 
 from clip_assets.classification.prompts import load_categories, prompt_version
@@ -56,6 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How often the daemon looks, and nothing else, shorter than dagster.yaml's: the queue every second, not
+# every 5 s (each run waited about 2.5 s to start); run monitoring every 2 s, not 30 s (the killed run's
+# retry waited up to a whole poll for the dead run's `gpu` slot to be freed). What the daemon does when
+# it looks (fail a dead run, free its slots after free_slots_after_run_end_seconds) stays as shipped.
+QUEUE_POLL_S = 1
+MONITORING_POLL_S = 2
+
+
+def polling_sooner(instance_yaml: str) -> str:
+    config = yaml.safe_load(instance_yaml)
+    config["run_coordinator"].setdefault("config", {})["dequeue_interval_seconds"] = QUEUE_POLL_S
+    config["run_monitoring"]["poll_interval_seconds"] = MONITORING_POLL_S
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 class DagsterDev:
     def __init__(self, root: Path, checkpoint: Path, batches: int = len(BATCHES), per_batch: int = PER_BATCH,
                  env: dict[str, str] | None = None, start: bool = True, storage: dict | None = None):
@@ -63,8 +79,8 @@ class DagsterDev:
         self.home = root / "dagster_home"
         self.home.mkdir()
         # The shipped instance config, its storage folder made absolute so this test can open it too, or
-        # its storage a Postgres database (`storage`: the conftest's instance_storage).
-        (self.home / "dagster.yaml").write_text(shipped_instance_yaml(self.home, storage))
+        # its storage a Postgres database (`storage`: the conftest's instance_storage); the daemon polls sooner.
+        (self.home / "dagster.yaml").write_text(polling_sooner(shipped_instance_yaml(self.home, storage)))
         self.images, self.data, self.prompts = root / "images", root / "data", root / "prompts"
         write_collection(self.images, batches=batches, per_batch=per_batch, seed=21)
         shutil.copytree(REPO_ROOT / "prompts", self.prompts)
