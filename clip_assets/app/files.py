@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from clip_assets.pages.gallery import write_thumbnail
 from clip_assets.storage.store_root import StoreRoot, file_source, image_root_from
+from clip_assets.storage.store_urls import StoreError
 
 SEARCH_THUMBNAIL_PX = 192
 REVIEW_THUMBNAIL_PX = 384  # large enough to judge an image by
@@ -51,7 +52,7 @@ class ImageFiles:
         if isinstance(self.root, StoreRoot):  # a HEAD: a rewritten object gets a thumbnail of its own
             try:
                 length, modified = self.root.stat(relative)
-            except OSError:
+            except (OSError, StoreError):
                 return None
             key = hashlib.sha1(f"{self.root}/{relative}\0{length}\0{modified!r}\0{size}".encode()).hexdigest()
         else:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clip_assets.storage import object_store
 from clip_assets.storage.atomic_files import sweep_stale_temp_files
-from clip_assets.storage.store_root import is_store_url, local_path
+from clip_assets.storage.store_urls import is_store_url, local_path
 
 # Leaves room for the longest suffix (`.parquet`, `.parts`) under the 255-byte file-name limit.
 MAX_STEM_BYTES = 200

@@ -38,6 +38,7 @@ from clip_assets.embedding.perceptual_hash import perceptual_hash, tensor_hashes
 from clip_assets.embedding.tensor_preprocess import TensorPreprocess, UnsupportedTransform
 from clip_assets.model.clip_model import ClipModel
 from clip_assets.storage.store_root import StoreRoot
+from clip_assets.storage.store_urls import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def decoder_for(setting: str, clip: ClipModel, image_root: Path | StoreRoot, pat
                 file = image_root / path
                 if stat.S_ISREG(file.stat().st_mode):  # never a FIFO or a device, which could block
                     sample.append(file.read_bytes())
-            except OSError:
+            except (OSError, StoreError):
                 continue
         return measure_decode_rates(sample, decoder, workers)
 

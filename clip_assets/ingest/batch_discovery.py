@@ -30,6 +30,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.ingest.manifest import list_batches, list_files
 from clip_assets.storage.atomic_files import write_text_atomically
 from clip_assets.storage.store_root import StoreRoot
+from clip_assets.storage.store_urls import StoreError
 
 # What Dagster refuses in a partition key (its private INVALID_PARTITION_SUBSTRINGS, copied so this
 # module does not import Dagster; clip_assets_tests/instance/test_dagster_internals.py keeps them equal).
@@ -123,7 +124,7 @@ def batch_changed(image_root: Path | StoreRoot, layout: DataLayout, batch: str, 
         on_disk = files_fingerprint(image_root, batch)
     except FileNotFoundError:  # gone (a store's batch is listed first: nothing under its prefix any more)
         return False
-    except OSError as exc:
+    except (OSError, StoreError) as exc:  # a local folder's error, or the store's
         report(f"{batch}: its folder could not be listed ({exc}); left out of this re-scan")
         return False
     try:

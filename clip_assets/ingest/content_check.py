@@ -27,6 +27,7 @@ from clip_assets.config.layout import DataLayout
 from clip_assets.embedding.decode import fingerprint
 from clip_assets.storage.atomic_files import remove_file, write_text_atomically
 from clip_assets.storage.store_root import StoreRoot, file_stat, read_file_bytes
+from clip_assets.storage.store_urls import StoreError
 
 
 @dataclass
@@ -75,7 +76,7 @@ def content_check_slice(
                 if file_stat(image_root, path) != (size, mtime):
                     continue  # a stat change: the re-scan's business
                 data = read_file_bytes(image_root, path)
-            except OSError:
+            except (OSError, StoreError):
                 continue
             found.checked_files += 1
             found.checked_bytes += len(data)

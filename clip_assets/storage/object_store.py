@@ -26,12 +26,13 @@ they stay in the local copy only (see docs/object_storage.md).
 
 Credentials are whatever the backend's own client finds (for S3, botocore's chain: AWS_* variables,
 AWS_ENDPOINT_URL, the shared config files, the instance or pod role); none are read from the
-project's settings. Every request this process makes to a store is counted (`request_counts`).
+project's settings. Every request this process makes to a store is counted (`request_counts`), with the
+requests of the workers it forks; the URL, the client, the counts and the one-line errors are those of
+every store (clip_assets.storage.store_urls).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import os
@@ -43,51 +44,49 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clip_assets.storage.store_root import check_store_url
+from clip_assets.storage.store_urls import (
+    S3_SCHEMES,
+    RequestCounts,
+    StoreError,
+    check_store_url,
+    store_error,
+    store_errors,
+    store_filesystem,
+)
 
 DEFAULT_RECHECK_S = 2.0
 # Backends whose single put replaces an object atomically (a reader never sees part of one).
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-# What each S3 API call is, in the words of the request counts.
-_S3_KINDS = {
-    "GetObject": "GET",
-    "PutObject": "PUT",
-    "HeadObject": "HEAD",
-    "ListObjectsV2": "LIST",
-    "ListObjects": "LIST",
-    "DeleteObject": "DELETE",
-    "DeleteObjects": "DELETE",
-    "CopyObject": "COPY",
-    "HeadBucket": "HEAD",
-    "CreateMultipartUpload": "PUT",
-    "UploadPart": "PUT",
-    "CompleteMultipartUpload": "PUT",
-}
+SETTING = "CLIP_ASSETS_DATA_DIR"
 
-_requests: collections.Counter[str] = collections.Counter()
+_requests: RequestCounts | None = None
 _requests_lock = threading.Lock()
 
 
-class StoreError(RuntimeError):
-    """The data directory's store cannot be reached or used; the message names the URL and what to set."""
+def _counts() -> RequestCounts:
+    """This process's counts of requests to data directories in a store: made on first use (a process that
+    opens no store makes no shared memory), and shared with the processes forked after that."""
+    global _requests
+    with _requests_lock:
+        if _requests is None:
+            _requests = RequestCounts()
+        return _requests
 
 
 def count_request(kind: str, n: int = 1) -> None:
-    with _requests_lock:
-        _requests[kind] += n
+    _counts().add(kind, n)
 
 
 def request_counts() -> dict[str, int]:
-    """Requests this process made to object stores so far, by kind (GET, PUT, HEAD, LIST, DELETE, COPY)."""
-    with _requests_lock:
-        return dict(_requests)
+    """Requests this process (and the workers it forked since) made to data directories in a store so far, by
+    kind (GET, PUT, HEAD, LIST, DELETE, COPY, OTHER), the kinds with none left out."""
+    return {k: n for k, n in _counts().snapshot().items() if n}
 
 
 def requests_since(before: dict[str, int]) -> dict[str, int]:
     """Requests made since `before` (an earlier `request_counts()`), the kinds with none left out."""
-    now = request_counts()
-    return {k: now[k] - before.get(k, 0) for k in now if now[k] - before.get(k, 0)}
+    return _counts().since(before)
 
 
 def _cache_folder_name(url: str) -> str:
@@ -126,40 +125,22 @@ class ObjectStore:
     _checked: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        import fsspec  # deferred: only a data directory in a store needs it
-
         try:
             self.url = check_store_url(self.url)  # names the package to install for the scheme
         except ValueError as exc:
-            raise StoreError(f"CLIP_ASSETS_DATA_DIR: {exc}") from None
-        protocol = _URL.match(self.url).group(1).lower()
-        cls = fsspec.get_filesystem_class(protocol)
-        options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
-        self.fs = cls(**options)
-        self.protocol = protocol
-        self.root = cls._strip_protocol(self.url).rstrip("/")
-        if protocol in ("s3", "s3a"):
-            self._count_s3_requests()
-            bucket = self.root.split("/", 1)[0]
+            raise StoreError(f"{SETTING}: {exc}") from None
+        self.protocol = _URL.match(self.url).group(1).lower()
+        self.fs = store_filesystem(self.protocol)
+        self.root = type(self.fs)._strip_protocol(self.url).rstrip("/")
+        try:  # no credentials, no endpoint: said once, with the URL
+            self._counts_requests = _counts().count_sent(self.fs)
+        except Exception as exc:
+            raise self.error("connecting", exc) from exc
+        if self.protocol in S3_SCHEMES:
             try:  # one request when the store is opened: a missing bucket or refused credentials show here
-                self.fs.call_s3("head_bucket", Bucket=bucket)
+                self.fs.call_s3("head_bucket", Bucket=self.root.split("/", 1)[0])
             except Exception as exc:
-                if isinstance(exc, FileNotFoundError):
-                    exc = FileNotFoundError(f"the bucket {bucket} does not exist")
-                raise self.error(exc) from exc
-
-    def _count_s3_requests(self) -> None:
-        """Count every HTTP request botocore sends for this filesystem (retries included), by what it is."""
-
-        def counted(event_name: str, **_: Any) -> None:
-            count_request(_S3_KINDS.get(event_name.rsplit(".", 1)[-1], "OTHER"))
-
-        try:
-            self.fs.connect()
-            self.fs.s3.meta.events.register("before-send.s3", counted)
-        except Exception as exc:  # no credentials, no endpoint: said once, with the URL
-            raise self.error(exc) from exc
-        self._counts_requests = True
+                raise self.error("opening the bucket", exc) from exc
 
     @property
     def counts_own_requests(self) -> bool:
@@ -170,29 +151,13 @@ class ObjectStore:
         if not self.counts_own_requests:
             count_request(kind)
 
-    def error(self, exc: BaseException, what: str = "") -> StoreError:
-        """The one line a failed request becomes: the URL, what went wrong, what to set."""
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        name = type(exc).__name__
-        if "NoSuchBucket" in text or ("bucket" in text.lower() and "does not exist" in text):
-            advice = "the bucket does not exist: create it, or set CLIP_ASSETS_DATA_DIR to one that does"
-        elif name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
-            advice = (
-                "no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
-                "or give the machine a role that may use the bucket), and AWS_ENDPOINT_URL for a store other "
-                "than AWS"
-            )
-        elif isinstance(exc, PermissionError) or any(
-            w in text for w in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
-        ):
-            advice = (
-                "the credentials found were refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                "AWS_PROFILE, or the machine's role) and that they may read and write the bucket"
-            )
-        else:
-            advice = "check the URL, AWS_ENDPOINT_URL and the network"
-        where = f" ({what})" if what else ""
-        return StoreError(f"CLIP_ASSETS_DATA_DIR={self.url}{where}: {name}: {text[:200]}. {advice}.")
+    def error(self, doing: str, exc: BaseException) -> StoreError:
+        return store_error(SETTING, self.url, doing, exc)
+
+    def errors(self, doing: str):
+        """Requests inside the block: a missing object ends it quietly (gone already); any other failure is
+        the one line naming the URL and what to set."""
+        return store_errors(SETTING, self.url, doing, missing_ok=True)
 
     # --- names ---
 
@@ -218,18 +183,16 @@ class ObjectStore:
     # --- reading ---
 
     def _head(self, key: str) -> dict[str, Any] | None:
-        try:
-            if self.protocol in ("s3", "s3a"):  # one HEAD (fs.info adds a LIST for a missing key)
+        """The object's size, ETag and LastModified; None when there is none."""
+        with self.errors(f"looking at {key}"):
+            if self.protocol in S3_SCHEMES:  # one HEAD (fs.info adds a LIST for a missing key)
                 bucket, _, name = key.partition("/")
                 out = self.fs.call_s3("head_object", Bucket=bucket, Key=name)
                 return {"size": out["ContentLength"], "ETag": out.get("ETag"), "LastModified": out.get("LastModified")}
             self._op("HEAD")
             info = self.fs.info(key)
             return info if info.get("type") == "file" else None
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise self.error(exc, key) from exc
+        return None
 
     def _matches(self, path: Path, info: dict[str, Any]) -> bool:
         try:
@@ -258,7 +221,7 @@ class ObjectStore:
                     path.unlink()
                 return
             if isinstance(exc, Exception) and not isinstance(exc, OSError):
-                raise self.error(exc, key) from exc
+                raise self.error(f"downloading {key}", exc) from exc
             raise
 
     def _follow(self, path: Path, info: dict[str, Any] | None) -> None:
@@ -291,10 +254,10 @@ class ObjectStore:
             listed = self.fs.ls(prefix, detail=True)
         except FileNotFoundError as exc:
             if "bucket" in str(exc).lower():
-                raise self.error(exc, prefix) from exc
+                raise self.error(f"listing {prefix}", exc) from exc
             listed = []
         except Exception as exc:
-            raise self.error(exc, prefix) from exc
+            raise self.error(f"listing {prefix}", exc) from exc
         on_store = {}
         for info in listed:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -333,12 +296,14 @@ class ObjectStore:
             info = self._head(key)
         except OSError as exc:
             if isinstance(exc, (FileNotFoundError, PermissionError)):
-                raise self.error(exc, key) from exc
+                raise self.error(f"uploading {key}", exc) from exc
+            raise
+        except StoreError:
             raise
         except Exception as exc:
-            raise self.error(exc, key) from exc
+            raise self.error(f"uploading {key}", exc) from exc
         if info is None:
-            raise StoreError(f"CLIP_ASSETS_DATA_DIR={self.url}: {key} was uploaded but is not there")
+            raise StoreError(f"{SETTING}={self.url}: {key} was uploaded but is not there")
         stamp = _stamp_ns(info)
         os.utime(source, ns=(stamp, stamp))
         self._mark(key)
@@ -346,45 +311,33 @@ class ObjectStore:
     def remove(self, path: Path) -> None:
         """Delete one file's object (nothing when there is none)."""
         key = self.key(path)
-        try:
+        with self.errors(f"deleting {key}"):
             self._op("DELETE")
             self.fs.rm_file(key)
-        except FileNotFoundError:
-            pass
-        except Exception as exc:
-            raise self.error(exc, key) from exc
         self._mark(key)
 
     def remove_tree(self, folder: Path, keep: re.Pattern[str] | None = None) -> None:
         """Delete every object under a folder (those whose name matches `keep` stay)."""
         prefix = self.key(folder)
-        try:
+        with self.errors(f"deleting {prefix}"):
             self._op("LIST")
             names = self.fs.find(prefix)
             doomed = [n for n in names if keep is None or not keep.search(n.rsplit("/", 1)[-1])]
             if doomed:
                 self._op("DELETE")
                 self.fs.rm(doomed)
-        except FileNotFoundError:
-            pass
-        except Exception as exc:
-            raise self.error(exc, prefix) from exc
         self._forget(prefix)
 
     def move(self, source: Path, target: Path) -> None:
         """Move an object to another name (a copy, then a delete: stores have no rename)."""
         old, new = self.key(source), self.key(target)
-        try:
+        with self.errors(f"moving {old}"):  # nothing to move: nothing more to do
             self._op("COPY")
             self.fs.copy(old, new)
             self._op("DELETE")
             self.fs.rm_file(old)
-        except FileNotFoundError:
-            return
-        except Exception as exc:
-            raise self.error(exc, old) from exc
-        self._forget(old)
-        self._forget(new)
+            self._forget(old)
+            self._forget(new)
 
 
 _stores: dict[tuple[str, Path], ObjectStore] = {}

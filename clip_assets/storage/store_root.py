@@ -1,9 +1,9 @@
 """An image root in an object store (`s3://bucket/prefix`, or any fsspec scheme whose package is installed).
 
 The batches are the direct "folders" (common prefixes) under the root's prefix; a batch's objects are
-listed in one paginated LIST pass, and each object is read with one GET. Credentials come from where
-the store's own client looks (for S3: the AWS_* variables, AWS_ENDPOINT_URL, a profile, an instance
-role), never from this project's files. Listings are never cached: a re-scan sees the store as it is.
+listed in one paginated LIST pass, and each object is read with one GET. Credentials, the client, the
+request counts and the one-line errors are those of every store (clip_assets.storage.store_urls).
+Listings are never cached: a re-scan sees the store as it is.
 
 Every request goes through one client per process (created on first use, again after a fork, so
 DataLoader workers have their own), and is counted in `RequestCounts`, which forked workers share
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +25,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from clip_assets.storage.store_urls import (
+    RequestCounts,
+    check_store_url,
+    is_store_url,
+    local_path,
+    store_errors,
+    store_filesystem,
+)
+
 # GETs one process has in flight at once while it reads a share of images: on a store with tens of
 # milliseconds per request, one at a time would leave the decoder waiting.
 CONCURRENT_GETS = 8
@@ -33,76 +41,6 @@ CONCURRENT_GETS = 8
 # Store options per scheme: no listings cache (a re-scan must see what is there now); for S3, one GET per
 # object (s3fs otherwise asks for the size first, a HEAD, to split large objects into ranged GETs).
 _OPTIONS: dict[str, dict[str, Any]] = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
-
-CREDENTIALS_HINT = {
-    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run with an instance role; "
-    "AWS_ENDPOINT_URL for an S3-compatible server",
-    "gs": "set GOOGLE_APPLICATION_CREDENTIALS, or run with a service account",
-    "gcs": "set GOOGLE_APPLICATION_CREDENTIALS, or run with a service account",
-}
-
-
-class StoreError(OSError):
-    """The image root's store cannot be reached or used; the message is one line naming the URL and what to set."""
-
-
-def is_store_url(value: str | Path) -> bool:
-    """A URL with a scheme other than file:// (a plain path, or file://, is a local folder)."""
-    if isinstance(value, Path):
-        return False
-    scheme = urlsplit(str(value)).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
-
-
-def local_path(value: str | Path) -> Path:
-    """A plain path or a file:// URL as a Path."""
-    text = str(value)
-    return Path(urlsplit(text).path) if text.startswith("file://") else Path(text)
-
-
-def check_store_url(url: str) -> str:
-    """The URL without a trailing slash, once its scheme's package is known to be installed; else a ValueError
-    that names the package to install."""
-    from fsspec.registry import get_filesystem_class, known_implementations
-
-    parts = urlsplit(url)
-    if not parts.netloc:
-        raise ValueError(f"{url}: name the bucket, as in {parts.scheme}://bucket/prefix")
-    try:
-        get_filesystem_class(parts.scheme)
-    except ImportError:
-        known = known_implementations.get(parts.scheme, {})
-        package = known.get("class", "").split(".")[0] or f"the fsspec backend for {parts.scheme}://"
-        raise ValueError(
-            f"{url}: reading {parts.scheme}:// needs the {package} package, which is not installed (uv add {package})"
-        ) from None
-    except ValueError:
-        raise ValueError(f"{url}: fsspec knows no store with the scheme {parts.scheme}://") from None
-    return url.rstrip("/")
-
-
-_KINDS = {"ListObjectsV2": 0, "ListObjects": 0, "GetObject": 1, "HeadObject": 2}
-KIND_NAMES = ("list", "get", "head", "other")
-
-
-class RequestCounts:
-    """Requests made to the store, by kind (LIST, GET, HEAD, other), shared with forked worker processes."""
-
-    def __init__(self):
-        self._counts = multiprocessing.RawArray("q", len(KIND_NAMES))
-        self._lock = multiprocessing.Lock()
-
-    def add(self, kind: int, n: int = 1) -> None:
-        with self._lock:
-            self._counts[kind] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(zip(KIND_NAMES, self._counts))
-
-    def since(self, before: dict[str, int]) -> dict[str, int]:
-        """The requests made since `before` (a snapshot)."""
-        return {k: v - before.get(k, 0) for k, v in self.snapshot().items()}
 
 
 @dataclass(frozen=True)
@@ -167,66 +105,21 @@ class StoreRoot:
         """This process's client for the store (created on first use, and again in a forked child)."""
         with self._lock:
             if self._fs is None or self._pid != os.getpid():
-                import fsspec
-
                 with self.errors("connecting"):
-                    fs = fsspec.filesystem(
-                        self.protocol,
-                        skip_instance_cache=True,
-                        use_listings_cache=False,
-                        **_OPTIONS.get(self.protocol, {}),
-                    )
-                self._count_requests(fs)
+                    fs = store_filesystem(self.protocol, **_OPTIONS.get(self.protocol, {}))
+                    self._counted_by_hook = self.requests.count_sent(fs)
                 self._fs, self._pid = fs, os.getpid()
             return self._fs
 
-    def _count_requests(self, fs) -> None:
-        """Count every S3 API call (botocore's before-call event); other stores count our own calls."""
-        if getattr(fs, "_s3", "absent") == "absent":
-            self._counted_by_hook = False
-            return
-        counts = self.requests
-
-        def count(event_name: str, **_) -> None:
-            counts.add(_KINDS.get(event_name.rsplit(".", 1)[-1], 3))
-
-        fs.s3.meta.events.register("before-call.s3", count)
-        self._counted_by_hook = True
-
-    def _count(self, kind: int) -> None:
+    def _count(self, kind: str) -> None:
+        """Count one operation as one request, for a store whose client's own requests are not counted."""
         if not getattr(self, "_counted_by_hook", False):
             self.requests.add(kind)
 
-    @contextlib.contextmanager
     def errors(self, doing: str):
         """The store's errors about the root as a whole (credentials, bucket, endpoint) as one line naming the
         URL and what to set."""
-        try:
-            yield
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise self.error(doing, exc) from exc
-
-    def error(self, doing: str, exc: BaseException) -> StoreError:
-        name = type(exc).__name__
-        hint = CREDENTIALS_HINT.get(self.protocol, "set the credentials its client reads")
-        if name == "NoCredentialsError" or "credentials" in str(exc).lower():
-            why = f"no credentials were found ({hint})"
-        elif isinstance(exc, PermissionError):
-            why = f"access denied ({exc}; {hint})"
-        elif isinstance(exc, FileNotFoundError):
-            why = (
-                f"the bucket {self.bucket} does not exist or these credentials cannot see it (set "
-                f"CLIP_ASSETS_IMAGE_ROOT to {self.protocol}://<bucket>/<prefix> of your images; {hint})"
-            )
-        else:
-            why = (
-                f"{name}: {exc} (check AWS_ENDPOINT_URL and the network)"
-                if self.protocol in ("s3", "s3a")
-                else f"{name}: {exc}"
-            )
-        return StoreError(f"Image root {self.url}: {doing} failed: {why}.")
+        return store_errors("CLIP_ASSETS_IMAGE_ROOT", self.url, doing)
 
     def _full(self, relative: str) -> str:
         return f"{self.path}/{relative}"
@@ -237,7 +130,7 @@ class StoreRoot:
         """The direct "folders" under the root, dot-names aside, sorted: one LIST with a delimiter."""
         fs = self.fs
         with self.errors("listing its batches"):
-            self._count(0)
+            self._count("LIST")
             try:
                 found = fs.ls(self.path, detail=True, refresh=True)
             except FileNotFoundError:
@@ -255,7 +148,7 @@ class StoreRoot:
         local batch's files are listed: one LIST pass, paginated by the store."""
         fs = self.fs
         with self.errors(f"listing the batch {batch}"):
-            self._count(0)
+            self._count("LIST")
             try:
                 found = fs.find(self._full(batch), detail=True)
             except FileNotFoundError:
@@ -283,7 +176,7 @@ class StoreRoot:
     def read_bytes(self, relative: str) -> bytes:
         """One object's bytes (one GET); an object that is gone says so with its URL."""
         fs = self.fs
-        self._count(1)
+        self._count("GET")
         try:
             return fs.cat_file(self._full(relative))
         except FileNotFoundError:
@@ -294,7 +187,7 @@ class StoreRoot:
     def stat(self, relative: str) -> tuple[int, float | None]:
         """(size, mtime) of one object, as its manifest row has them (one HEAD)."""
         fs = self.fs
-        self._count(2)
+        self._count("HEAD")
         info = fs.info(self._full(relative))
         return int(info.get("size") or 0), _mtime(info)
 
