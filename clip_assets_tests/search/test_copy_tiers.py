@@ -41,9 +41,9 @@ from clip_assets.search import ann_index, duplicate_choices
 from clip_assets.search.copy_threshold import CopyThreshold, choose_threshold, learn_copy_threshold, rates
 from clip_assets.search.near_duplicates import update_duplicate_groups
 from clip_assets.storage.warehouse import connect, read_duplicate_groups
-from clip_assets_tests.storage.test_store_root import upload
 from clip_assets_tests.support.images import photo_like
 from clip_assets_tests.support.models import TINY
+from clip_assets_tests.support.s3_server import upload
 
 BATCHES = ["batch-a", "batch-b"]
 COPIES = {  # the copy in batch-b -> its original in batch-a

@@ -24,6 +24,7 @@ from clip_assets.storage.arrow_vectors import vectors_matrix
 from clip_assets.storage.store_root import StoreRoot, image_root_from
 from clip_assets.storage.store_urls import StoreError
 from clip_assets_tests.support.images import jpeg_bytes, photo_like
+from clip_assets_tests.support.s3_server import upload
 
 
 def write_local_batches(root: Path) -> None:
@@ -42,13 +43,6 @@ def write_local_batches(root: Path) -> None:
         (folder / ".hidden.jpg").write_bytes(jpeg_bytes(photo_like(40, 40)))
     (root / ".cache").mkdir()
     (root / ".cache" / "x.jpg").write_bytes(b"x")
-
-
-def upload(local: Path, s3_store, prefix: str) -> StoreRoot:
-    fs = s3_store.filesystem()
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs.pipe(f"{s3_store.bucket}/{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
-    return StoreRoot(s3_store.url(prefix))
 
 
 def without_mtime(table) -> list[dict]:

@@ -19,10 +19,13 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
+
+from clip_assets.storage.store_root import StoreRoot
 
 REGION = "us-east-1"
 ACCESS_KEY = "clip-assets-test-key"
@@ -72,6 +75,15 @@ class S3Bucket:
         if not fs.exists(root):
             return []
         return sorted(path.removeprefix(f"{self.bucket}/") for path in fs.find(root))
+
+
+def upload(local: Path, s3_store: S3Bucket, prefix: str) -> StoreRoot:
+    """Every file under the local folder put under `prefix` in the test's bucket (the same relative paths);
+    the image root that names it."""
+    fs = s3_store.filesystem()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.pipe(f"{s3_store.bucket}/{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
+    return StoreRoot(s3_store.url(prefix))
 
 
 def start() -> tuple[ThreadedMotoServer, S3Server]:
