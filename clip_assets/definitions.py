@@ -14,6 +14,7 @@ from clip_assets.defs import classification, embedding, ingest, pages, search, t
 from clip_assets.defs.automation import automation_sensor
 from clip_assets.defs.resources import pipeline_resources
 from clip_assets.defs.tuning.fine_tuning import encoded_with_fine_tuned_model
+from clip_assets.instance.dagster_internals import with_sensor_interval
 from clip_assets.instance.executor import in_process_executor
 from clip_assets.process import configure_process
 
@@ -41,6 +42,8 @@ def build_definitions(settings: Settings, executor: dg.ExecutorDefinition | None
         dg.Definitions(executor=executor or IN_PROCESS_EXECUTOR, sensors=[automation_sensor],
                        resources=pipeline_resources(settings)),
     )
+    if settings.sensor_interval_s is not None:
+        defs = with_sensor_interval(defs, settings.sensor_interval_s)
     # With CLIP_ASSETS_USE_FINE_TUNED, the embeddings and centroids are encoded with fine_tuned_model.
     return encoded_with_fine_tuned_model(defs) if settings.use_fine_tuned else defs
 

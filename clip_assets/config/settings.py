@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         default=20.0, gt=0,
         description="the most seconds one `content_check` tick reads files for; the next tick goes on from there",
     )
+    sensor_interval_s: int | None = Field(
+        default=None, ge=1, description="the fewest seconds between two ticks of every sensor of the code location "
+        "(the discovery of new batches, the observation of the prompt, labels and captions files, the automation "
+        "that re-runs what they feed); unset: each sensor's own, 30 s",
+    )
     decode: Literal["auto", "pillow", "tensor"] = Field(
         default="auto",
         description="`pillow` (CPU workers decode), `tensor` (JPEGs batch-decoded on the model's device), "
@@ -175,14 +180,27 @@ class Settings(BaseSettings):
         "may differ; two different pictures differ in about 32",
     )
 
-    @field_validator("image_root", "data_dir", mode="before")
+    @field_validator("image_root", mode="before")
     @classmethod
-    def _path_or_store_url(cls, value: Any) -> Any:
+    def _image_root_path_or_url(cls, value: Any) -> Any:
         """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
         store's package is known to be installed."""
-        from clip_assets.storage.store_urls import path_or_store_url
+        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
 
-        return path_or_store_url(value)
+        if isinstance(value, Path) or not isinstance(value, str):
+            return value
+        return check_store_url(value) if is_store_url(value) else local_path(value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_path_or_url(cls, value: Any) -> Any:
+        """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
+        store's package is known to be installed."""
+        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
+
+        if isinstance(value, Path) or not isinstance(value, str):
+            return value
+        return check_store_url(value) if is_store_url(value) else local_path(value)
 
     @field_validator("fine_tune_wise_alpha", mode="before")
     @classmethod

@@ -8,6 +8,10 @@ test, then fix this module alone).
 
 from __future__ import annotations
 
+import copy
+
+from dagster import Definitions
+
 # A runless observation's data version: AssetObservation takes no data_version argument, so the
 # prompt, labels and captions observations carry it as these tags (what ObserveResult does inside).
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
@@ -35,6 +39,10 @@ from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 # take a single partition_key, the range only as these two tags.
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, GRPC_INFO_TAG
 
+# The code location's Definitions with its sensors replaced (with_sensor_interval): a Definitions is a
+# record whose public methods replace assets only (map_asset_specs), not sensors.
+from dagster._record import copy as copy_record
+
 # Ctrl-C and SIGTERM during a run only set a flag (Dagster's signal handler while a run executes),
 # which Dagster reads when a step starts: the pool wait reads and clears it too.
 from dagster._utils.interrupts import pop_captured_interrupt
@@ -56,6 +64,20 @@ def data_version_tags(version: str) -> dict[str, str]:
     return {DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
 
 
+def with_sensor_interval(defs: Definitions, seconds: int) -> Definitions:
+    """`defs` with every sensor ticking at most every `seconds` (CLIP_ASSETS_SENSOR_INTERVAL_S). A sensor
+    keeps its minimum interval in `_min_interval`, and no public method copies it with another one
+    (with_attributes takes jobs and metadata only, and makes a run-failure or automation sensor a plain
+    one), so each sensor is a shallow copy of itself, its class and evaluation kept, with that replaced."""
+
+    def every(sensor):
+        copied = copy.copy(sensor)
+        copied._min_interval = seconds
+        return copied
+
+    return copy_record(defs, sensors=[every(sensor) for sensor in defs.sensors or []])
+
+
 __all__ = [
     "ASSET_PARTITION_RANGE_END_TAG",
     "ASSET_PARTITION_RANGE_START_TAG",
@@ -73,4 +95,5 @@ __all__ = [
     "partition_range",
     "partition_range_tags",
     "pop_captured_interrupt",
+    "with_sensor_interval",
 ]

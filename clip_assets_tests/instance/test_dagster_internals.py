@@ -5,6 +5,8 @@ import inspect
 
 import dagster as dg
 
+from clip_assets.config.settings import Settings
+from clip_assets.definitions import build_definitions
 from clip_assets.ingest.batch_discovery import INVALID_PARTITION_SUBSTRINGS as OURS
 from clip_assets.instance import dagster_internals as internals
 
@@ -74,3 +76,19 @@ def test_the_in_process_executor_is_still_built_from_the_pieces_the_pool_wait_re
     ]
     assert callable(internals.InstanceConcurrencyContext.interval_to_next_pending_claim_check)
     assert internals.pop_captured_interrupt() in (True, False)
+
+
+def test_the_sensor_interval_reaches_every_sensor_and_leaves_it_what_it_was(tmp_path):
+    """CLIP_ASSETS_SENSOR_INTERVAL_S: every sensor of the code location ticks at most that often, and is
+    the same kind of sensor as before (a run-failure sensor, the automation sensor) doing the same thing."""
+    here = {"data_dir": tmp_path / "data", "image_root": tmp_path}
+    shipped = build_definitions(Settings(**here)).get_repository_def().sensor_defs
+    quick = build_definitions(Settings(**here, sensor_interval_s=5)).get_repository_def().sensor_defs
+    assert {s.minimum_interval_seconds for s in shipped} == {30}, "unset, each sensor keeps its own interval"
+    assert {s.minimum_interval_seconds for s in quick} == {5}, (
+        "dagster_internals.with_sensor_interval no longer sets a sensor's minimum interval"
+    )
+    assert [(s.name, type(s), s.default_status, s.targets) for s in quick] == [
+        (s.name, type(s), s.default_status, s.targets) for s in shipped
+    ]
+    assert {type(s) for s in quick} >= {dg.RunStatusSensorDefinition, dg.AutomationConditionSensorDefinition}
