@@ -180,27 +180,14 @@ class Settings(BaseSettings):
         "may differ; two different pictures differ in about 32",
     )
 
-    @field_validator("image_root", mode="before")
+    @field_validator("image_root", "data_dir", mode="before")
     @classmethod
-    def _image_root_path_or_url(cls, value: Any) -> Any:
+    def _path_or_store_url(cls, value: Any) -> Any:
         """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
         store's package is known to be installed."""
-        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
+        from clip_assets.storage.store_urls import path_or_store_url
 
-        if isinstance(value, Path) or not isinstance(value, str):
-            return value
-        return check_store_url(value) if is_store_url(value) else local_path(value)
-
-    @field_validator("data_dir", mode="before")
-    @classmethod
-    def _data_dir_path_or_url(cls, value: Any) -> Any:
-        """A plain path or file:// URL is a local folder (a Path); any other URL is kept as text, once its
-        store's package is known to be installed."""
-        from clip_assets.storage.store_root import check_store_url, is_store_url, local_path
-
-        if isinstance(value, Path) or not isinstance(value, str):
-            return value
-        return check_store_url(value) if is_store_url(value) else local_path(value)
+        return path_or_store_url(value)
 
     @field_validator("fine_tune_wise_alpha", mode="before")
     @classmethod
