@@ -104,7 +104,7 @@ def image_classifications(context: dg.AssetExecutionContext, collection: ImageCo
     # deferred: the step imports torch, which loading the code location does not (see clip_assets.defs)
     from clip_assets.classification.steps import write_classifications
 
-    layout, image_root = collection.layout, Path(collection.image_root)
+    layout, image_root = collection.layout, collection.root  # a folder, or a StoreRoot: the sheet reads either
 
     def classify_batch(batch: str) -> tuple[CheckOutcome, "ClassificationSummary"]:
         summary = write_classifications(layout, batch, image_root=image_root)
