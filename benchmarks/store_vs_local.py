@@ -174,7 +174,7 @@ def client_counts(image_root) -> Counter:
     total = Counter(object_store.request_counts())
     if isinstance(image_root, StoreRoot):
         for name, n in image_root.requests.snapshot().items():
-            total[name.upper() if name != "other" else "OTHER"] += n
+            total[name.upper()] += n
     return total
 
 
@@ -425,7 +425,8 @@ def run(options, work: Path, server: Server) -> None:
         row, summary = bench.measure("288 JPEGs", "embedding", case,
                                      lambda c=case: write_embeddings(clip, c["image_root"], layouts[c["name"]], BATCH,
                                                                      encode), root)  # fmt: skip
-        row["image_gets"] = root.requests.since(before_root)["get"] if isinstance(root, StoreRoot) else 0
+        if isinstance(root, StoreRoot):
+            row["image_gets"] = {k.upper(): n for k, n in root.requests.since(before_root).items()}.get("GET", 0)
         row["note"] = f"{summary.encoded} encoded, {summary.encoded / row['seconds']:.1f} images/s"
         print(f"{'':>90}{row['note']}")
     for case in (local, store, store_duckdb):
