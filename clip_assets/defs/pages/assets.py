@@ -36,7 +36,7 @@ def classification_gallery(context: dg.AssetExecutionContext, collection: ImageC
     to open it: the file's URL, or one command that serves the folder on http://127.0.0.1:8765/."""
     out_dir = collection.layout.gallery_dir(context.run.run_id)
     with folder_removed_on_failure(out_dir):  # a full disk leaves no half page; earlier runs' pages stay
-        page = write_gallery(collection.layout, Path(collection.image_root), out_dir,
+        page = write_gallery(collection.layout, collection.root, out_dir,  # a folder, or a StoreRoot
                              title=f"clip-assets gallery, run {context.run.run_id[:8]}")
     serve = serve_command(out_dir)
     return dg.MaterializeResult(
