@@ -24,6 +24,8 @@ from clip_assets.storage.store_urls import is_store_url, local_path
 
 # Leaves room for the longest suffix (`.parquet`, `.parts`) under the 255-byte file-name limit.
 MAX_STEM_BYTES = 200
+TEXT_QUERY_ENCODERS = "text_query_encoders"  # folders under the data directory
+CALIBRATION = "calibration"
 _HASH_CHARS = 16
 
 
@@ -187,7 +189,7 @@ class DataLayout:
     @property
     def text_query_encoder_dir(self) -> Path:
         """Text towers saved for fast search start-up (clip_assets.search.text_query_encoder)."""
-        return self._listed(self.data_dir / "text_query_encoders")
+        return self._listed(self.data_dir / TEXT_QUERY_ENCODERS)
 
     def search_rows_path(self, batch: str) -> Path:
         """The batch's embeddings as raw float32 rows; its note is `search_rows_note_path`."""
@@ -219,7 +221,7 @@ class DataLayout:
 
     @property
     def calibration_proposal_path(self) -> Path:
-        return self._current(self.data_dir / "calibration" / "calibrated_thresholds.toml")
+        return self._current(self.data_dir / CALIBRATION / "calibrated_thresholds.toml")
 
     def gallery_dir(self, run_id: str) -> Path:
         return self.data_dir / "gallery" / run_id
@@ -228,7 +230,9 @@ class DataLayout:
         """Remove temp files abandoned by dead writers in every output folder (and the batch's parts)."""
         folders = [
             self.manifest_dir, self.embeddings_dir, self.embedding_failures_dir, self.search_rows_dir,
-            self.text_query_encoder_dir, self.calibration_proposal_path.parent, self.fine_tuned_models_dir,
+            # Temp files are local: the folders themselves, not brought up to the store first (that would
+            # fetch every saved text tower on a machine whose copy is cold).
+            self.data_dir / TEXT_QUERY_ENCODERS, self.data_dir / CALIBRATION, self.fine_tuned_models_dir,
         ]
         if batch is not None:
             folders.append(self.embedding_parts_dir(batch))

@@ -136,16 +136,21 @@ def _whole_file(path: Path, artifact: Artifact) -> list[Path]:
 
 
 @contextlib.contextmanager
-def reader(root: Path, memory_limit: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def reader(root: Path, memory_limit: str | None = None,
+           classifications: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB with the warehouse's tables and views over the parquet files under `root`.
 
     The files are listed once, here: a batch written later shows in the next connection. Damaged
     per-batch files are left out, each logged as a warning naming it and its rebuild.
+    `classifications` False: image_classifications is left empty and no batch's file is listed or
+    fetched (a step that reads only the prompts, on a machine whose copy of the store is cold).
     """
     root = Path(root)
-    batches_dir = root / CLASSIFICATIONS_DIR
-    _follow_store(batches_dir, folder=True)
-    batch_files, _ = readable_parquet_files(sorted(batches_dir.glob("*.parquet")), CLASSIFICATIONS)
+    batch_files = []
+    if classifications:
+        batches_dir = root / CLASSIFICATIONS_DIR
+        _follow_store(batches_dir, folder=True)
+        batch_files, _ = readable_parquet_files(sorted(batches_dir.glob("*.parquet")), CLASSIFICATIONS)
     prompts = _whole_file(root / PROMPTS_FILE, PROMPTS)
     groups = _whole_file(root / DUPLICATE_GROUPS_FILE, DUPLICATE_GROUPS)
     with scratch() as con:

@@ -444,7 +444,10 @@ def read_centroids(path: Path) -> CentroidSet:
         raise CentroidsMissingError(
             f"No prompt centroids at {where}: materialize prompt_centroids before image_classifications."
         )
-    with connect(path, read_only=True) as con:  # a reader: never takes the write lock
+    # A reader: never takes the write lock; on the parquet warehouse, reads the prompts' file alone.
+    opened = (parquet_warehouse.reader(tables_dir(path), classifications=False) if warehouse_kind == "parquet"
+              else connect(path, read_only=True))
+    with opened as con:
         cats = con.execute(
             "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
             "logit_scale FROM prompt_categories ORDER BY position"

@@ -182,5 +182,13 @@ def test_in_a_bucket_a_batch_classified_on_one_machine_is_read_on_another(s3_sto
         assert warehouse.exists(reader.duckdb_path)
         assert _answers(reader) == _answers(writer)
         assert not writer.duckdb_path.exists() and not reader.duckdb_path.exists()
+
+        s3_store.filesystem().pipe(f"{s3_store.bucket}/data/text_query_encoders/saved-tower.pt", b"x" * 4096)
+        third = DataLayout(object_store.open_store(url, cache_dir=tmp_path / "machine-3").local_root)
+        assert read_centroids(third.duckdb_path).categories == read_centroids(writer.duckdb_path).categories
+        # a step that needs only the prompts (classifying one batch) fetches no batch's classifications
+        assert not list((third.warehouse_dir / "classifications").glob("*"))
+        third.sweep_stale_temp_files("batch-a")  # every step's first move: local temp files only
+        assert not (third.data_dir / "text_query_encoders" / "saved-tower.pt").exists()  # a search fetches it
     finally:
         object_store.forget_stores()
