@@ -42,11 +42,13 @@ from typing import Callable
 import torch
 
 from clip_assets.config.layout import DataLayout
-from clip_assets.embedding.decode import load_rgb
+from clip_assets.embedding.decode import decode_image
 from clip_assets.model.clip_model import ClipModel, import_open_clip, load_clip_model, model_identity
 from clip_assets.model.fine_tuned_weights import checkpoint_name
 from clip_assets.storage.atomic_files import write_named_by_content
 from clip_assets.storage.file_hashes import SOURCE_VERSION_CHARS, content_digest
+from clip_assets.storage.store_root import StoreRoot, image_root_from, read_file_bytes
+from clip_assets.storage.store_urls import StoreError
 from clip_assets.tuning.calibration import is_heldout
 from clip_assets.tuning.contrastive_training import adamw, contrastive_step, warmup_cosine
 
@@ -204,18 +206,18 @@ class FineTuneReport:
 class _Images:
     """The captioned images, decoded once each; a missing or unreadable one names its captions line."""
 
-    def __init__(self, image_root: Path, captions_file: Path | None = None):
-        self.root = Path(image_root)
+    def __init__(self, image_root: Path | StoreRoot, captions_file: Path | None = None):
+        self.root = image_root_from(image_root)
         self.captions_file = captions_file
         self._decoded: dict[str, object] = {}
 
     def get(self, pair: CaptionPair):
         if pair.path not in self._decoded:
             try:
-                self._decoded[pair.path] = load_rgb(self.root / pair.path)
-            except (OSError, ValueError) as exc:  # missing file, not an image (PIL raises OSError subclasses)
+                self._decoded[pair.path] = decode_image(read_file_bytes(self.root, pair.path))
+            except (OSError, ValueError, StoreError) as exc:  # missing file, not an image (PIL raises OSError)
                 where = f"{self.captions_file}, line {pair.line}" if self.captions_file else f"line {pair.line}"
-                raise CaptionsFileError(f"{where}, field 'path': cannot read image {self.root / pair.path} "
+                raise CaptionsFileError(f"{where}, field 'path': cannot read image {self.root}/{pair.path} "
                                         f"({' '.join(str(exc).split())}).") from exc
         return self._decoded[pair.path]
 
@@ -306,7 +308,7 @@ def choose_wise_alpha(clip: ClipModel, model: torch.nn.Module, base_state: dict[
     return WiseChoice(chosen, tuple(scored), len({p.path for p in validation}))
 
 
-def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path, options: FineTuneOptions,
+def fine_tune(clip: ClipModel, pairs: list[CaptionPair], image_root: Path | StoreRoot, options: FineTuneOptions,
               captions_file: Path | None = None, log: Callable[[str], None] = print
               ) -> tuple[torch.nn.Module, HeldoutFigures, HeldoutFigures, list[CaptionPair], list[CaptionPair], WiseChoice]:
     """Tune `clip.model` in place on the training pairs; (model, before, after, training, held-out, WiSE-FT share)."""
@@ -372,7 +374,7 @@ def write_checkpoint(model: torch.nn.Module, directory: Path, model_name: str, p
     )
 
 
-def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Path, image_root: Path,
+def fine_tune_to_checkpoint(model_name: str, pretrained: str, captions_file: Path, image_root: Path | StoreRoot,
                             data_dir: Path, options: FineTuneOptions, device: str | None = None,
                             log: Callable[[str], None] = print) -> FineTuneReport:
     """Read the captions, tune the configured model, write the checkpoint under the data directory."""

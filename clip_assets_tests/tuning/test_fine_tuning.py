@@ -39,6 +39,7 @@ from clip_assets.tuning.fine_tuning import (
 )
 from clip_assets.tuning.steps import write_fine_tuned_model
 from clip_assets_tests.support.damage import DAMAGES, damage
+from clip_assets_tests.support.s3_server import upload
 
 TINY = "clip-assets-tiny"
 
@@ -99,6 +100,22 @@ def test_an_image_that_cannot_be_read_names_its_captions_line(tmp_path, captione
         fine_tune_to_checkpoint(TINY, str(checkpoint), broken, root, tmp_path / "data",
                                 FineTuneOptions(epochs=1, heldout_fraction=0.5), "cpu", log=lambda _: None)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.pt"))
+
+
+def test_fine_tuning_reads_its_images_from_a_bucket_as_from_a_folder(tmp_path, captioned, checkpoint, s3_store):
+    root, captions = captioned
+    bucket = upload(root, s3_store, "captioned")
+    options = FineTuneOptions(epochs=1, batch_size=16, wise_alpha=1)
+    local = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, root, tmp_path / "local", options, "cpu",
+                                    log=lambda _: None)
+    remote = fine_tune_to_checkpoint(TINY, str(checkpoint), captions, bucket, tmp_path / "remote", options, "cpu",
+                                     log=lambda _: None)
+    assert remote.before.loss == pytest.approx(local.before.loss) and remote.after.loss == pytest.approx(local.after.loss)
+    rows = list(csv.reader(open(captions)))[1:]
+    broken = write_captions(tmp_path / "captions.csv", rows[:3] + [["pairs/missing.png", "a red circle"]] + rows[3:])
+    with pytest.raises(CaptionsFileError, match=r"line 5, field 'path': cannot read image s3://.*missing.png"):
+        fine_tune_to_checkpoint(TINY, str(checkpoint), broken, bucket, tmp_path / "broken", options, "cpu",
+                                log=lambda _: None)
 
 
 def test_the_split_keeps_an_images_captions_together_and_does_not_depend_on_the_other_rows(captioned):

@@ -69,7 +69,7 @@ def fine_tuned_model(context: dg.AssetExecutionContext, collection: ImageCollect
     from clip_assets.tuning.steps import write_fine_tuned_model
 
     report = write_fine_tuned_model(
-        clip_model.model, clip_model.pretrained, captioned_pairs.path, Path(collection.image_root), collection.layout,
+        clip_model.model, clip_model.pretrained, captioned_pairs.path, collection.root, collection.layout,
         captioned_pairs.options, clip_model.device, log=context.log.info,
     )
     return dg.MaterializeResult(
