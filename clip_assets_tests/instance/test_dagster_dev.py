@@ -63,6 +63,10 @@ def free_port() -> int:
 # it looks (fail a dead run, free its slots after free_slots_after_run_end_seconds) stays as shipped.
 QUEUE_POLL_S = 1
 MONITORING_POLL_S = 2
+# And the sensors (discovery, the prompt files' observation, the automation) tick every 5 s, not 30 s
+# (CLIP_ASSETS_SENSOR_INTERVAL_S): each step of discovery -> centroids -> batches, and of a prompt edit ->
+# observation -> centroids -> classifications, waited up to a whole interval for the next tick.
+SENSOR_INTERVAL_S = 5
 
 
 def polling_sooner(instance_yaml: str) -> str:
@@ -98,6 +102,7 @@ class DagsterDev:
             "CLIP_ASSETS_DEVICE": "cpu",
             "CLIP_ASSETS_BATCH_SIZE": "8",
             "CLIP_ASSETS_NUM_WORKERS": "0",
+            "CLIP_ASSETS_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S),
             **(env or {}),
         }
         self.log = (root / "dagster_dev.log").open("w")
@@ -211,13 +216,19 @@ def settled(instance) -> bool:
     return not {"QUEUED", "NOT_STARTED", "STARTING", "STARTED"} & set(counts)
 
 
-def quiet_for(instance, seconds: float) -> bool:
+# Longer than the daemon takes to tick the automation sensor again (its interval, after up to a 5 s loop),
+# with room for slow ticks on busy shared cores (one came 19 s after the run it followed).
+QUIET_S = 6 * SENSOR_INTERVAL_S
+
+
+def quiet_for(instance, seconds: float = QUIET_S) -> bool:
     """Settled, no backfill waiting for its runs (automation requests partition ranges as backfills,
-    whose runs come later), and no run created for `seconds`: longer than an automation tick (30 s), so
-    what the last materializations set off (the index shards, then near-duplicates) has run."""
-    newest = instance.get_run_records(limit=1)
+    whose runs come later), and no run created or finished for `seconds`: longer than an automation
+    tick, so what the last materializations set off (the index shards, then near-duplicates, which
+    follows the copy threshold's run however long that took) has run."""
+    last = max((max(r.create_timestamp.timestamp(), r.end_time or 0) for r in instance.get_run_records()), default=0)
     return (settled(instance) and not instance.get_backfills(status=BulkActionStatus.REQUESTED)
-            and (not newest or time.time() - newest[0].create_timestamp.timestamp() > seconds))
+            and time.time() - last > seconds)
 
 
 @ON_EACH_STORAGE
@@ -377,10 +388,11 @@ def observation_only_runs(instance) -> list[str]:
 @ON_SQLITE
 def test_prompt_edit_reruns_centroids_and_classifications_without_observation_runs(dev):
     """The daemon alone: a prompt edit is observed by a sensor without a run, and the eager
-    automation re-runs the centroids and every batch's classifications, never the embeddings."""
+    automation re-runs the centroids and every batch's classifications, never the embeddings; then
+    what follows the classifications (evaluation, calibration), and nothing else."""
     dev.wait(lambda: per_batch(dev) == expected_rows(dev), 600, "the sensor's runs")
     instance = dev.instance()
-    dev.wait(lambda: quiet_for(instance, 45), 300, "the runs the new embeddings set off to finish")
+    dev.wait(lambda: quiet_for(instance), 300, "the runs the new embeddings set off to finish")
     embeddings_before = materializations(instance, "image_embeddings")
     classifications_before = materializations(instance, "image_classifications")
     runs_before = {r.run_id for r in instance.get_runs()}
@@ -397,6 +409,8 @@ def test_prompt_edit_reruns_centroids_and_classifications_without_observation_ru
 
     dev.wait(rerun_done, 600, "the prompt edit to re-classify every batch")
     print(f"\nprompt edit -> every batch re-classified in {time.monotonic() - edited:.0f}s")
+    # Everything the edit set off, down to the assets that read the classifications, has run.
+    dev.wait(lambda: quiet_for(instance), 300, "the runs the new classifications set off to finish")
     assert dev.rows("SELECT DISTINCT prompt_version FROM prompt_centroids") == [(new_version,)]
 
     observations = instance.fetch_observations(dg.AssetKey("prompt_files"), limit=1000).records
@@ -406,8 +420,10 @@ def test_prompt_edit_reruns_centroids_and_classifications_without_observation_ru
     new_runs = [r for r in instance.get_runs() if r.run_id not in runs_before]
     assert new_runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in new_runs)
     selected = set().union(*(r.asset_selection or set() for r in new_runs))
+    assert {dg.AssetKey("prompt_centroids"), dg.AssetKey("image_classifications")} <= selected, selected
     assert selected <= {dg.AssetKey("prompt_centroids"), dg.AssetKey("category_adapters"),
-                        dg.AssetKey("image_classifications")}, selected
+                        dg.AssetKey("image_classifications"), dg.AssetKey("image_evaluation"),
+                        dg.AssetKey("threshold_calibration")}, selected
     assert materializations(instance, "image_embeddings") == embeddings_before
     after = materializations(instance, "image_classifications")
     assert {b: after[b] - classifications_before.get(b, 0) for b in BATCHES} == dict.fromkeys(BATCHES, 1)
@@ -460,9 +476,11 @@ def test_a_killed_dagster_dev_fails_frees_and_retries_its_run_after_a_restart(
     run, the monitoring daemon frees its `gpu` slot, run retries re-run it from the unfinished step,
     and the embedding step resumes from the part files the killed run left.
     """
+    # The sensors at their own interval: nothing here waits for a tick, and sooner ticks of the automation
+    # sensor would build the centroids beside the embedding run, on the same cores.
     server = DagsterDev(tmp_path_factory.mktemp("killed_dagster_dev"), checkpoint, batches=1,
-                        per_batch=KILLED_BATCH_IMAGES, env={"CLIP_ASSETS_CHUNK_ROWS": "16"}, start=False,
-                        storage=instance_storage)
+                        per_batch=KILLED_BATCH_IMAGES, start=False, storage=instance_storage,
+                        env={"CLIP_ASSETS_CHUNK_ROWS": "16", "CLIP_ASSETS_SENSOR_INTERVAL_S": ""})
     batch = "batch-001"
     # Registered beforehand, so the discovery sensor leaves it alone and the embedding run below is
     # the only one (the sensor's runs would also build centroids and classify: minutes more).
