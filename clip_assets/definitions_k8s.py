@@ -1,9 +1,11 @@
 """The code location for Kubernetes: the same assets, each step run as its own Kubernetes job.
 
-Use with the instance config in deploy/dagster.k8s.yaml (Postgres storage, K8sRunLauncher) and
+Use with the instance config in deploy/dagster.k8s.yaml (Postgres storage, K8sRunLauncher), the
+settings in deploy/clip-assets-settings.yaml (images and outputs in buckets, the parquet warehouse) and
 `uv sync --extra k8s`. The embedding step's pod asks for a GPU through its `dagster-k8s/config` op
-tag (clip_assets.defs.k8s); DuckDB writers stay serialised by the `duckdb_writer` pool, which the
-instance enforces across pods.
+tag (clip_assets.defs.k8s); the classification steps are bounded by the `duckdb_writer` pool, which the
+instance enforces across pods. Step pods inherit the run launcher's env Secrets and volumes (the
+emptyDir for CLIP_ASSETS_CACHE_DIR).
 """
 
 from __future__ import annotations

@@ -94,3 +94,56 @@ def test_k8s_code_location_loads_and_sends_only_the_embedding_step_to_gpu_nodes(
 
     checked = process_config(k8s_job_executor.config_schema.config_type, definitions_k8s.STEP_EXECUTOR_CONFIG)
     assert checked.success, checked.errors
+
+
+SETTINGS_CONFIGMAP = REPO_ROOT / "deploy" / "clip-assets-settings.yaml"
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DAGSTER_PG_PASSWORD")
+
+
+def test_k8s_pods_get_buckets_the_parquet_warehouse_a_cache_of_their_own_and_no_credentials(k8s_env, monkeypatch):
+    """deploy/clip-assets-settings.yaml is what every pod reads: the image root and the data directory in
+    buckets, the parquet warehouse, the cache on an emptyDir that the run and step pods mount there; no
+    credentials in any shipped file; and Settings takes the values as they are."""
+    from dagster_k8s.container_context import K8sContainerContext
+    from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
+
+    from clip_assets import definitions_k8s
+    from clip_assets.config.settings import Settings
+
+    [configmap] = yaml.safe_load_all(SETTINGS_CONFIGMAP.read_text())
+    assert (configmap["kind"], configmap["metadata"]["name"]) == ("ConfigMap", "clip-assets-settings")
+    data = configmap["data"]
+    for text in (SETTINGS_CONFIGMAP.read_text(), K8S_INSTANCE.read_text()):
+        assert not [line for line in text.splitlines()
+                    if any(f"{name}:" in line or f"{name}=" in line for name in CREDENTIALS)
+                    and not line.lstrip().startswith("#")]
+    assert not set(data) & set(CREDENTIALS)
+
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert str(settings.image_root).startswith("s3://") and str(settings.data_dir).startswith("s3://")
+    assert settings.warehouse == "parquet"
+
+    launcher = yaml.safe_load(K8S_INSTANCE.read_text())["run_launcher"]["config"]
+    executor = definitions_k8s.STEP_EXECUTOR_CONFIG
+    assert launcher["env_config_maps"] == executor["env_config_maps"] == ["clip-assets-settings"]
+    assert launcher["env_secrets"] == ["clip-assets-postgres"]
+    # The embedding step's pod as dagster-k8s builds it: the run launcher's settings, the executor's, the op tag's.
+    step = K8sContainerContext(env_config_maps=launcher["env_config_maps"], env_secrets=launcher["env_secrets"],
+                               volumes=launcher["volumes"], volume_mounts=launcher["volume_mounts"])
+    step = step.merge(K8sContainerContext(
+        env_config_maps=executor["env_config_maps"],
+        run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(executor["step_k8s_config"]),
+    ))
+    embed = definitions_k8s.defs.resolve_job_def("classify_image_batch").graph.node_named("image_embeddings")
+    step = step.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(embed.definition.tags)))
+    pod, container = step.run_k8s_config.pod_spec_config, step.run_k8s_config.container_config
+    [volume] = pod["volumes"]
+    [mount] = container["volume_mounts"]
+    assert volume["empty_dir"] == {} and mount["name"] == volume["name"]
+    assert mount["mount_path"] == str(settings.cache_dir)  # CLIP_ASSETS_CACHE_DIR is that emptyDir
+    assert pod["node_selector"] == {"clip-assets/gpu": "true"}
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {e.get("config_map_ref", {}).get("name") for e in container["env_from"]} >= {"clip-assets-settings"}
+    assert {e.get("secret_ref", {}).get("name") for e in container["env_from"]} >= {"clip-assets-postgres"}
