@@ -36,8 +36,14 @@ from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
 # A run over a range of partitions (what a backfill run covers): RunRequest and execute_in_process
-# take a single partition_key, the range only as these two tags.
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, GRPC_INFO_TAG
+# take a single partition_key, the range only as these two tags. WILL_RETRY_TAG: set on a failed run,
+# "true" when run_retries (dagster.yaml) will launch a retry of it.
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    GRPC_INFO_TAG,
+    WILL_RETRY_TAG,
+)
 
 # The code location's Definitions with its sensors replaced (with_sensor_interval): a Definitions is a
 # record whose public methods replace assets only (map_asset_specs), not sensors.
@@ -89,6 +95,7 @@ __all__ = [
     "InProcessExecutor",
     "InstanceConcurrencyContext",
     "PlanExecutionContextManager",
+    "WILL_RETRY_TAG",
     "WorkerStatus",
     "data_version_tags",
     "inner_plan_execution_iterator",

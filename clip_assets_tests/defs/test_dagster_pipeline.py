@@ -18,6 +18,7 @@ from clip_assets.defs.classification.prompts import PROMPT_OBSERVATION_SENSOR
 from clip_assets.defs.ingest.sensors import SPLIT_SENSOR, split_failed_batch_runs
 from clip_assets.defs.tuning.fine_tuning import CAPTIONS_OBSERVATION_SENSOR
 from clip_assets.defs.tuning.labels import LABELS_OBSERVATION_SENSOR
+from clip_assets.instance.dagster_internals import WILL_RETRY_TAG
 from clip_assets.instance.execution import (
     BATCH_ASSETS,
     QUIET_CONSOLE,
@@ -424,6 +425,9 @@ def test_a_bad_batch_fails_alone_and_the_good_ones_of_its_run_are_done(settings,
 
     # A failed run of one batch is not split again: nothing loops.
     assert isinstance(split_failed_batch_runs(failure_context(instance, outcomes["batch-00l"])), dg.SkipReason)
+    # A run Dagster will retry as a whole (its worker died) is left to the retry, not run twice.
+    instance.add_run_tags(result.run_id, {WILL_RETRY_TAG: "true"})
+    assert isinstance(split_failed_batch_runs(failure_context(instance, result)), dg.SkipReason)
 
 
 def failure_context(instance, result):

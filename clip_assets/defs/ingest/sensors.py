@@ -19,7 +19,7 @@ from clip_assets.defs.ingest.jobs import CLASSIFY_BATCH_JOB, batch_run_requests,
 from clip_assets.defs.partitions import image_batches
 from clip_assets.defs.resources import ImageCollection
 from clip_assets.ingest.batch_discovery import DiscoveryCursor, discover_new_batches
-from clip_assets.instance.dagster_internals import partition_range
+from clip_assets.instance.dagster_internals import WILL_RETRY_TAG, partition_range
 
 BATCH_DISCOVERY_SENSOR = "image_batch_discovery"
 
@@ -71,8 +71,12 @@ def split_run_requests(run: dg.DagsterRun, instance: dg.DagsterInstance) -> list
 
     A failed multi-batch step has done its other batches' work (clip_assets.defs.batch_isolation),
     so their runs finish from what is on disk; the batch that failed fails again alone, and its
-    partition shows why. Runs of one batch are not split, so nothing loops.
+    partition shows why. Runs of one batch are not split, so nothing loops. A run that Dagster will
+    retry (its worker died: run_retries in dagster.yaml) is not split either: its retry does the
+    whole range again, and is split in turn if its steps fail.
     """
+    if run.tags.get(WILL_RETRY_TAG) == "true":
+        return []
     first, last = partition_range(run.tags) or (None, None)
     if first is None or first == last:
         return []
