@@ -120,11 +120,11 @@
     if (!last) return;
     if (current) waiting.unshift(current);
     waiting.unshift(last.card);
+    sending++;  // in flight from now on: the verdict's own request first, then the undo's (the status line counts it)
     show(started);
-    const record = await last.record;
-    if (!record) return;  // never stored: nothing to take back
-    sending++;
     try {
+      const record = await last.record;
+      if (!record) return;  // never stored: nothing to take back
       await post("/api/review/undo", {request_id: requestId(), record_id: record.record_id});
       stored--;
     } catch (error) {
