@@ -319,7 +319,8 @@ def exists(path: Path) -> bool:
 
 @contextlib.contextmanager
 def connect(
-    path: Path, read_only: bool = False, wait_s: float | None = None, memory_limit: str | None = None
+    path: Path, read_only: bool = False, wait_s: float | None = None, memory_limit: str | None = None,
+    classifications: bool = True,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """The one way into the DuckDB file, for readers and writers alike: open it, closed on exit.
 
@@ -332,13 +333,15 @@ def connect(
     database (its block cache included).
 
     With CLIP_ASSETS_WAREHOUSE=parquet a reader gets an in-memory DuckDB with the same tables and views
-    over the parquet files beside `path` (clip_assets.storage.parquet_warehouse), and no lock to wait for.
+    over the parquet files beside `path` (clip_assets.storage.parquet_warehouse), and no lock to wait for;
+    `classifications` False leaves its image_classifications empty, so a reader of the prompts alone
+    fetches no batch's file from a store (the DuckDB file holds them all, so there it changes nothing).
     """
     path = Path(path)
     if warehouse_kind == "parquet":
         if not read_only:
             raise RuntimeError("the parquet warehouse is written only by the replace_* functions, never through SQL")
-        with parquet_warehouse.reader(tables_dir(path), memory_limit) as con:
+        with parquet_warehouse.reader(tables_dir(path), memory_limit, classifications) as con:
             yield con
         return
     if wait_s is None:
@@ -444,10 +447,7 @@ def read_centroids(path: Path) -> CentroidSet:
         raise CentroidsMissingError(
             f"No prompt centroids at {where}: materialize prompt_centroids before image_classifications."
         )
-    # A reader: never takes the write lock; on the parquet warehouse, reads the prompts' file alone.
-    opened = (parquet_warehouse.reader(tables_dir(path), classifications=False) if warehouse_kind == "parquet"
-              else connect(path, read_only=True))
-    with opened as con:
+    with connect(path, read_only=True, classifications=False) as con:  # a reader: never takes the write lock
         cats = con.execute(
             "SELECT category, source, threshold, neutral_margin, model, prompt_version, mode, top_k, "
             "logit_scale FROM prompt_categories ORDER BY position"
