@@ -183,7 +183,7 @@ def gallery_sections(
 TIER_HEADINGS = {
     "exact": ("Exact copies", "The same bytes: each file is the group's first one, byte for byte."),
     "copy": ("Copies", "The same picture re-encoded, resized, slightly cropped or recoloured: the embedding "
-             "puts them at or above the copy threshold and their perceptual hashes agree."),
+             "puts them at or above the copy threshold, and their perceptual hashes and colour layouts agree."),
     "look-alike": ("Look-alikes", "Similar pictures, not copies of one another: at or above the look-alike "
                    "threshold. Nothing here needs resolving."),
 }
